@@ -1,0 +1,18 @@
+"""kronsparse: train block-sparse PyTorch models without ever training a dense weight."""
+
+from .costs import LayerCosts, choose_path, layer_costs, plan_block_shapes
+from .functional import kron_linear, kron_weight
+from .layers import KronLinear, SwapReport, swap_linear_
+
+__all__ = [
+    "KronLinear",
+    "LayerCosts",
+    "SwapReport",
+    "choose_path",
+    "kron_linear",
+    "kron_weight",
+    "layer_costs",
+    "plan_block_shapes",
+    "swap_linear_",
+]
+__version__ = "0.1.0"

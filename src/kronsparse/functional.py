@@ -85,97 +85,145 @@ def _check_factors(S: Tensor, A: Tensor, B: Tensor) -> None:
 def kron_weight(S: Tensor, A: Tensor, B: Tensor) -> Tensor:
     """W (m1*bo, n1*bi) = sum_i kron(S * A[i], B[i])."""
     _check_factors(S, A, B)
-    m1, n1 = S.shape
+    return _build_weight(S * A, B)
+
+
+def _build_weight(C: Tensor, B: Tensor) -> Tensor:
+    """W from C = S*A: one rank-r GEMM into (m1, n1, bo, bi), then one permuted copy."""
+    r, m1, n1 = C.shape
     _, bo, bi = B.shape
-    W = torch.einsum("ipq,iac->paqc", S * A, B)  # (m1, bo, n1, bi)
-    return W.reshape(m1 * bo, n1 * bi)
+    M = torch.mm(C.reshape(r, m1 * n1).t(), B.reshape(r, bo * bi))  # (m1*n1, bo*bi)
+    return M.view(m1, n1, bo, bi).transpose(1, 2).reshape(m1 * bo, n1 * bi)
 
 
-def _weight_grads(S: Tensor, A: Tensor, B: Tensor, gW: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of S, A, B from the gradient of the dense weight, gW (out, in)."""
-    m1, n1 = S.shape
+# --------------------------------------------------------------------------------------------
+# The factored contractions (C = S * A is (r, m1, n1); activations are kept feature-major)
+# --------------------------------------------------------------------------------------------
+#
+# Every contraction is one GEMM or one batched GEMM on views, with no permuted copy of an
+# activation-sized tensor except gyᵀ (and xᵀ on factors_first): the intermediates are laid out
+# feature-major, (features, N), so that an (i, q) or (p, i) contraction is a single GEMM and the
+# results come out as yᵀ and xᵀ, returned as transposed views. Only factor-sized tensors (r*m1*n1
+# or r*bo*bi elements) are ever permuted.
+
+
+def _rows_q_i(C: Tensor) -> Tensor:
+    """C (r, m1, n1) -> (m1, n1*r), columns ordered (q, i)."""
+    r, m1, n1 = C.shape
+    return C.permute(1, 2, 0).reshape(m1, n1 * r)
+
+
+def _rows_p_i(C: Tensor) -> Tensor:
+    """C (r, m1, n1) -> (m1*r, n1), rows ordered (p, i)."""
+    r, m1, n1 = C.shape
+    return C.transpose(0, 1).reshape(m1 * r, n1)
+
+
+def _cols_i_c(B: Tensor) -> Tensor:
+    """B (r, bo, bi) -> (bo, r*bi), columns ordered (i, c)."""
     r, bo, bi = B.shape
-    G = gW.reshape(m1, bo, n1, bi).permute(0, 2, 1, 3).reshape(m1 * n1, bo * bi)
-    C = (S * A).reshape(r, m1 * n1)
-    gC = (B.reshape(r, bo * bi) @ G.t()).reshape(r, m1, n1)  # (r, m1, n1)
-    gB = (C @ G).reshape(r, bo, bi)
-    return (gC * A).sum(0), gC * S, gB
+    return B.transpose(0, 1).reshape(bo, r * bi)
 
 
-# --------------------------------------------------------------------------------------------
-# The factored contractions (x is (N, n1, bi); C = S * A is (r, m1, n1))
-# --------------------------------------------------------------------------------------------
+def _input_first_z(x2: Tensor, B: Tensor, n1: int) -> Tensor:
+    """Z[q, (i, a), n] = sum_c B[i, a, c] x[n, q, c]: (n1, r*bo, N), one batched GEMM on views."""
+    r, bo, bi = B.shape
+    Xq = x2.view(-1, n1, bi).permute(1, 2, 0)  # (n1, bi, N) view
+    return torch.bmm(B.reshape(1, r * bo, bi).expand(n1, -1, -1), Xq)
 
 
-def _input_first(X: Tensor, C: Tensor, B: Tensor) -> Tensor:
-    Z = torch.einsum("nqc,iac->niqa", X, B)  # (N, r, n1, bo)
-    return torch.einsum("ipq,niqa->npa", C, Z)  # (N, m1, bo)
+def _input_first(x2: Tensor, C: Tensor, B: Tensor) -> Tensor:
+    """yᵀ (out, N) by Z = X Bᵀ first, then one GEMM over (q, i)."""
+    r, m1, n1 = C.shape
+    N, bo = x2.shape[0], B.shape[1]
+    Z = _input_first_z(x2, B, n1).view(n1 * r, bo * N)
+    return torch.mm(_rows_q_i(C), Z).view(m1 * bo, N)
 
 
-def _factors_first(X: Tensor, C: Tensor, B: Tensor) -> Tensor:
-    T = torch.einsum("ipq,nqc->nipc", C, X)  # (N, r, m1, bi)
-    return torch.einsum("nipc,iac->npa", T, B)  # (N, m1, bo)
-
-
-def _input_first_backward(X, C, B, G):
-    """G = dL/dY (N, m1, bo). Returns dX, dC, dB; recomputes Z instead of having stored it."""
-    Z = torch.einsum("nqc,iac->niqa", X, B)  # (N, r, n1, bo)
-    gC = torch.einsum("npa,niqa->ipq", G, Z)
+def _input_first_backward(x2, C, B, gyt, need_x):
+    """gyt = gyᵀ (out, N) contiguous. Returns gxᵀ (in, N) or None, gC (r, m1, n1), gB."""
+    r, m1, n1 = C.shape
+    _, bo, bi = B.shape
+    N = x2.shape[0]
+    Cq = _rows_q_i(C)  # (m1, n1*r)
+    Gt = gyt.view(m1, bo * N)
+    Z = _input_first_z(x2, B, n1).view(n1 * r, bo * N)  # recomputed, never saved
+    gC = torch.mm(Gt, Z.t()).view(m1, n1, r).permute(2, 0, 1)
     del Z
-    gZ = torch.einsum("ipq,npa->niqa", C, G)  # (N, r, n1, bo)
-    gB = torch.einsum("niqa,nqc->iac", gZ, X)
-    gX = torch.einsum("niqa,iac->nqc", gZ, B)
-    return gX, gC, gB
+    gZ = torch.mm(Cq.t(), Gt).view(n1, r * bo, N)
+    Xn = x2.view(N, n1, bi).transpose(0, 1)  # (n1, N, bi) view
+    gB = torch.bmm(gZ, Xn).sum(0).view(r, bo, bi)
+    gxt = None
+    if need_x:
+        gxt = torch.bmm(B.reshape(1, r * bo, bi).transpose(1, 2).expand(n1, -1, -1), gZ).view(n1 * bi, N)
+    return gxt, gC, gB
 
 
-def _factors_first_backward(X, C, B, G):
-    T = torch.einsum("ipq,nqc->nipc", C, X)  # (N, r, m1, bi)
-    gB = torch.einsum("npa,nipc->iac", G, T)
+def _factors_first(x2: Tensor, C: Tensor, B: Tensor) -> Tensor:
+    """yᵀ (out, N) by T = (S*A) X first (one GEMM on xᵀ), then a batched GEMM over (i, c)."""
+    r, m1, n1 = C.shape
+    N, (_, bo, bi) = x2.shape[0], B.shape
+    T = torch.mm(_rows_p_i(C), x2.t().contiguous().view(n1, bi * N)).view(m1, r * bi, N)
+    return torch.bmm(_cols_i_c(B).unsqueeze(0).expand(m1, -1, -1), T).view(m1 * bo, N)
+
+
+def _factors_first_backward(x2, C, B, gyt, need_x):
+    """As `_input_first_backward`, for the factors-first order."""
+    r, m1, n1 = C.shape
+    _, bo, bi = B.shape
+    N = x2.shape[0]
+    Cp, Bc = _rows_p_i(C), _cols_i_c(B)  # (m1*r, n1), (bo, r*bi)
+    Gt = gyt.view(m1, bo, N)
+    Xt = x2.t().contiguous().view(n1, bi * N)
+    T = torch.mm(Cp, Xt).view(m1, r * bi, N)  # recomputed, never saved
+    gB = torch.bmm(Gt, T.transpose(1, 2)).sum(0).view(bo, r, bi).transpose(0, 1)
     del T
-    gT = torch.einsum("npa,iac->nipc", G, B)  # (N, r, m1, bi)
-    gC = torch.einsum("nipc,nqc->ipq", gT, X)
-    gX = torch.einsum("nipc,ipq->nqc", gT, C)
-    return gX, gC, gB
+    gT = torch.bmm(Bc.t().unsqueeze(0).expand(m1, -1, -1), Gt).view(m1 * r, bi * N)
+    gC = torch.mm(gT, Xt.t()).view(m1, r, n1).transpose(0, 1)
+    gxt = torch.mm(Cp.t(), gT).view(n1 * bi, N) if need_x else None
+    return gxt, gC, gB
 
 
 _FORWARD = {"input_first": _input_first, "factors_first": _factors_first}
 _BACKWARD = {"input_first": _input_first_backward, "factors_first": _factors_first_backward}
 
 
+def _weight_grads(S: Tensor, A: Tensor, B: Tensor, gW: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of S, A, B from the gradient of the dense weight, gW (out, in)."""
+    m1, n1 = S.shape
+    r, bo, bi = B.shape
+    G = gW.view(m1, bo, n1, bi).transpose(1, 2).reshape(m1 * n1, bo * bi)  # the one permuted copy
+    gC = torch.mm(B.view(r, bo * bi), G.t()).view(r, m1, n1)
+    gB = torch.mm((S * A).view(r, m1 * n1), G).view(r, bo, bi)
+    return (gC * A).sum(0), gC * S, gB
+
+
 class _KronLinearFn(torch.autograd.Function):
-    """y = x Wᵀ + b with W = sum_i kron(S*A_i, B_i); saves only the inputs."""
+    """y = x Wᵀ + b with W = sum_i kron(S*A_i, B_i); factored paths save only the inputs."""
 
     @staticmethod
-    def forward(ctx, x2, S, A, B, bias, path):  # x2: (N, in)
-        m1, n1 = S.shape
-        _, bo, bi = B.shape
+    def forward(ctx, x2, S, A, B, bias, path):  # x2: (N, in), contiguous
+        ctx.path = path
         if path == "materialize":
-            W = kron_weight(S, A, B)
-            y = torch.addmm(bias, x2, W.t()) if bias is not None else x2 @ W.t()
+            W = _build_weight(S * A, B)
             ctx.save_for_backward(x2, S, A, B, W)
-        else:
-            X = x2.reshape(-1, n1, bi)
-            y = _FORWARD[path](X, S * A, B).reshape(-1, m1 * bo)
-            if bias is not None:
-                y = y + bias
-            ctx.save_for_backward(x2, S, A, B)
-        ctx.path, ctx.has_bias = path, bias is not None
-        return y
+            return torch.addmm(bias, x2, W.t()) if bias is not None else torch.mm(x2, W.t())
+        ctx.save_for_backward(x2, S, A, B)
+        yt = _FORWARD[path](x2, S * A, B)  # (out, N)
+        return yt.t() if bias is None else torch.add(yt.t(), bias)
 
     @staticmethod
     def backward(ctx, gy):
         x2, S, A, B = ctx.saved_tensors[:4]
-        m1, n1 = S.shape
-        _, bo, bi = B.shape
-        gbias = gy.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
+        gbias = gy.sum(0) if need_b else None
         if ctx.path == "materialize":
             W = ctx.saved_tensors[4]
-            gx = gy @ W if ctx.needs_input_grad[0] else None
-            gS, gA, gB = _weight_grads(S, A, B, gy.t() @ x2)
+            gx = torch.mm(gy, W) if need_x else None
+            gS, gA, gB = _weight_grads(S, A, B, torch.mm(gy.t(), x2))
             return gx, gS, gA, gB, gbias, None
-        X, G = x2.reshape(-1, n1, bi), gy.reshape(-1, m1, bo)
-        gX, gC, gB = _BACKWARD[ctx.path](X, S * A, B, G)
-        gx = gX.reshape(x2.shape) if ctx.needs_input_grad[0] else None
+        gxt, gC, gB = _BACKWARD[ctx.path](x2, S * A, B, gy.t().contiguous(), need_x)
+        gx = gxt.t() if need_x else None
         return gx, (gC * A).sum(0), gC * S, gB, gbias, None
 
 
@@ -195,11 +243,12 @@ def kron_linear(x: Tensor, S: Tensor, A: Tensor, B: Tensor, bias: Tensor | None 
     if x.shape[-1] != in_features:
         raise ValueError(f"input has {x.shape[-1]} features in its last dimension, expected {in_features}")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
+    x2 = x.reshape(-1, in_features).contiguous()
     if path == "auto":
         from .costs import choose_path  # local import: costs imports this module's helpers
 
-        path = choose_path(m1 * bo, in_features, (bo, bi), r, x2.shape[0])
+        training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, S, A, B, bias))
+        path = choose_path(m1 * bo, in_features, (bo, bi), r, x2.shape[0], training)
     y = _KronLinearFn.apply(x2, S, A, B, bias, path)
     return y.reshape(*lead, m1 * bo)
 

@@ -1,0 +1,94 @@
+"""The numbers of a run, read only from the final dense weights (no method can flatter itself)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .costs import layer_costs
+from .functional import block_mask_of, check_block_shape
+from .layers import KronLinear
+from .models import layer_weight
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 4096) -> float:
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        correct += (model(x[i: i + batch_size]).argmax(1) == y[i: i + batch_size]).sum().item()
+    return correct / len(x)
+
+
+def dense_state(model: nn.Module, model_name: str) -> dict[str, Tensor]:
+    """Plain dense tensors: `weight`/`bias` for the linear model, `layers.K.weight`/`.bias` otherwise."""
+    state = {}
+    for k, layer in enumerate(model.layers):
+        prefix = "" if model_name == "linear" else f"layers.{k}."
+        state[prefix + "weight"] = layer_weight(layer).detach().contiguous()
+        if layer.bias is not None:
+            state[prefix + "bias"] = layer.bias.detach().contiguous()
+    return state
+
+
+def factor_state(model: nn.Module, model_name: str) -> dict[str, Tensor]:
+    """S, A, B of every KronLinear, under `kron.S` (linear) or `layers.K.kron.S` (others)."""
+    state = {}
+    for k, layer in enumerate(model.layers):
+        if isinstance(layer, KronLinear):
+            prefix = "kron." if model_name == "linear" else f"layers.{k}.kron."
+            for name in ("S", "A", "B"):
+                state[prefix + name] = getattr(layer, name).detach().contiguous()
+    return state
+
+
+def sparsity_metrics(weights: list[Tensor], biases: list[Tensor | None], sparse_idx: list[int],
+                     block_shape) -> dict:
+    """Block and weight sparsity of the layers on the block grid; inference params and MACs of all."""
+    bo, bi = block_shape
+    zero_blocks = total_blocks = zero_weights = grid_weights = 0
+    inference_params = inference_macs = 0
+    for k, (W, b) in enumerate(zip(weights, biases)):
+        nnz = int((W != 0).sum())
+        inference_params += nnz + (b.numel() if b is not None else 0)
+        if k in sparse_idx:
+            check_block_shape(W.shape[0], W.shape[1], block_shape)
+            mask = block_mask_of(W, block_shape)
+            zero_blocks += int((~mask).sum())
+            total_blocks += mask.numel()
+            zero_weights += W.numel() - nnz
+            grid_weights += W.numel()
+            inference_macs += int(mask.sum()) * bo * bi  # a block-sparse kernel skips zero blocks
+        else:
+            inference_macs += W.numel()
+    return {
+        "block_sparsity": zero_blocks / total_blocks if total_blocks else 0.0,
+        "weight_sparsity": zero_weights / grid_weights if grid_weights else 0.0,
+        "inference_params": inference_params,
+        "inference_macs": inference_macs,
+        "num_blocks": total_blocks,
+        "zero_blocks": zero_blocks,
+    }
+
+
+def training_costs(model: nn.Module, batch_size: int) -> dict:
+    """Trainable scalars and forward multiply-adds per sample while training, and the path used."""
+    from .costs import choose_path
+
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    macs, paths = 0, []
+    for layer in model.layers:
+        if isinstance(layer, KronLinear):
+            c = layer_costs(layer.out_features, layer.in_features, layer.block_shape, layer.rank)
+            path = layer.path if layer.path != "auto" else choose_path(
+                layer.out_features, layer.in_features, layer.block_shape, layer.rank, batch_size)
+            per_sample = getattr(c.macs, path)
+            if path == "materialize":
+                per_sample += c.macs.materialize_build // batch_size
+            macs += per_sample
+            paths.append(path)
+        else:
+            macs += layer.in_features * layer.out_features
+            paths.append("dense")
+    bias_adds = sum(l.out_features for l in model.layers if l.bias is not None)
+    return {"train_params": params, "train_macs": macs, "train_paper_flops": macs + bias_adds,
+            "train_paths": paths}

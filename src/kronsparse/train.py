@@ -1,0 +1,172 @@
+"""The training loop shared by every method, and the files a run writes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as nnf
+from tqdm.auto import tqdm
+
+from . import data as datamod
+from .config import TrainConfig
+from .io import write_json, write_safetensors
+from .methods import get_method
+from .metrics import accuracy, dense_state, factor_state, sparsity_metrics, training_costs
+from .models import build_model, layer_weight
+
+OPTIMIZERS = {"sgd", "adam", "adamw"}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu or cuda") from None
+
+
+def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid optimizers: {', '.join(sorted(OPTIMIZERS))}")
+
+
+def lr_factor(step: int, sparsify_steps: int, total_steps: int) -> float:
+    """Constant while sparsifying (the prox threshold lr*lambda must not fade), then cosine to 0."""
+    if step < sparsify_steps:
+        return 1.0
+    span = max(1, total_steps - sparsify_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * (step - sparsify_steps) / span))
+
+
+def load_data(cfg: TrainConfig, device: torch.device) -> datamod.Dataset:
+    ds = datamod.load_dataset(cfg.dataset, data_dir=cfg.data_dir, standardize=cfg.standardize)
+    if cfg.n_train is not None or cfg.n_test is not None:
+        ds = datamod.subset(ds, cfg.n_train or len(ds.x_train), cfg.n_test or len(ds.x_test))
+    return dataclasses.replace(ds, **{k: getattr(ds, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")})
+
+
+class Run:
+    """One training run: model, method, optimizer and the loop state."""
+
+    def __init__(self, cfg: TrainConfig, ds: datamod.Dataset, device: torch.device) -> None:
+        self.cfg, self.ds, self.device = cfg, ds, device
+        torch.manual_seed(cfg.seed)
+        self.steps_per_epoch = math.ceil(len(ds.x_train) / cfg.batch_size)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.method = get_method(cfg.method)(cfg, self.total_steps)
+        self.model = build_model(cfg.model, self.method.layer_factory(), ds.num_features, ds.num_classes)
+        self.model.to(device)
+        self.method.prepare(self.model)
+        self.optimizer = make_optimizer(cfg, self.method.param_groups(self.model))
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.history: list[dict] = []
+
+    def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> float:
+        factor = lr_factor(self.step, self.method.sparsify_steps, self.total_steps)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+        loss = nnf.cross_entropy(self.model(xb), yb)
+        penalty = self.method.penalty(self.model)
+        total = loss if penalty is None else loss + penalty
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.method.before_step(self.model, self.step)
+        self.optimizer.step()
+        self.method.after_step(self.model, self.optimizer, self.step, self.cfg.lr * factor)
+        self.step += 1
+        return loss.item()
+
+    def train_epoch(self, epoch: int, progress: bool) -> dict:
+        order = torch.randperm(len(self.ds.x_train), generator=self.generator).to(self.device)
+        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
+                   disable=not progress, unit="step")
+        total, start = 0.0, time.perf_counter()
+        for i in bar:
+            idx = order[i * self.cfg.batch_size: (i + 1) * self.cfg.batch_size]
+            loss = self.train_step(self.ds.x_train[idx], self.ds.y_train[idx])
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {self.step}; lower the learning rate")
+            total += loss
+            if i % 100 == 0:
+                bar.set_postfix(loss=f"{loss:.3f}")
+        record = {"epoch": epoch + 1, "train_loss": total / self.steps_per_epoch,
+                  "epoch_seconds": time.perf_counter() - start, **self.quick_eval()}
+        self.history.append(record)
+        return record
+
+    def quick_eval(self) -> dict:
+        self.model.eval()
+        acc = accuracy(self.model, self.ds.x_test, self.ds.y_test)
+        self.model.train()
+        return {"test_accuracy": acc, "block_sparsity": self.final_metrics_core()["block_sparsity"],
+                **self.method.summary()}
+
+    @torch.no_grad()
+    def final_metrics_core(self) -> dict:
+        layers = self.model.layers
+        weights = [layer_weight(l).detach() for l in layers]
+        idx = [k for k, l in enumerate(layers) if any(l is m for m in self.method.layers)]
+        return sparsity_metrics(weights, [l.bias for l in layers], idx, self.cfg.block_shape)
+
+
+def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True) -> dict:
+    """Train `cfg`, write DIR/metrics.json, DIR/config.json and DIR/model.safetensors; return metrics."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    ds = load_data(cfg, device)
+    run = Run(cfg, ds, device)
+    start = time.perf_counter()
+    epochs = tqdm(range(cfg.epochs), desc=f"{cfg.method} {cfg.block_shape[0]}x{cfg.block_shape[1]}",
+                  disable=not progress, unit="epoch")
+    for epoch in epochs:
+        record = run.train_epoch(epoch, progress)
+        epochs.set_postfix(acc=f"{record['test_accuracy']:.4f}", sparsity=f"{record['block_sparsity']:.3f}")
+    wall = time.perf_counter() - start
+    metrics = final_metrics(run, wall)
+    if out is not None:
+        save_run(run, metrics, Path(out))
+    return metrics
+
+
+def final_metrics(run: Run, wall_seconds: float) -> dict:
+    cfg, ds = run.cfg, run.ds
+    run.model.eval()
+    m = {
+        "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset,
+        "block_shape": list(cfg.block_shape), "paper_block_name": f"{cfg.block_shape[1]}x{cfg.block_shape[0]}",
+        "rank": cfg.rank, "epochs": cfg.epochs, "seed": cfg.seed,
+        "test_accuracy": accuracy(run.model, ds.x_test, ds.y_test),
+        **run.final_metrics_core(),
+        **training_costs(run.model, cfg.batch_size),
+        "sparsified_layers": [k for k, l in enumerate(run.model.layers) if any(l is m for m in run.method.layers)],
+        "wall_seconds": wall_seconds,
+        "mean_epoch_seconds": sum(h["epoch_seconds"] for h in run.history) / len(run.history),
+        "input_mean": ds.input_mean, "input_std": ds.input_std,
+        **run.method.summary(),
+        "history": run.history,
+        "torch_version": torch.__version__, "device": str(run.device), "threads": torch.get_num_threads(),
+        "config": cfg.to_dict(),
+    }
+    return m
+
+
+def save_run(run: Run, metrics: dict, out: Path) -> None:
+    """model.safetensors first, metrics.json last: a metrics file means a complete run."""
+    tensors = {**dense_state(run.model, run.cfg.model), **factor_state(run.model, run.cfg.model)}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    write_json(out / "config.json", run.cfg.to_dict())
+    write_safetensors(out / "model.safetensors", tensors, {"format": "pt", "model": run.cfg.model})
+    write_json(out / "metrics.json", metrics)

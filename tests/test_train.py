@@ -1,0 +1,89 @@
+"""End-to-end training on slices of the real MNIST: files, independent recomputation, determinism."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kronsparse import data
+from kronsparse.cli import main
+from kronsparse.config import TrainConfig
+from kronsparse.functional import block_mask_of, kron_weight
+from kronsparse.train import train
+
+QUICK = dict(n_train=3000, n_test=1000, epochs=1)
+
+
+def recompute(out_dir, metrics):
+    """Accuracy and block sparsity from model.safetensors alone, as an outsider would."""
+    t = load_file(str(out_dir / "model.safetensors"))
+    ds = data.subset(data.load_dataset("mnist", download=False), metrics["config"]["n_train"],
+                     metrics["config"]["n_test"])
+    x = (ds.x_test - metrics["input_mean"]) / metrics["input_std"]
+    logits = x @ t["weight"].t() + t["bias"]
+    acc = (logits.argmax(1) == ds.y_test).float().mean().item()
+    mask = block_mask_of(t["weight"], metrics["block_shape"])
+    return acc, 1 - mask.float().mean().item(), t
+
+
+def test_one_epoch_writes_files_that_agree_with_the_json(tmp_path):
+    cfg = TrainConfig(method="kron", block_shape=(2, 2), rank=2, target_sparsity=0.5, **QUICK)
+    metrics = train(cfg, out=tmp_path, progress=False)
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["test_accuracy"] == metrics["test_accuracy"]
+    for key in ("method", "model", "dataset", "block_shape", "rank", "epochs", "seed", "test_accuracy",
+                "block_sparsity", "weight_sparsity", "train_params", "train_macs", "inference_params",
+                "inference_macs", "wall_seconds", "config", "input_mean", "input_std"):
+        assert key in on_disk, key
+    acc, block_sparsity, t = recompute(tmp_path, on_disk)
+    assert acc == pytest.approx(on_disk["test_accuracy"], abs=1e-6)
+    assert block_sparsity == pytest.approx(on_disk["block_sparsity"], abs=1e-9)
+    assert on_disk["block_sparsity"] >= 0.5  # the target is reached exactly (ceil of blocks)
+    assert on_disk["train_params"] == 5898 and on_disk["inference_params"] == int((t["weight"] != 0).sum()) + 10
+    torch.testing.assert_close(kron_weight(t["kron.S"], t["kron.A"], t["kron.B"]), t["weight"])
+
+
+def test_same_seed_same_metrics():
+    cfg = TrainConfig(method="kron", block_shape=(2, 16), rank=2, target_sparsity=0.4, **QUICK)
+    a, b = train(cfg, progress=False), train(cfg, progress=False)
+    for key in ("test_accuracy", "block_sparsity", "weight_sparsity", "inference_params", "final_lambda"):
+        assert a[key] == b[key], key
+
+
+def test_mlp_sparsifies_the_layers_that_tile_and_reports_the_rest():
+    cfg = TrainConfig(method="kron", model="mlp", block_shape=(2, 16), rank=2, target_sparsity=0.5, **QUICK)
+    m = train(cfg, progress=False)
+    assert m["sparsified_layers"] == [0]  # 300x100 and 100x10 weights are not tiled by (2, 16)
+    assert m["train_paths"][1:] == ["dense", "dense"]
+    assert m["block_sparsity"] >= 0.5
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--block", "16x2"], "transposed shape (2, 16) tiles it"),
+    (["--method", "magic"], "valid methods"),
+    (["--target-sparsity", "1.5"], "target sparsity must be in [0, 1)"),
+    (["--block", "2by2"], "OUTxIN"),
+    (["--dataset", "npz:/nonexistent/file.npz"], "nonexistent"),
+    (["--model", "resnet"], "valid models"),
+])
+def test_cli_user_errors_are_one_line(tmp_path, capsys, argv, message):
+    code = main(["train", "--out", str(tmp_path / "run"), "--no-progress", "--epochs", "1", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_cli_train_prints_the_row(tmp_path, capsys):
+    code = main(["train", "--block", "2x2", "--rank", "2", "--target-sparsity", "0.5", "--n-train", "1000",
+                 "--n-test", "200", "--epochs", "1", "--out", str(tmp_path), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0 and "| kron | linear | mnist | 2x2 | 2 |" in out
+    assert json.loads((tmp_path / "config.json").read_text())["block_shape"] == [2, 2]
+
+
+def test_cli_shapes_table(capsys):
+    assert main(["shapes", "784", "10", "--rank", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| 2x16 | 16x2 | 809 |" in out and "fewest params" in out

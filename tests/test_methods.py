@@ -97,8 +97,8 @@ def test_group_lasso_blocks_may_revive_while_sparsifying_but_not_after_the_freez
     cfg = TrainConfig(method="group-lasso", block_shape=(2, 2), lam=1.0, sparsify_fraction=0.5)
     method, model = prepared(GroupLassoMethod, cfg, (4, 4), total_steps=4)  # sparsify steps 0, 1
     layer = model.layers[0]
-    layer.weight.data.copy_(blocks_of([[0.01, 1.0], [1.0, 1.0]], (2, 2)))
-    method.after_step(model, None, 0, lr=0.01)  # threshold 0.02: block (0, 0) (norm 0.02) -> 0
+    layer.weight.data.copy_(blocks_of([[0.005, 1.0], [1.0, 1.0]], (2, 2)))
+    method.after_step(model, None, 0, lr=0.01)  # threshold 0.02: block (0, 0) (norm 0.01) -> 0
     assert not block_mask_of(layer.weight, (2, 2))[0, 0]
     layer.weight.data[0, 0] = 0.5  # a gradient step revives it
     method.after_step(model, None, 1, lr=0.01)  # the prox keeps it (norm 0.5 > 0.02); the mask freezes
@@ -163,7 +163,8 @@ def test_rigl_grown_blocks_start_at_zero_with_zero_optimizer_state(optimizer):
     method, model = prepared(RigLMethod, cfg, (4, 4))
     layer = model.layers[0]
     method.masks = [torch.tensor([[True, True], [False, False]])]
-    layer.weight.data.copy_(blocks_of([[0.1, 1.0], [7.0, 7.0]], (2, 2)))
+    method._expand()
+    layer.weight.data.copy_(blocks_of([[0.1, 2.0], [7.0, 7.0]], (2, 2)))
     opt = (torch.optim.SGD(method.param_groups(model), lr=0.1, momentum=0.9) if optimizer == "sgd"
            else torch.optim.Adam(method.param_groups(model), lr=0.1))
     for step in range(3):  # a few ordinary steps fill the optimizer state of the active blocks
@@ -243,7 +244,7 @@ def test_state_dict_round_trip_resumes_bit_identically(method, monkeypatch):
     for xb, yb in batches[k:]:
         b.train_step(xb, yb)
     sa, sb = a.model.state_dict(), b.model.state_dict()
-    assert list(sa) == ["layers.0.weight", "layers.0.bias"] == list(sb)  # reparametrisations removed
+    assert set(sa) == {"layers.0.weight", "layers.0.bias"} == set(sb)  # reparametrisations removed
     for key in sa:
         assert torch.equal(sa[key], sb[key]), key
     assert 0.0 < 1 - block_mask_of(sa["layers.0.weight"], (2, 2)).float().mean() or method == "iterative-pruning"
@@ -252,7 +253,7 @@ def test_state_dict_round_trip_resumes_bit_identically(method, monkeypatch):
     for key in ma:
         va, vb = ma[key], mb[key]
         if isinstance(va, list):
-            assert all(torch.equal(x, y) for x, y in zip(va, vb)), key
+            assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(va, vb)), key
         elif torch.is_tensor(va):
             assert torch.equal(va, vb), key
         else:
@@ -281,7 +282,7 @@ def test_short_mnist_run_agrees_with_its_saved_weights(method, tmp_path, mnist_t
     assert set(t) == {"weight", "bias"}
     x, y = mnist_test
     W, b = t["weight"], t["bias"]
-    acc = (nn.functional.linear(x, W, b).argmax(1) == y).float().mean().item()
+    acc = (nn.functional.linear(x, W, b).argmax(1) == y).sum().item() / len(y)
     assert acc == pytest.approx(m["test_accuracy"], abs=1e-9)
     zero_blocks = int((W.reshape(5, 2, 392, 2).abs().amax(dim=(1, 3)) == 0).sum())  # independent of functional
     assert zero_blocks == m["zero_blocks"] and m["block_sparsity"] == zero_blocks / 1960

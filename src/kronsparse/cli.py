@@ -49,10 +49,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--candidates", default=None, help="block shapes for --method select, e.g. 2x2,2x8")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints in OUT/checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
+    names = {f.name for f in fields(TrainConfig)} - {"candidates"}
     values = {k: v for k, v in vars(args).items() if k in names}
     values["block_shape"] = parse_block(args.block)
     values["candidates"] = _blocks(args.candidates) if args.candidates else None
@@ -63,7 +65,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     cfg = config_from_args(args)
-    metrics = train(cfg, out=args.out, progress=not args.no_progress)
+    metrics = train(cfg, out=args.out, progress=not args.no_progress, checkpoint_every=args.checkpoint_every,
+                    resume=args.resume)
     print_row(metrics)
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'model.safetensors'}")
     return 0

@@ -9,15 +9,17 @@ Counting conventions (METHOD.md §6):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 from .functional import check_block_shape, divisors
 
-# Per-element cost, in multiply-add equivalents, of writing and reading an intermediate that a
-# factored path creates (its permuted copies). Calibrated roughly on CPU; only the ordering matters.
-_COPY_COST = 4.0
-# Fixed cost of one extra kernel launch, in multiply-adds (a few microseconds on either device).
-_LAUNCH_COST = 20_000.0
-
+# Constants of `step_cost`, in units of one multiply-add inside a large GEMM. Calibrated by
+# benchmarks/calibrate_costs.py on the 2-core CPU VM (AMD EPYC, AVX2, torch 2.13 + MKL, fp32; see
+# benchmarks/results/): the values below minimise the summed slowdown of the chosen path against the
+# fastest measured path over 784x10 and 1024x1024 layers, blocks 2x2..64x64, ranks 1-4, batch 64-4096.
+_BMM_COST = 3.0  # a MAC in a batched GEMM of small per-block matrices (MKL runs them ~3x slower)
+_COPY_COST = 4.0  # one element written by a permuted copy or an elementwise pass
+_LAUNCH_COST = 20_000.0  # one kernel call plus its Python/autograd overhead (tens of microseconds)
 
 @dataclass(frozen=True)
 class PathMacs:
@@ -95,37 +97,49 @@ def layer_costs(out_features: int, in_features: int, block_shape, rank: int, bia
 
 
 def step_cost(out_features: int, in_features: int, block_shape, rank: int, batch: int,
-              path: str, training: bool = True) -> float:
+              path: str, training: bool = True, input_grad: bool = True) -> float:
     """Estimated cost of one call (forward, or forward + backward when training) in MAC units.
 
-    Factored paths: forward F1 + F2; backward recomputes F1 and does 2*F2 + 2*F1 more, and every
-    intermediate is copied a few times. Materialize: the batch GEMMs plus building W and, in
-    backward, reducing dW to the factors.
+    Mirrors what `functional._KronLinearFn` runs. With F1, F2 the batch MACs of the first and
+    second contraction: input_first runs F1 as batched GEMMs (forward, recompute, dB, dx) and F2 as
+    one GEMM (forward, dC, dZ); factors_first the other way round (F1: forward, recompute, dC, dx
+    as GEMMs; F2: forward, dB, dT batched) plus two copies of xᵀ. Materialize: the dense GEMMs plus
+    building W and reducing dW. Every path copies gyᵀ or W once and adds the bias.
     """
     bo, bi = check_block_shape(out_features, in_features, block_shape)
     m1, n1 = out_features // bo, in_features // bi
-    r, N = rank, batch
+    r, N, o, i = rank, batch, out_features, in_features
+    gx = 1 if training and input_grad else 0
     if path == "materialize":
-        gemm, build = N * out_features * in_features, r * out_features * in_features
-        launches = 3
-        total = 3 * gemm + 3 * build if training else gemm + build
-        return total + _COPY_COST * out_features * in_features * (2 if training else 1) + launches * _LAUNCH_COST
+        gemm = N * o * i * ((2 + gx) if training else 1)
+        weight = r * o * i * (3 if training else 1) + _COPY_COST * o * i * (2 if training else 1)
+        return gemm + weight + (_COPY_COST * N * o) + (12 + gx if training else 4) * _LAUNCH_COST
     if path == "input_first":
-        f1, f2, inter = N * r * n1 * bi * bo, N * r * m1 * n1 * bo, N * r * n1 * bo
-    elif path == "factors_first":
-        f1, f2, inter = N * r * m1 * n1 * bi, N * r * m1 * bi * bo, N * r * m1 * bi
-    else:
-        raise ValueError(f"unknown path {path!r}")
-    if training:
-        return 4 * f1 + 3 * f2 + 3 * _COPY_COST * inter + 7 * _LAUNCH_COST
-    return f1 + f2 + _COPY_COST * inter + 2 * _LAUNCH_COST
+        f1, f2 = N * r * n1 * bi * bo, N * r * m1 * n1 * bo
+        if not training:
+            return _BMM_COST * f1 + f2 + _COPY_COST * N * o + 4 * _LAUNCH_COST
+        return (_BMM_COST * (3 + gx) * f1 + 3 * f2 + _COPY_COST * (2 * N * o + n1 * r * bo * bi)
+                + (14 + gx) * _LAUNCH_COST)
+    if path == "factors_first":
+        f1, f2 = N * r * m1 * n1 * bi, N * r * m1 * bi * bo
+        if not training:
+            return f1 + _BMM_COST * f2 + _COPY_COST * (N * i + N * o) + 5 * _LAUNCH_COST
+        return ((3 + gx) * f1 + 3 * _BMM_COST * f2 + _COPY_COST * (2 * N * i + 2 * N * o + m1 * r * bo * bi)
+                + (16 + gx) * _LAUNCH_COST)
+    raise ValueError(f"unknown path {path!r}")
 
 
 def choose_path(out_features: int, in_features: int, block_shape, rank: int, batch: int,
-                training: bool = True) -> str:
-    """The cheapest path for this layer and batch by `step_cost`."""
+                training: bool = True, input_grad: bool = True) -> str:
+    """The cheapest path for this layer and batch by `step_cost` (memoised: called every forward)."""
+    return _choose_path(out_features, in_features, tuple(block_shape), rank, batch, training, input_grad)
+
+
+@lru_cache(maxsize=4096)
+def _choose_path(out_features, in_features, block_shape, rank, batch, training, input_grad) -> str:
     paths = ("input_first", "factors_first", "materialize")
-    return min(paths, key=lambda p: step_cost(out_features, in_features, block_shape, rank, batch, p, training))
+    return min(paths, key=lambda p: step_cost(out_features, in_features, block_shape, rank, batch, p,
+                                              training, input_grad))
 
 
 @dataclass(frozen=True)

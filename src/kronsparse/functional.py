@@ -247,8 +247,9 @@ def kron_linear(x: Tensor, S: Tensor, A: Tensor, B: Tensor, bias: Tensor | None 
     if path == "auto":
         from .costs import choose_path  # local import: costs imports this module's helpers
 
-        training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, S, A, B, bias))
-        path = choose_path(m1 * bo, in_features, (bo, bi), r, x2.shape[0], training)
+        grad = torch.is_grad_enabled()
+        training = grad and any(t is not None and t.requires_grad for t in (x, S, A, B, bias))
+        path = choose_path(m1 * bo, in_features, (bo, bi), r, x2.shape[0], training, grad and x.requires_grad)
     y = _KronLinearFn.apply(x2, S, A, B, bias, path)
     return y.reshape(*lead, m1 * bo)
 

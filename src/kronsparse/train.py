@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from tqdm.auto import tqdm
 
 from . import data as datamod
 from .config import TrainConfig
+from .checkpoint import load_latest, save_checkpoint
 from .io import write_json, write_safetensors
 from .methods import get_method
 from .metrics import accuracy, dense_state, factor_state, sparsity_metrics, training_costs
@@ -38,6 +40,17 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimize
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid optimizers: {', '.join(sorted(OPTIMIZERS))}")
+
+
+def rebuild_optimizer(cfg: TrainConfig, method, model, old: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """A new optimizer over the model's current parameters, keeping the state of those that survive."""
+    new = make_optimizer(cfg, method.param_groups(model))
+    for group, old_group in zip(new.param_groups, old.param_groups):
+        group["lr"] = old_group["lr"]
+    for p in (p for g in new.param_groups for p in g["params"]):
+        if p in old.state:
+            new.state[p] = old.state[p]
+    return new
 
 
 def lr_factor(step: int, sparsify_steps: int, total_steps: int) -> float:
@@ -71,6 +84,8 @@ class Run:
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
+        self.order: torch.Tensor | None = None  # this epoch's sample order, once drawn
+        self.epoch_loss = 0.0
         self.history: list[dict] = []
 
     def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> float:
@@ -78,6 +93,9 @@ class Run:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
         loss = nnf.cross_entropy(self.model(xb), yb)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss.item()} at step {self.step + 1}; "
+                                     "lower the learning rate (the last checkpoint is kept)")
         penalty = self.method.penalty(self.model)
         total = loss if penalty is None else loss + penalty
         self.optimizer.zero_grad(set_to_none=True)
@@ -85,26 +103,57 @@ class Run:
         self.method.before_step(self.model, self.step)
         self.optimizer.step()
         self.method.after_step(self.model, self.optimizer, self.step, self.cfg.lr * factor)
+        if self.method.structure_changed():
+            self.optimizer = rebuild_optimizer(self.cfg, self.method, self.model, self.optimizer)
         self.step += 1
         return loss.item()
 
-    def train_epoch(self, epoch: int, progress: bool) -> dict:
-        order = torch.randperm(len(self.ds.x_train), generator=self.generator).to(self.device)
-        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
-                   disable=not progress, unit="step")
-        total, start = 0.0, time.perf_counter()
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    def train_epoch(self, progress: bool, on_step=None) -> dict:
+        """Finish the current epoch (from wherever a resumed run stands), evaluate, record it."""
+        epoch, first = self.epoch, self.step % self.steps_per_epoch
+        if self.order is None:
+            self.order = torch.randperm(len(self.ds.x_train), generator=self.generator)
+        order = self.order.to(self.device)
+        bar = tqdm(range(first, self.steps_per_epoch), desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+                   leave=False, disable=not progress, unit="step")
+        start = time.perf_counter()
         for i in bar:
             idx = order[i * self.cfg.batch_size: (i + 1) * self.cfg.batch_size]
             loss = self.train_step(self.ds.x_train[idx], self.ds.y_train[idx])
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {self.step}; lower the learning rate")
-            total += loss
+            self.epoch_loss += loss
             if i % 100 == 0:
                 bar.set_postfix(loss=f"{loss:.3f}")
-        record = {"epoch": epoch + 1, "train_loss": total / self.steps_per_epoch,
+            if on_step is not None and self.step % self.steps_per_epoch:
+                on_step(self)
+        record = {"epoch": epoch + 1, "train_loss": self.epoch_loss / self.steps_per_epoch,
                   "epoch_seconds": time.perf_counter() - start, **self.quick_eval()}
         self.history.append(record)
+        self.order, self.epoch_loss = None, 0.0
         return record
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue bit-identically on CPU."""
+        return {"step": self.step, "order": self.order, "epoch_loss": self.epoch_loss,
+                "history": self.history, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
+                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "config": self.cfg.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["config"] != self.cfg.to_dict():
+            diff = sorted(k for k in state["config"] if state["config"][k] != self.cfg.to_dict().get(k))
+            raise ValueError(f"the checkpoint was made with a different config (differs in: {', '.join(diff)})")
+        self.method.load_state_dict(state["method"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.order, self.epoch_loss = state["step"], state["order"], state["epoch_loss"]
+        self.history = state["history"]
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
 
     def quick_eval(self) -> dict:
         self.model.eval()
@@ -118,26 +167,57 @@ class Run:
         layers = self.model.layers
         weights = [layer_weight(l).detach() for l in layers]
         idx = [k for k, l in enumerate(layers) if any(l is m for m in self.method.layers)]
-        return sparsity_metrics(weights, [l.bias for l in layers], idx, self.cfg.block_shape)
+        return sparsity_metrics(weights, [l.bias for l in layers], idx, self.method.block_shape)
 
 
-def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True) -> dict:
-    """Train `cfg`, write DIR/metrics.json, DIR/config.json and DIR/model.safetensors; return metrics."""
+def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True,
+          checkpoint_every: int | None = None, resume: bool = False) -> dict:
+    """Train `cfg`, write DIR/metrics.json, DIR/config.json and DIR/model.safetensors; return metrics.
+
+    checkpoint_every: steps between checkpoints in DIR/checkpoints (the last two are kept);
+    resume: continue from the newest checkpoint there (a finished run is not trained again).
+    """
+    if (checkpoint_every or resume) and out is None:
+        raise ValueError("checkpoints and --resume need an output folder")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every must be >= 1, got {checkpoint_every}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if resume and (Path(out) / "metrics.json").is_file():
+        return finished_metrics(cfg, Path(out))
     device = resolve_device(cfg.device)
-    ds = load_data(cfg, device)
-    run = Run(cfg, ds, device)
-    start = time.perf_counter()
-    epochs = tqdm(range(cfg.epochs), desc=f"{cfg.method} {cfg.block_shape[0]}x{cfg.block_shape[1]}",
-                  disable=not progress, unit="epoch")
-    for epoch in epochs:
-        record = run.train_epoch(epoch, progress)
+    run = Run(cfg, load_data(cfg, device), device)
+    state = load_latest(out) if resume else None
+    if state is not None:
+        run.load_state_dict(state)
+    start = time.perf_counter() - (state or {}).get("wall_seconds", 0.0)
+
+    def checkpoint(r: Run) -> None:
+        save_checkpoint(out, r.step, {**r.state_dict(), "wall_seconds": time.perf_counter() - start})
+
+    on_step = None
+    if checkpoint_every:
+        def on_step(r: Run) -> None:
+            if r.step % checkpoint_every == 0:
+                checkpoint(r)
+    epochs = tqdm(range(run.epoch, cfg.epochs), desc=f"{cfg.method} {cfg.block_shape[0]}x{cfg.block_shape[1]}",
+                  disable=not progress, unit="epoch", initial=run.epoch, total=cfg.epochs)
+    for _ in epochs:
+        record = run.train_epoch(progress, on_step)
         epochs.set_postfix(acc=f"{record['test_accuracy']:.4f}", sparsity=f"{record['block_sparsity']:.3f}")
-    wall = time.perf_counter() - start
-    metrics = final_metrics(run, wall)
+        if checkpoint_every:
+            checkpoint(run)
+    metrics = final_metrics(run, time.perf_counter() - start)
     if out is not None:
         save_run(run, metrics, Path(out))
+    return metrics
+
+
+def finished_metrics(cfg: TrainConfig, out: Path) -> dict:
+    """The metrics of a run already finished in `out`, if it was made with the same config."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    if metrics.get("config") != cfg.to_dict():
+        raise ValueError(f"{out} holds a finished run with a different config; choose another --out")
     return metrics
 
 
@@ -146,7 +226,8 @@ def final_metrics(run: Run, wall_seconds: float) -> dict:
     run.model.eval()
     m = {
         "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset,
-        "block_shape": list(cfg.block_shape), "paper_block_name": f"{cfg.block_shape[1]}x{cfg.block_shape[0]}",
+        "block_shape": list(run.method.block_shape),
+        "paper_block_name": f"{run.method.block_shape[1]}x{run.method.block_shape[0]}",
         "rank": cfg.rank, "epochs": cfg.epochs, "seed": cfg.seed,
         "test_accuracy": accuracy(run.model, ds.x_test, ds.y_test),
         **run.final_metrics_core(),

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 from .base import Method
+from .block_magnitude import BlockMagnitudeMethod
+from .elastic_group_lasso import ElasticGroupLassoMethod
+from .group_lasso import GroupLassoMethod
 from .kron import KronMethod
+from .pruning import IterativePruningMethod
+from .rigl import RigLMethod
 
 METHODS: dict[str, type[Method]] = {
     "dense": Method,
     "kron": KronMethod,
+    "group-lasso": GroupLassoMethod,
+    "elastic-group-lasso": ElasticGroupLassoMethod,
+    "rigl": RigLMethod,
+    "iterative-pruning": IterativePruningMethod,
+    "block-magnitude": BlockMagnitudeMethod,
 }
 
 

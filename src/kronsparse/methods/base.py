@@ -78,6 +78,15 @@ class Method:
         """Method-specific numbers for metrics.json."""
         return {}
 
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        """The block grid the final weights are measured on (pattern selection may change it)."""
+        return self.cfg.block_shape
+
+    def structure_changed(self) -> bool:
+        """True once after the method added or removed parameters: the loop rebuilds the optimizer."""
+        return False
+
     def state_dict(self) -> dict:
         return {}
 

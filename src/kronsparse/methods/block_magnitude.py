@@ -1,0 +1,96 @@
+"""Gradual block magnitude pruning with torch.ao.pruning's WeightNormSparsifier.
+
+The sparsifier zeroes the (bo, bi) blocks of smallest L2 norm: `sparse_block_shape` is (rows, cols)
+of the weight, which for nn.Linear's (out, in) weight is exactly our (bo, bi), and the blocks start
+at index 0, so they are our grid (tests check this); `zeros_per_block = bo*bi` zeroes whole blocks.
+Its level follows a cubic ramp (Zhu & Gupta 2017) over the sparsifying phase (70% of training by
+default), updated every `interval` steps and set exactly to the target's block count (rounded up)
+at the phase's last step; then the mask is frozen. The weight is parametrised as original * mask,
+so pruned blocks get no gradient, and at the last step of training `squash_mask()` leaves a plain
+`weight` with exact zero blocks (same Parameter object, so the optimizer is unaffected).
+
+The sparsity is per layer (WeightNormSparsifier has no global level). The masks are saved by this
+method's state_dict, not the model's (see BlockMask).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.ao.pruning import FakeSparsity, WeightNormSparsifier
+
+from .base import CubicSchedule, Method
+from .steering import count_for
+
+
+class BlockMask(FakeSparsity):
+    """FakeSparsity (weight * mask) with a non-persistent mask. FakeSparsity leaves its mask out of
+    the model's state_dict but still expects it on load, so a prepared model could not be reloaded;
+    here the mask is saved by the method's state_dict instead."""
+
+    def __init__(self, mask: Tensor) -> None:
+        nn.Module.__init__(self)
+        self.register_buffer("mask", mask, persistent=False)
+
+
+class BlockMagnitudeMethod(Method):
+    name = "block-magnitude"
+    needs_target = True
+    interval = 10  # steps between mask updates
+
+    def __init__(self, cfg, total_steps: int) -> None:
+        super().__init__(cfg, total_steps)
+        self.schedule = CubicSchedule(cfg.target_sparsity, self.sparsify_steps)
+        bo, bi = cfg.block_shape
+        self.sparsifier = WeightNormSparsifier(sparsity_level=0.0, sparse_block_shape=(bo, bi),
+                                               zeros_per_block=bo * bi)
+        self.squashed = False
+
+    def prepare(self, model: nn.Module) -> None:
+        super().prepare(model)
+        fqns = {id(m): name for name, m in model.named_modules()}
+        self.sparsifier.prepare(model, config=[{"tensor_fqn": fqns[id(l)] + ".weight", "parametrization": BlockMask}
+                                               for l in self.layers])
+
+    def _masks(self) -> list[Tensor]:
+        return [l.parametrizations.weight[0].mask for l in self.layers]
+
+    def set_level(self, step: int) -> None:
+        bo, bi = self.cfg.block_shape
+        for group, layer in zip(self.sparsifier.groups, self.layers):
+            blocks = layer.weight.numel() // (bo * bi)
+            level = self.schedule(step + 1)
+            if step >= self.sparsify_steps - 1:  # exactly the target's count: the sparsifier rounds
+                level = count_for(self.schedule.final, blocks) / blocks
+            group["sparsity_level"] = level
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, optimizer, step: int, lr: float) -> None:
+        last = step == self.sparsify_steps - 1
+        if step < self.sparsify_steps and (step % self.interval == 0 or last):
+            self.set_level(step)
+            self.sparsifier.step()
+        if step == self.total_steps - 1:
+            self.squash()
+
+    def squash(self) -> None:
+        if not self.squashed:
+            self.sparsifier.squash_mask()
+            self.squashed = True
+
+    def summary(self) -> dict:
+        return {"final_level": self.sparsifier.groups[0]["sparsity_level"] if self.sparsifier.groups else 0.0}
+
+    def state_dict(self) -> dict:
+        masks = [] if self.squashed else [m.clone() for m in self._masks()]
+        return {"masks": masks, "levels": [g["sparsity_level"] for g in self.sparsifier.groups],
+                "squashed": self.squashed}
+
+    def load_state_dict(self, state: dict) -> None:
+        for group, level in zip(self.sparsifier.groups, state["levels"]):
+            group["sparsity_level"] = level
+        if state["squashed"]:
+            self.squash()
+            return
+        for mask, saved in zip(self._masks(), state["masks"]):
+            mask.data = saved.clone()

@@ -1,0 +1,144 @@
+"""Block-wise RigL (Evci et al. 2020) on the (bo, bi) block grid (METHOD.md §5).
+
+A block mask at a fixed block sparsity (--target-sparsity), random at the start, the same fraction
+in every layer (the global count is exact). Every delta_T = 100 steps until 75% of training, each
+layer drops its active blocks of smallest ||W_g|| and grows as many inactive blocks with the largest
+dense-gradient norm ||dL/dW_g||; the drop fraction is alpha * (1 + cos(pi * t / T_end)) / 2,
+alpha = 0.3. With block (1, 1) this is plain RigL.
+
+Masking, the cheapest correct way: the model trains a dense W whose masked entries are exactly zero,
+so its gradient is RigL's dense gradient. The invariant is "a masked entry has weight 0 and optimizer
+state 0": `before_step` reads the grow scores (update steps only), then zeroes the gradient of masked
+entries, so SGD, momentum, Adam and weight decay all leave them at 0; a mask update zeroes the dropped
+blocks' weights and optimizer state. Grown blocks therefore start at exactly zero with zero state.
+`after_step` re-zeroes masked weights anyway (a no-op unless an optimizer moves zero-gradient entries).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..functional import block_norms, expand_block_mask
+from .base import Method
+from .schedules import CosineDecay, Every
+from .steering import count_for, select
+
+
+def update_block_mask(mask: Tensor, drop: Tensor, grow: Tensor) -> Tensor:
+    """(mask minus drop) plus grow, checking RigL's invariants."""
+    if (drop & grow).any():
+        raise AssertionError("RigL: dropped and grown blocks overlap")
+    if (drop & ~mask).any() or (grow & mask).any():
+        raise AssertionError("RigL: dropped blocks must be active and grown blocks inactive")
+    new = (mask & ~drop) | grow
+    if int(new.sum()) != int(mask.sum()):
+        raise AssertionError(f"RigL: active blocks changed from {int(mask.sum())} to {int(new.sum())}")
+    return new
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, entries: Tensor) -> None:
+    """Zero every per-entry state tensor (momentum buffer, Adam moments) of `param` at `entries`."""
+    for value in optimizer.state.get(param, {}).values():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            value.masked_fill_(entries, 0)
+
+
+def layer_zero_counts(total_zeros: int, sizes: list[int]) -> list[int]:
+    """Split `total_zeros` over layers in proportion to their sizes (largest remainder)."""
+    total = sum(sizes)
+    exact = [total_zeros * n / total for n in sizes]
+    counts = [math.floor(e) for e in exact]
+    order = sorted(range(len(sizes)), key=lambda k: counts[k] - exact[k])
+    for k in order[: total_zeros - sum(counts)]:
+        counts[k] += 1
+    return counts
+
+
+class RigLMethod(Method):
+    name = "rigl"
+    needs_target = True
+    alpha = 0.3  # initial drop fraction
+    delta_t = 100  # steps between mask updates
+    end_fraction = 0.75  # of training; no updates after
+
+    def __init__(self, cfg, total_steps: int) -> None:
+        super().__init__(cfg, total_steps)
+        t_end = int(self.end_fraction * total_steps)
+        self.drop_fraction = CosineDecay(self.alpha, t_end)
+        self.is_update = Every(self.delta_t, t_end)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.masks: list[Tensor] = []  # per layer, (m1, n1), True = active block
+        self.pruned: list[Tensor] = []  # per layer, (out, in), True = masked entry
+        self.grow_scores: list[Tensor] = []  # read in before_step, used in after_step of the same step
+        self.updates = 0
+
+    @torch.no_grad()
+    def prepare(self, model: nn.Module) -> None:
+        super().prepare(model)
+        bo, bi = self.cfg.block_shape
+        sizes = [l.weight.numel() // (bo * bi) for l in self.layers]
+        zeros = layer_zero_counts(count_for(self.cfg.target_sparsity, sum(sizes)), sizes)
+        self.masks = []
+        for layer, n, z in zip(self.layers, sizes, zeros):
+            m1 = layer.weight.shape[0] // bo
+            mask = torch.ones(n, dtype=torch.bool, device=layer.weight.device)
+            mask[torch.randperm(n, generator=self.generator)[:z].to(mask.device)] = False
+            self.masks.append(mask.view(m1, n // m1))
+        self._expand()
+        self._apply_masks()
+
+    def _expand(self) -> None:
+        """Cache the element masks of the pruned entries (recomputed when the block masks change)."""
+        self.pruned = [~expand_block_mask(m, self.cfg.block_shape) for m in self.masks]
+
+    def _apply_masks(self) -> None:
+        for layer, pruned in zip(self.layers, self.pruned):
+            layer.weight.masked_fill_(pruned, 0)
+
+    @torch.no_grad()
+    def before_step(self, model: nn.Module, step: int) -> None:
+        if self.is_update(step):
+            self.grow_scores = [block_norms(l.weight.grad, self.cfg.block_shape) for l in self.layers]
+        for layer, pruned in zip(self.layers, self.pruned):
+            layer.weight.grad.masked_fill_(pruned, 0)
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, optimizer, step: int, lr: float) -> None:
+        if self.is_update(step):
+            self.update_masks(optimizer, self.drop_fraction(step))
+        self._apply_masks()
+
+    @torch.no_grad()
+    def update_masks(self, optimizer: torch.optim.Optimizer, fraction: float) -> None:
+        """Drop the `fraction` of active blocks with smallest norm, grow as many by gradient norm."""
+        bs = self.cfg.block_shape
+        for k, (layer, mask) in enumerate(zip(self.layers, self.masks)):
+            active = int(mask.sum())
+            n = min(int(fraction * active), mask.numel() - active)
+            if n == 0:
+                continue
+            drop = select([torch.where(mask, block_norms(layer.weight, bs), math.inf)], n, largest=False)[0]
+            grow = select([torch.where(mask, -math.inf, self.grow_scores[k])], n, largest=True)[0]
+            self.masks[k] = update_block_mask(mask, drop, grow)
+            dropped = expand_block_mask(drop, bs)
+            layer.weight.masked_fill_(dropped, 0)
+            reset_optimizer_state(optimizer, layer.weight, dropped)
+        self._expand()
+        self.grow_scores = []
+        self.updates += 1
+
+    def summary(self) -> dict:
+        return {"mask_updates": self.updates}
+
+    def state_dict(self) -> dict:
+        return {"masks": [m.clone() for m in self.masks], "updates": self.updates,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.masks = [m.clone() for m in state["masks"]]
+        self._expand()
+        self.updates = state["updates"]
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,50 @@
+"""Reaching an exact target block sparsity with a penalty: steer lambda, cap the zeros, top up.
+
+Shared by the proximal baselines (Group LASSO, Elastic Group LASSO); it restates what kron.py does
+inline, so the paper's method could use it too. Every `interval` steps lambda is multiplied by
+exp(gain * (ramp(t) - zero_fraction)); the ramp's value at t also caps how many blocks may be zero
+(the caller keeps the excess blocks of largest norm); the caller tops up with the smallest blocks
+if the target is not reached when the sparsifying phase ends.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import CubicSchedule, log_step
+
+
+def count_for(fraction: float, total: int) -> int:
+    """How many of `total` items a fraction means: rounded up, so the fraction is always reached."""
+    return math.ceil(fraction * total - 1e-9)
+
+
+def select(scores: list[Tensor], k: int, largest: bool) -> list[Tensor]:
+    """Bool masks shaped like `scores` marking the k entries of largest (or smallest) score across all."""
+    flat = torch.cat([s.flatten() for s in scores])
+    chosen = torch.zeros_like(flat, dtype=torch.bool)
+    if k > 0:
+        chosen[torch.topk(flat, k, largest=largest).indices] = True
+    return [part.view_as(s) for part, s in zip(chosen.split([s.numel() for s in scores]), scores)]
+
+
+@dataclass
+class LambdaSteering:
+    """lambda, steered so the zero fraction follows `schedule`; `allowed` is the cap at each step."""
+
+    schedule: CubicSchedule
+    lam: float
+    interval: int = 10
+    gain: float = 4.0
+    max_factor: float = 1.05  # per update
+
+    def allowed(self, step: int, total: int) -> int:
+        return count_for(self.schedule(step), total)
+
+    def update(self, step: int, zeros: int, total: int) -> None:
+        if step % self.interval == 0:
+            self.lam = log_step(self.lam, self.schedule(step) - zeros / total, self.gain, self.max_factor)

@@ -1,0 +1,30 @@
+"""Smoke test of benchmarks/bench_train_step.py: a tiny grid runs and writes JSON + markdown."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_step.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_train_step", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_grid_writes_json_and_markdown(tmp_path):
+    bench = load_bench()
+    stem = tmp_path / "cpu-test"
+    bench.main(["--sizes", "16x8", "--blocks", "2x4", "--ranks", "2", "--tokens", "4", "--repeats", "2",
+                "--warmup", "1", "--out", str(stem)])
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert {"torch", "dtype", "threads", "date", "device_name", "tf32_matmul"} <= set(data["meta"])
+    variants = {(r["mode"], r["variant"]) for r in data["records"]}
+    assert len(variants) == 3 * 7  # three modes x (three dense + four kron variants)
+    dense = next(r for r in data["records"] if r["variant"] == "dense")
+    assert dense["ratio_vs_dense"] == 1.0 and dense["saved_bytes"] > 0 and dense["state_bytes"] > 0
+    assert "| 16x8 | 2x4 |" in stem.with_suffix(".md").read_text()

@@ -1,0 +1,132 @@
+"""Never lose a run: kill training at random points, resume, and get exactly the uninterrupted result."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kronsparse.checkpoint import list_checkpoints, load_latest
+from kronsparse.config import TrainConfig
+from kronsparse.io import atomic_write, write_text
+from kronsparse.train import Run, train
+
+ARGS = ["--block", "2x2", "--rank", "2", "--target-sparsity", "0.5", "--n-train", "2000", "--n-test", "500",
+        "--epochs", "4", "--threads", "1", "--no-progress"]
+TIMING = {"wall_seconds", "mean_epoch_seconds", "epoch_seconds"}
+
+
+def comparable(metrics: dict) -> dict:
+    """metrics.json without wall-clock fields."""
+    out = {k: v for k, v in metrics.items() if k not in TIMING}
+    out["history"] = [{k: v for k, v in h.items() if k not in TIMING} for h in metrics["history"]]
+    return out
+
+
+def cli(out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    cmd = [sys.executable, "-m", "kronsparse", "train", *ARGS, "--out", str(out), *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_metrics(tmp_path):
+    reference = cli(tmp_path / "ref")
+    assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()
+    expected = comparable(json.loads((tmp_path / "ref" / "metrics.json").read_text()))
+
+    out, rng, kills = tmp_path / "killed", random.Random(0), 0
+    for _ in range(3):
+        proc = cli(out, "--checkpoint-every", "7", "--resume")
+        time.sleep(rng.uniform(3.0, 6.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+    final = cli(out, "--checkpoint-every", "7", "--resume")
+    assert final.wait(timeout=300) == 0, final.stderr.read().decode()
+    assert kills >= 1
+    assert comparable(json.loads((out / "metrics.json").read_text())) == expected
+    assert len(list_checkpoints(out)) == 2
+
+
+def test_resume_in_process_after_an_exception_mid_epoch(tmp_path, monkeypatch):
+    cfg = TrainConfig(block_shape=(2, 16), rank=2, target_sparsity=0.4, n_train=1500, n_test=300, epochs=3)
+    expected = comparable(train(cfg, progress=False))
+
+    calls = {"n": 0}
+    original = Run.train_step
+
+    def crash_at_step_40(self, xb, yb):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise KeyboardInterrupt  # like Ctrl-C in the middle of epoch 2
+        return original(self, xb, yb)
+
+    monkeypatch.setattr(Run, "train_step", crash_at_step_40)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out=tmp_path, progress=False, checkpoint_every=5)
+    assert load_latest(tmp_path)["step"] == 35
+    monkeypatch.setattr(Run, "train_step", original)
+    assert comparable(train(cfg, out=tmp_path, progress=False, checkpoint_every=5, resume=True)) == expected
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    cfg = TrainConfig(n_train=500, n_test=100, epochs=1, target_sparsity=0.3)
+    train(cfg, out=tmp_path, progress=False, checkpoint_every=3)
+    (tmp_path / "metrics.json").unlink()
+    other = TrainConfig(n_train=500, n_test=100, epochs=1, target_sparsity=0.4)
+    with pytest.raises(ValueError, match="differs in: target_sparsity"):
+        train(other, out=tmp_path, progress=False, resume=True)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path):
+    cfg = TrainConfig(n_train=500, n_test=100, epochs=1, target_sparsity=0.3)
+    train(cfg, out=tmp_path, progress=False, checkpoint_every=3)
+    older, newest = list_checkpoints(tmp_path)
+    newest.write_bytes(newest.read_bytes()[:100])
+    assert load_latest(tmp_path)["step"] == torch.load(older, weights_only=True)["step"]
+
+
+def test_a_failed_write_leaves_the_old_file_whole_and_no_temporary(tmp_path):
+    target = tmp_path / "metrics.json"
+    write_text(target, "old")
+
+    def half_then_crash(tmp):
+        Path(tmp).write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write(target, half_then_crash)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_sigkill_during_a_write_never_leaves_a_truncated_file(tmp_path):
+    target = tmp_path / "big.bin"
+    code = ("import sys, time; from kronsparse.io import atomic_write\n"
+            "def slow(tmp):\n"
+            "    with open(tmp, 'wb') as f:\n"
+            "        for _ in range(200):\n"
+            "            f.write(b'x' * 100000); f.flush(); time.sleep(0.01)\n"
+            f"atomic_write({str(target)!r}, slow)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not target.exists()  # the rename never happened: no partial file under the real name
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, capsys):
+    from kronsparse.cli import main
+
+    code = main(["train", *ARGS[:-1], "--epochs", "1", "--lr", "1e30", "--out", str(tmp_path), "--no-progress",
+                 "--checkpoint-every", "1"])
+    err = capsys.readouterr().err
+    assert code == 3 and "at step 2" in err and "Traceback" not in err
+    assert not (tmp_path / "metrics.json").exists()
+    assert load_latest(tmp_path)["step"] == 1  # the last good state is kept

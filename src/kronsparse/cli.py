@@ -98,6 +98,25 @@ def cmd_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import reproduce
+
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    overrides = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test), ("epochs", args.epochs),
+                                   ("device", args.device)) if v is not None}
+    reproduce(args.experiment, args.out, seeds, quick=args.quick, jobs=args.jobs, overrides=overrides)
+    print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    path = export_run(args.run_dir, args.format, args.out)
+    print(f"wrote {path} ({args.format})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kronsparse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=1)
     p.add_argument("--no-bias", action="store_true")
     p.set_defaults(func=cmd_shapes)
+    p = sub.add_parser("reproduce", help="the paper's comparison: every method, tables, plots, report")
+    p.add_argument("experiment", help="mnist-linear, mnist-mlp or fashion-mnist-linear")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--quick", action="store_true", help="2 epochs, one seed, a short sweep")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one thread each)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--n-train", type=int, default=None)
+    p.add_argument("--n-test", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_reproduce)
+    p = sub.add_parser("export", help="write a run's model as dense, BSR or factor tensors (safetensors)")
+    p.add_argument("run_dir", help="a folder written by `kronsparse train`")
+    p.add_argument("--format", default="dense", help="dense, bsr or factors")
+    p.add_argument("--out", default=None, help="output file (default RUN_DIR/model.FORMAT.safetensors)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -13,13 +13,15 @@ from functools import lru_cache
 
 from .functional import check_block_shape, divisors
 
-# Constants of `step_cost`, in units of one multiply-add inside a large GEMM. Calibrated by
-# benchmarks/calibrate_costs.py on the 2-core CPU VM (AMD EPYC, AVX2, torch 2.13 + MKL, fp32; see
-# benchmarks/results/): the values below minimise the summed slowdown of the chosen path against the
-# fastest measured path over 784x10 and 1024x1024 layers, blocks 2x2..64x64, ranks 1-4, batch 64-4096.
-_BMM_COST = 3.0  # a MAC in a batched GEMM of small per-block matrices (MKL runs them ~3x slower)
-_COPY_COST = 4.0  # one element written by a permuted copy or an elementwise pass
-_LAUNCH_COST = 20_000.0  # one kernel call plus its Python/autograd overhead (tens of microseconds)
+# Constants of `step_cost`, in units of one multiply-add inside a large GEMM. Fitted by
+# `benchmarks/calibrate_costs.py fit` (grid search, least summed slowdown of the chosen path against
+# the fastest measured one) on 67 forward+backward timings (784x10 at 2x2/2x16 and 1024x1024 at
+# 4x4/16x16, ranks 1-4, batch 64-4096; benchmarks/results/calibration-cpu-2026-11-25.json) taken on
+# the 2-core AMD EPYC VM (AVX2, torch 2.13 + MKL, fp32, 2 threads) while other jobs loaded it: noisy,
+# so only the ordering they induce is meant. Previous guesses (3, 4, 20000) gave 2.6x the slowdown.
+_BMM_COST = 2.0  # a MAC in a batched GEMM of small per-block matrices
+_COPY_COST = 32.0  # one element written by a permuted copy or an elementwise pass (strided copies are slow)
+_LAUNCH_COST = 20_000.0  # one extra kernel call with its Python/autograd overhead
 
 @dataclass(frozen=True)
 class PathMacs:

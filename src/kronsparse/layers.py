@@ -141,3 +141,126 @@ def swap_linear_(model: nn.Module, block_shape, rank: int = 1, filter_fn=None) -
         setattr(parent, child, KronLinear.from_linear(module, block_shape, rank))
         report.swapped.append(name)
     return report
+
+
+class KronConv2d(nn.Module):
+    """nn.Conv2d whose weight is a Kronecker sum over (out, in) channel blocks, the kernel kept whole.
+
+    W[p*bo + a, q*bi + c, y, x] = sum_i S[p, q] * A[i, p, q] * B[i, a, c, y, x]
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, bias: as nn.Conv2d (no groups).
+        block_shape: (bo, bi) over (out_channels, in_channels); bo divides out, bi divides in.
+        rank: number r of Kronecker terms.
+
+    Parameters: S (m1, n1), A (r, m1, n1), B (r, bo, bi, kh, kw), bias (out,) or None.
+    Layout: viewed as nn.Conv2d's im2col matrix W.flatten(1), shape (out, in*kh*kw), this is
+    exactly KronLinear's weight with blocks (bo, bi*kh*kw), so the functional core serves both.
+    Forward materialises W (r*out*in*kh*kw multiply-adds once per call) and runs one dense conv:
+    the weight of a conv layer is tiny next to its activations, so the build is negligible.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, block_shape, rank: int = 1,
+                 stride=1, padding=0, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        bo, bi = F.check_block_shape(out_channels, in_channels, block_shape)
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
+        self.stride, self.padding = stride, padding
+        self.block_shape, self.rank = (bo, bi), rank
+        m1, n1 = out_channels // bo, in_channels // bi
+        kw_ = {"device": device, "dtype": dtype}
+        self.S = nn.Parameter(torch.empty(m1, n1, **kw_))
+        self.A = nn.Parameter(torch.empty(rank, m1, n1, **kw_))
+        self.B = nn.Parameter(torch.empty(rank, bo, bi, kh, kw, **kw_))
+        self.bias = nn.Parameter(torch.empty(out_channels, **kw_)) if bias else None
+        self.reset_parameters()
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        return tuple(self.S.shape)
+
+    def reset_parameters(self) -> None:
+        """S = 1; Var(W) = 1/(3*fan_in), nn.Conv2d's default variance (fan_in = in*kh*kw)."""
+        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        std = (1.0 / (3.0 * fan_in * self.rank)) ** 0.25
+        with torch.no_grad():
+            self.S.fill_(1.0)
+            self.A.normal_(0.0, std)
+            self.B.normal_(0.0, std)
+            if self.bias is not None:
+                bound = 1.0 / math.sqrt(fan_in)
+                self.bias.uniform_(-bound, bound)
+
+    def dense_weight(self) -> Tensor:
+        """W (out, in, kh, kw), differentiable."""
+        r, bo, bi, kh, kw = self.B.shape
+        W = F.kron_weight(self.S, self.A, self.B.reshape(r, bo, bi * kh * kw))  # (out, in*kh*kw)
+        return W.view(self.out_channels, self.in_channels, kh, kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding)
+
+    @torch.no_grad()
+    def block_mask(self) -> Tensor:
+        """Bool (m1, n1): True where channel block (p, q) of the dense weight is non-zero."""
+        return F.block_mask_of(*matrix_view(self.dense_weight(), self.block_shape))
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, block_shape={self.block_shape}, "
+                f"rank={self.rank}, bias={self.bias is not None}")
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d, block_shape, rank: int = 1) -> "KronConv2d":
+        """Nearest Kronecker sum to conv.weight (SVD of the rearranged im2col matrix)."""
+        if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+            raise ValueError("KronConv2d.from_conv2d supports groups=1, dilation=1, zero padding only")
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, block_shape, rank, conv.stride,
+                    conv.padding, conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
+        W2, (bo, bik) = matrix_view(conv.weight.detach(), layer.block_shape)
+        lin = nn.Linear(W2.shape[1], W2.shape[0], bias=conv.bias is not None, dtype=W2.dtype, device=W2.device)
+        with torch.no_grad():
+            lin.weight.copy_(W2)
+            if conv.bias is not None:
+                lin.bias.copy_(conv.bias)
+            kron = KronLinear.from_linear(lin, (bo, bik), rank)
+            layer.A.copy_(kron.A)
+            layer.B.copy_(kron.B.view_as(layer.B))
+            if conv.bias is not None:
+                layer.bias.copy_(kron.bias)
+        return layer
+
+    @torch.no_grad()
+    def to_conv2d(self) -> nn.Conv2d:
+        """A plain nn.Conv2d holding the exact dense weight."""
+        W = self.dense_weight()
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         bias=self.bias is not None, device=W.device, dtype=W.dtype)
+        conv.weight.copy_(W)
+        if self.bias is not None:
+            conv.bias.copy_(self.bias)
+        return conv
+
+
+KRON_LAYERS = (KronLinear, KronConv2d)  # the layers the kron method steers (they expose S, A, B, block_shape)
+
+
+def matrix_view(W: Tensor, block_shape) -> tuple[Tensor, tuple[int, int]]:
+    """A weight as a matrix and its block shape: (out, in, kh, kw) in (bo, bi) channel blocks is
+    (out, in*kh*kw) in (bo, bi*kh*kw) blocks; a matrix is returned as it is."""
+    bo, bi = block_shape
+    if W.dim() == 2:
+        return W, (bo, bi)
+    return W.flatten(1), (bo, bi * W[0, 0].numel())
+
+
+def kron_dense(layer: nn.Module) -> nn.Module:
+    """The plain PyTorch layer of a Kron layer (nn.Linear or nn.Conv2d); other modules as they are."""
+    if isinstance(layer, KronLinear):
+        return layer.to_linear()
+    if isinstance(layer, KronConv2d):
+        return layer.to_conv2d()
+    return layer

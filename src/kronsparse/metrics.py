@@ -7,8 +7,8 @@ from torch import Tensor, nn
 
 from .costs import layer_costs
 from .functional import block_mask_of, check_block_shape
-from .layers import KronLinear
-from .models import layer_weight
+from .layers import KRON_LAYERS, KronLinear, matrix_view
+from .models import layer_dims, layer_weight
 
 
 @torch.no_grad()
@@ -31,10 +31,10 @@ def dense_state(model: nn.Module, model_name: str) -> dict[str, Tensor]:
 
 
 def factor_state(model: nn.Module, model_name: str) -> dict[str, Tensor]:
-    """S, A, B of every KronLinear, under `kron.S` (linear) or `layers.K.kron.S` (others)."""
+    """S, A, B of every KronLinear/KronConv2d, under `kron.S` (linear) or `layers.K.kron.S` (others)."""
     state = {}
     for k, layer in enumerate(model.layers):
-        if isinstance(layer, KronLinear):
+        if isinstance(layer, KRON_LAYERS):
             prefix = "kron." if model_name == "linear" else f"layers.{k}.kron."
             for name in ("S", "A", "B"):
                 state[prefix + name] = getattr(layer, name).detach().contiguous()
@@ -42,24 +42,29 @@ def factor_state(model: nn.Module, model_name: str) -> dict[str, Tensor]:
 
 
 def sparsity_metrics(weights: list[Tensor], biases: list[Tensor | None], sparse_idx: list[int],
-                     block_shape) -> dict:
-    """Block and weight sparsity of the layers on the block grid; inference params and MACs of all."""
-    bo, bi = block_shape
+                     block_shape, positions: list[int] | None = None) -> dict:
+    """Block and weight sparsity of the layers on the block grid; inference params and MACs of all.
+
+    A conv weight (out, in, kh, kw) is measured on (bo, bi) channel blocks, the kernel whole;
+    positions[k]: output positions of layer k (1 for a linear layer), MACs are per sample.
+    """
     zero_blocks = total_blocks = zero_weights = grid_weights = 0
     inference_params = inference_macs = 0
     for k, (W, b) in enumerate(zip(weights, biases)):
         nnz = int((W != 0).sum())
         inference_params += nnz + (b.numel() if b is not None else 0)
+        at = positions[k] if positions is not None else 1
         if k in sparse_idx:
             check_block_shape(W.shape[0], W.shape[1], block_shape)
-            mask = block_mask_of(W, block_shape)
+            W2, (bo, bik) = matrix_view(W, block_shape)
+            mask = block_mask_of(W2, (bo, bik))
             zero_blocks += int((~mask).sum())
             total_blocks += mask.numel()
             zero_weights += W.numel() - nnz
             grid_weights += W.numel()
-            inference_macs += int(mask.sum()) * bo * bi  # a block-sparse kernel skips zero blocks
+            inference_macs += int(mask.sum()) * bo * bik * at  # a block-sparse kernel skips zero blocks
         else:
-            inference_macs += W.numel()
+            inference_macs += W.numel() * at
     return {
         "block_sparsity": zero_blocks / total_blocks if total_blocks else 0.0,
         "weight_sparsity": zero_weights / grid_weights if grid_weights else 0.0,
@@ -75,9 +80,14 @@ def training_costs(model: nn.Module, batch_size: int) -> dict:
     from .costs import choose_path
 
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    positions = getattr(model, "positions", [1] * len(model.layers))
     macs, paths = 0, []
-    for layer in model.layers:
-        if isinstance(layer, KronLinear):
+    for layer, at in zip(model.layers, positions):
+        if isinstance(layer, KRON_LAYERS) and not isinstance(layer, KronLinear):  # KronConv2d: materialises W
+            per_position = layer_weight(layer).numel()
+            macs += per_position * at + layer.rank * per_position // batch_size
+            paths.append("materialize")
+        elif isinstance(layer, KronLinear):
             c = layer_costs(layer.out_features, layer.in_features, layer.block_shape, layer.rank)
             path = layer.path if layer.path != "auto" else choose_path(
                 layer.out_features, layer.in_features, layer.block_shape, layer.rank, batch_size)
@@ -87,8 +97,8 @@ def training_costs(model: nn.Module, batch_size: int) -> dict:
             macs += per_sample
             paths.append(path)
         else:
-            macs += layer.in_features * layer.out_features
+            macs += layer.weight.numel() * at
             paths.append("dense")
-    bias_adds = sum(l.out_features for l in model.layers if l.bias is not None)
+    bias_adds = sum(layer_dims(l)[1] * at for l, at in zip(model.layers, positions) if l.bias is not None)
     return {"train_params": params, "train_macs": macs, "train_paper_flops": macs + bias_adds,
             "train_paths": paths}

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 from .functional import check_block_shape
-from .layers import KronLinear
+from .layers import KRON_LAYERS, KronConv2d, KronLinear
 
 LayerFactory = Callable[[int, int], nn.Module]
 
 ARCHITECTURES = {
     "linear": (784, 10),  # the paper's logistic regression
     "mlp": (784, 300, 100, 10),
+    "lenet5": None,  # LeNet5 below: conv 1->6 5x5 pad 2, pool, conv 6->16 5x5, pool, fc 400->120->84->10
 }
 
 
@@ -43,9 +46,12 @@ def tiles(in_features: int, out_features: int, block_shape) -> bool:
 
 
 def build_model(name: str, factory: LayerFactory, num_features: int = 784, num_classes: int = 10) -> FeedForward:
-    """Build `name` ("linear" or "mlp") with factory(in, out) making each weight layer."""
+    """Build `name` ("linear", "mlp" or "lenet5") with factory(in, out) making each weight layer
+    (and factory.conv(in, out, kernel_size, padding) each conv layer of lenet5)."""
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(ARCHITECTURES)}")
+    if name == "lenet5":
+        return build_lenet5(factory, num_features, num_classes)
     sizes = (num_features, *ARCHITECTURES[name][1:-1], num_classes)
     return FeedForward([factory(i, o) for i, o in zip(sizes[:-1], sizes[1:])])
 
@@ -58,6 +64,12 @@ def kron_factory(block_shape, rank: int, path: str = "auto") -> LayerFactory:
             return KronLinear(i, o, block_shape, rank, path=path)
         return nn.Linear(i, o)
 
+    def conv(i: int, o: int, kernel_size: int, padding: int = 0) -> nn.Module:
+        if tiles(i, o, block_shape):
+            return KronConv2d(i, o, kernel_size, block_shape, rank, padding=padding)
+        return nn.Conv2d(i, o, kernel_size, padding=padding)
+
+    make.conv = conv
     return make
 
 
@@ -65,15 +77,65 @@ def dense_factory(i: int, o: int) -> nn.Module:
     return nn.Linear(i, o)
 
 
+dense_factory.conv = lambda i, o, kernel_size, padding=0: nn.Conv2d(i, o, kernel_size, padding=padding)
+
+
 def layer_weight(layer: nn.Module) -> Tensor:
-    """The dense weight (out, in) of a weight layer of any kind."""
-    return layer.dense_weight() if isinstance(layer, KronLinear) else layer.weight
+    """The dense weight (out, in) or (out, in, kh, kw) of a weight layer of any kind."""
+    return layer.dense_weight() if isinstance(layer, KRON_LAYERS) else layer.weight
+
+
+def layer_dims(layer: nn.Module) -> tuple[int, int]:
+    """(in, out): features of a linear layer, channels of a conv layer."""
+    if hasattr(layer, "in_channels"):
+        return layer.in_channels, layer.out_channels
+    return layer.in_features, layer.out_features
 
 
 def check_tiles_some_layer(model: FeedForward, block_shape) -> list[int]:
     """Indices of the layers that block_shape tiles; an error when none does."""
-    tiled = [k for k, l in enumerate(model.layers) if tiles(l.in_features, l.out_features, block_shape)]
+    tiled = [k for k, l in enumerate(model.layers) if tiles(*layer_dims(l), block_shape)]
     if not tiled:
-        first = model.layers[0]
-        check_block_shape(first.out_features, first.in_features, block_shape)  # raises the full message
+        i, o = layer_dims(model.layers[0])
+        check_block_shape(o, i, block_shape)  # raises the full message
     return tiled
+
+
+class LeNet5(nn.Module):
+    """LeNet-5: conv 1->6 5x5 pad 2, pool, conv 6->16 5x5, pool, fc 400->120->84->10, ReLU.
+
+    `layers.K` is the K-th weight layer (two convs, then three linears), as in FeedForward;
+    `positions[K]` is the number of output positions of layer K (its MACs per sample are
+    positions * per-position MACs). Inputs (N, side*side) are reshaped to (N, 1, side, side).
+    """
+
+    conv_padding = (2, 0)
+
+    def __init__(self, layers: list[nn.Module], side: int = 28) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.side = side
+        s1 = side // 2 - 4  # after pool, conv 5x5 without padding
+        self.positions = [side * side, s1 * s1, 1, 1, 1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.reshape(-1, 1, self.side, self.side)
+        for k in (0, 1):
+            x = nnf.max_pool2d(torch.relu(self.layers[k](x)), 2)
+        x = x.flatten(1)
+        for k in (2, 3):
+            x = torch.relu(self.layers[k](x))
+        return self.layers[4](x)
+
+
+def build_lenet5(factory: LayerFactory, num_features: int = 784, num_classes: int = 10) -> LeNet5:
+    side = math.isqrt(num_features)
+    if side * side != num_features or side < 12:
+        raise ValueError(f"lenet5 needs square images of side >= 12, got {num_features} features per sample")
+    conv = getattr(factory, "conv", None)
+    if conv is None:
+        raise ValueError("model 'lenet5' needs a method that makes conv layers (kron or dense)")
+    s2 = (side // 2 - 4) // 2
+    layers = [conv(1, 6, 5, padding=2), conv(6, 16, 5), factory(16 * s2 * s2, 120), factory(120, 84),
+              factory(84, num_classes)]
+    return LeNet5(layers, side)

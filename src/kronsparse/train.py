@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -33,12 +34,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    # foreach: one fused call over all tensors instead of a Python loop (KronLinear has 4 tensors)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
+        return torch.optim.Adam(groups, lr=cfg.lr, foreach=True)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid optimizers: {', '.join(sorted(OPTIMIZERS))}")
 
 
@@ -61,8 +63,14 @@ def lr_factor(step: int, sparsify_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - sparsify_steps) / span))
 
 
+@functools.lru_cache(maxsize=2)
+def _cached_dataset(spec: str, data_dir: str | None, standardize: bool) -> datamod.Dataset:
+    """Datasets are read (and checksummed) once per process; nothing modifies them in place."""
+    return datamod.load_dataset(spec, data_dir=data_dir, standardize=standardize)
+
+
 def load_data(cfg: TrainConfig, device: torch.device) -> datamod.Dataset:
-    ds = datamod.load_dataset(cfg.dataset, data_dir=cfg.data_dir, standardize=cfg.standardize)
+    ds = _cached_dataset(cfg.dataset, cfg.data_dir, cfg.standardize)
     if cfg.n_train is not None or cfg.n_test is not None:
         ds = datamod.subset(ds, cfg.n_train or len(ds.x_train), cfg.n_test or len(ds.x_test))
     return dataclasses.replace(ds, **{k: getattr(ds, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")})
@@ -148,6 +156,8 @@ class Run:
             diff = sorted(k for k in state["config"] if state["config"][k] != self.cfg.to_dict().get(k))
             raise ValueError(f"the checkpoint was made with a different config (differs in: {', '.join(diff)})")
         self.method.load_state_dict(state["method"])
+        if self.method.structure_changed():  # e.g. pattern selection removed candidates before the checkpoint
+            self.optimizer = make_optimizer(self.cfg, self.method.param_groups(self.model))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.order, self.epoch_loss = state["step"], state["order"], state["epoch_loss"]
@@ -167,7 +177,8 @@ class Run:
         layers = self.model.layers
         weights = [layer_weight(l).detach() for l in layers]
         idx = [k for k, l in enumerate(layers) if any(l is m for m in self.method.layers)]
-        return sparsity_metrics(weights, [l.bias for l in layers], idx, self.method.block_shape)
+        return sparsity_metrics(weights, [l.bias for l in layers], idx, self.method.block_shape,
+                                getattr(self.model, "positions", None))
 
 
 def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True,
@@ -250,4 +261,7 @@ def save_run(run: Run, metrics: dict, out: Path) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     write_json(out / "config.json", run.cfg.to_dict())
     write_safetensors(out / "model.safetensors", tensors, {"format": "pt", "model": run.cfg.model})
+    write_files = getattr(run.method, "write_files", None)  # a method's own files, e.g. select's PNG
+    if write_files is not None:
+        write_files(out)
     write_json(out / "metrics.json", metrics)

@@ -9,6 +9,7 @@ from .group_lasso import GroupLassoMethod
 from .kron import KronMethod
 from .pruning import IterativePruningMethod
 from .rigl import RigLMethod
+from .select import SelectMethod
 
 METHODS: dict[str, type[Method]] = {
     "dense": Method,
@@ -18,6 +19,7 @@ METHODS: dict[str, type[Method]] = {
     "rigl": RigLMethod,
     "iterative-pruning": IterativePruningMethod,
     "block-magnitude": BlockMagnitudeMethod,
+    "select": SelectMethod,
 }
 
 

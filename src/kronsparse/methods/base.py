@@ -53,6 +53,9 @@ class Method:
     def prepare(self, model: nn.Module) -> None:
         """Record the layers on the block grid (all that block_shape tiles)."""
         self.layers = [model.layers[k] for k in check_tiles_some_layer(model, self.cfg.block_shape)]
+        if type(self) is not Method and any(isinstance(l, nn.Conv2d) for l in self.layers):
+            raise ValueError(f"method {self.name!r} does not handle conv layers; model lenet5 trains with "
+                             "the methods dense and kron")
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """Weight decay on weights (never on biases)."""

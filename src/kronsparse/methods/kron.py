@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import block_norms, l1_penalty, soft_threshold
-from ..layers import KronLinear
+from ..layers import KRON_LAYERS, matrix_view
 from ..models import LayerFactory, kron_factory
 from .base import CubicSchedule, Method, log_step
 
@@ -45,7 +45,7 @@ class KronMethod(Method):
 
     def prepare(self, model: nn.Module) -> None:
         super().prepare(model)
-        self.layers = [l for l in self.layers if isinstance(l, KronLinear)]
+        self.layers = [l for l in self.layers if isinstance(l, KRON_LAYERS)]
         self.masks = [torch.ones_like(l.S, dtype=torch.bool) for l in self.layers]
 
     def param_groups(self, model: nn.Module) -> list[dict]:
@@ -118,7 +118,7 @@ class KronMethod(Method):
         missing = math.ceil(target * self.num_blocks - 1e-9) - int(sum((~m).sum() for m in self.masks))
         if missing <= 0:
             return
-        norms = [torch.where(m, block_norms(l.dense_weight(), l.block_shape), float("inf"))
+        norms = [torch.where(m, block_norms(*matrix_view(l.dense_weight(), l.block_shape)), float("inf"))
                  for l, m in zip(self.layers, self.masks)]
         flat = torch.cat([n.flatten() for n in norms])
         drop = torch.zeros_like(flat, dtype=torch.bool)

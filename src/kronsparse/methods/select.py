@@ -1,0 +1,319 @@
+"""Pattern selection (METHOD.md §4): train every candidate block shape at once and keep one.
+
+Every weight layer is a KronSelectLinear, W = sum_k W_k, one Kronecker term per candidate k.
+After every optimizer step the exact proximal map of the sparse group lasso
+
+    lambda1 * sum_k sqrt(|g_k|) * ||g_k||_2 + lambda2 * sum_k ||S_k||_1
+
+is applied to each group: soft-threshold by lr*lambda2, then group shrink by lr*lambda1*sqrt(|g_k|).
+A candidate whose group is exactly zero is removed from the model (parameters and compute gone; the
+loop rebuilds the optimizer through `structure_changed`). When one candidate is left, every layer
+collapses to a plain KronLinear of its shape, which trains on exactly as the kron method (this class
+is a KronMethod): l1 prox on S, lambda steered toward the target sparsity, mask frozen after the
+sparsifying phase.
+
+Decisions:
+- One block shape per model (metrics measure one grid), so the group g_k is candidate k's S in every
+  layer together; for the one-layer model that is METHOD's g_k = S_k.
+- The selection phase is the first 4/7 of the sparsifying phase (40% of training with the default
+  sparsify fraction 0.7), leaving the survivor the rest of it to reach the target sparsity.
+- lambda1 is chosen automatically (no knob): every `interval` steps it is multiplied by
+  exp(gain * (planned - progress)), progress = 1 - mean over the other candidates of
+  rms_k / rms_leader (rms_k = ||g_k|| / sqrt(|g_k|), 0 once removed; 1 means one survivor), and the
+  plan rises linearly to 1 at 3/4 of the selection phase.
+- The prox never removes the last candidate: if every group would reach zero in one step, the one
+  of largest rms before the step keeps its value.
+- If several candidates survive the whole selection phase, the one of largest rms_k is kept
+  (SELECTION_RULE); metrics say so ("selection_forced").
+- lambda2: with a target sparsity the l1 term starts at the collapse (steered from KronMethod's
+  initial lambda, the ramp restarting there); without one, --lambda applies throughout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..functional import group_norm_shrink, soft_threshold
+from ..models import LayerFactory
+from ..selection import KronSelectLinear, block_name
+from .base import CubicSchedule, log_step
+from .kron import KronMethod
+
+SELECTION_RULE = ("one candidate left when its group lasso zeroed the others; if several survive the "
+                  "selection phase, the largest rms of S_k (||g_k||_2 / sqrt(|g_k|))")
+PLOT_NAME = "group_norms.png"
+
+
+@dataclass(frozen=True)
+class DelayedCubic:
+    """CubicSchedule(final, ramp_steps) started at step `start` (0 before)."""
+
+    final: float
+    start: int
+    ramp_steps: int
+
+    def __call__(self, step: int) -> float:
+        return CubicSchedule(self.final, self.ramp_steps)(step - self.start) if step >= self.start else 0.0
+
+
+def sparse_group_prox(S: list[torch.Tensor], t_l1: float, t_group: float) -> list[torch.Tensor]:
+    """Exact prox of t_l1*||g||_1 + t_group*||g||_2 for one group g spread over tensors S."""
+    flat = group_norm_shrink(soft_threshold(torch.cat([s.flatten() for s in S]), t_l1), t_group)
+    return [part.view_as(s) for part, s in zip(flat.split([s.numel() for s in S]), S)]
+
+
+class SelectMethod(KronMethod):
+    name = "select"
+    select_share = 4 / 7  # of the sparsifying phase
+    plan_share = 0.75  # of the selection phase: where the plan reaches one survivor
+    initial_group_lambda = 1e-2
+    group_gain = 4.0
+    group = "gated"  # "gated": g_k = S_k repeated over the weights it gates; "S": g_k = S_k (biased, see doc)
+
+    def __init__(self, cfg, total_steps: int) -> None:
+        if not cfg.candidates:
+            raise ValueError("method 'select' needs --candidates, e.g. --candidates 2x2,2x8,2x16")
+        super().__init__(cfg, total_steps)
+        self.schedule = None  # the survivor's ramp starts at the collapse
+        self.select_steps = max(1, round(self.select_share * self.sparsify_steps))
+        updates = max(1.0, self.select_steps / (2 * self.interval))
+        self.group_max_factor = max(self.max_factor, 10 ** (4 / updates))  # 4 decades in half the phase
+        self.group_lam = self.initial_group_lambda
+        self.shapes = {block_name(c): tuple(c) for c in cfg.candidates}
+        self.removed_at: dict[str, int] = {}
+        self.selected: str | None = None
+        self.selected_at: int | None = None
+        self.forced = False
+        self.steps_per_epoch = max(1, total_steps // cfg.epochs)
+        self.trace_every = max(1, self.steps_per_epoch // 20)
+        self.epoch_norms: dict[str, list[float]] = {n: [] for n in self.shapes}  # ||S_k||_2
+        self.epoch_weight_norms: dict[str, list[float]] = {n: [] for n in self.shapes}  # ||W_k||_F
+        self.trace: dict[str, list] = {"step": [], **{n: [] for n in self.shapes}}
+        self.model: nn.Module | None = None
+        self.sizes: dict[str, int] = {}
+        self.selection_params = 0
+        self._changed = False
+
+    # ---------------------------------------------------------------- structure
+
+    def layer_factory(self) -> LayerFactory:
+        def make(i: int, o: int) -> nn.Module:
+            return KronSelectLinear(i, o, self.cfg.candidates, self.cfg.rank, path=self.cfg.path)
+
+        return make
+
+    def prepare(self, model: nn.Module) -> None:
+        self.model = model
+        self.layers = [l for l in model.layers if isinstance(l, KronSelectLinear)]
+        if not self.layers:
+            raise ValueError("method 'select' found no KronSelectLinear layer in the model")
+        self.sizes = {n: sum(l.terms[n].S.numel() for l in self.layers) for n in self.shapes}
+        self.selection_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.masks = []
+        if len(self.shapes) == 1:
+            self._collapse(next(iter(self.shapes)), 0)
+        self._changed = False  # the optimizer is built after prepare
+
+    def alive(self) -> list[str]:
+        if self.selected is not None:
+            return [self.selected]
+        return [n for n in self.shapes if n not in self.removed_at]
+
+    def _remove(self, name: str, step: int) -> None:
+        for layer in self.layers:
+            layer.remove(name)
+        self.removed_at[name] = step
+        self._changed = True
+
+    def _collapse(self, name: str, step: int) -> None:
+        """Every layer becomes the KronLinear of candidate `name`; the kron method takes over."""
+        for other in self.alive():
+            if other != name:
+                self._remove(other, step)
+        idx = [k for k, l in enumerate(self.model.layers) if isinstance(l, KronSelectLinear)]
+        for k in idx:
+            self.model.layers[k] = self.model.layers[k].collapse(name)
+        self.layers = [self.model.layers[k] for k in idx]
+        self.selected, self.selected_at = name, step
+        self.masks = [l.S != 0 for l in self.layers]
+        if self.cfg.target_sparsity is not None:
+            ramp = int(0.6 * (self.sparsify_steps - step - 1))
+            self.schedule = DelayedCubic(self.cfg.target_sparsity, step + 1, ramp)
+        self._changed = True
+
+    def structure_changed(self) -> bool:
+        changed, self._changed = self._changed, False
+        return changed
+
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        """The selected shape; while selecting, the current leader's."""
+        if self.selected is not None:
+            return self.shapes[self.selected]
+        return self.shapes[self.leader()] if self.sizes else next(iter(self.shapes.values()))
+
+    # ---------------------------------------------------------------- numbers
+
+    @torch.no_grad()
+    def group_norms(self) -> dict[str, float]:
+        """Model-wide ||g_k||_2 of every candidate, 0 once removed."""
+        norms = dict.fromkeys(self.shapes, 0.0)
+        for n in self.alive():
+            terms = self.layers if self.selected is not None else [l.terms[n] for l in self.layers]
+            norms[n] = math.sqrt(sum(t.S.pow(2).sum().item() for t in terms))
+        return norms
+
+    def group_weight(self, name: str) -> float:
+        """w_k in lambda1 * w_k * ||S_k||_2, i.e. sqrt(|g_k|) * ||g_k||_2 / ||S_k||_2 (see module doc)."""
+        if self.group == "S":
+            return math.sqrt(self.sizes[name])
+        bo, bi = self.shapes[name]
+        return math.sqrt(self.sizes[name] * bo * bi) * math.sqrt(bo * bi)  # sqrt(out*in) * sqrt(bo*bi)
+
+    @torch.no_grad()
+    def weight_norms(self) -> dict[str, float]:
+        """||W_k||_F of every surviving candidate over all layers: the share of the weight it carries."""
+        terms = {n: [l.terms[n] for l in self.layers] for n in self.alive()} if self.selected is None else \
+            {self.selected: self.layers}
+        return {n: math.sqrt(sum(t.dense_weight().pow(2).sum().item() for t in ts)) for n, ts in terms.items()}
+
+    def leader(self) -> str:
+        norms = self.weight_norms()
+        return max(norms, key=norms.get)
+
+    def progress(self) -> float:
+        """0 while the candidates carry equal weight, 1 with one survivor."""
+        norms = [self.weight_norms().get(n, 0.0) for n in self.shapes]
+        top = max(norms)
+        if len(norms) == 1 or top == 0:
+            return 1.0
+        return 1.0 - (sum(norms) - top) / (top * (len(norms) - 1))
+
+    # ---------------------------------------------------------------- the step
+
+    @torch.no_grad()
+    def after_step(self, model, optimizer, step: int, lr: float) -> None:
+        if self.selected is None:
+            self._select_step(step, lr)
+        else:
+            super().after_step(model, optimizer, step, lr)
+        self._record(step)
+
+    def _select_step(self, step: int, lr: float) -> None:
+        lam2 = 0.0 if self.cfg.target_sparsity is not None else self.lam
+        zeroed = {}
+        for n in self.alive():
+            S = [l.terms[n].S for l in self.layers]
+            old = [s.clone() for s in S]
+            for s, new in zip(S, sparse_group_prox(S, lr * lam2, lr * self.group_lam * self.group_weight(n))):
+                s.copy_(new)
+            if all(not s.any() for s in S):
+                zeroed[n] = old
+        if len(zeroed) == len(self.alive()):  # never the last one: the leader before the step keeps its S
+            for n, old in zeroed.items():
+                for layer, o in zip(self.layers, old):
+                    layer.terms[n].S.copy_(o)
+            zeroed.pop(self.leader())
+        for n in zeroed:
+            self._remove(n, step)
+        if step % self.interval == 0:
+            plan = min(1.0, (step + 1) / (self.plan_share * self.select_steps))
+            self.group_lam = log_step(self.group_lam, plan - self.progress(), self.group_gain,
+                                      self.group_max_factor, hi=1e4)
+        if len(self.alive()) == 1 or step >= self.select_steps - 1:
+            self.forced = len(self.alive()) > 1
+            self._collapse(self.leader(), step)
+            if step >= self.sparsify_steps - 1 and self.schedule is not None:
+                self._top_up(self.schedule.final)
+
+    def _record(self, step: int) -> None:
+        end_of_epoch = (step + 1) % self.steps_per_epoch == 0
+        if step % self.trace_every and not end_of_epoch:
+            return
+        S, W = self.group_norms(), self.weight_norms()
+        self.trace["step"].append(step + 1)
+        for n in self.shapes:
+            self.trace[n].append((S[n], W.get(n, 0.0)))
+            if end_of_epoch:
+                self.epoch_norms[n].append(S[n])
+                self.epoch_weight_norms[n].append(W.get(n, 0.0))
+
+    # ---------------------------------------------------------------- reports
+
+    def summary(self) -> dict:
+        selected = list(self.shapes[self.selected]) if self.selected is not None else None
+        return {**super().summary(), "selected_block_shape": selected, "selected_at_step": self.selected_at,
+                "selection_forced": self.forced, "selection_rule": SELECTION_RULE,
+                "removed_at_step": dict(self.removed_at), "group_lambda": self.group_lam,
+                "selection_train_params": self.selection_params, "group_norms_plot": plot_status(),
+                "group_norms": {n: list(v) for n, v in self.epoch_norms.items()},
+                "weight_norms": {n: list(v) for n, v in self.epoch_weight_norms.items()}}
+
+    def write_files(self, out: Path) -> list[Path]:
+        """group_norms.png in `out` (nothing without matplotlib: summary says it was skipped)."""
+        if plot_status() != PLOT_NAME:
+            return []
+        path = Path(out) / PLOT_NAME
+        plot_group_norms(self.trace, self.steps_per_epoch, self.selected_at, path)
+        return [path]
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "group_lam": self.group_lam, "removed_at": dict(self.removed_at),
+                "selected": self.selected, "selected_at": self.selected_at, "forced": self.forced,
+                "epoch_norms": {n: list(v) for n, v in self.epoch_norms.items()},
+                "epoch_weight_norms": {n: list(v) for n, v in self.epoch_weight_norms.items()},
+                "trace": {k: list(v) for k, v in self.trace.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore, restructuring the prepared model first (so its state_dict then loads)."""
+        for n in state["removed_at"]:
+            if n != state["selected"] and n in self.alive():
+                self._remove(n, state["removed_at"][n])
+        if state["selected"] is not None and self.selected is None:
+            self._collapse(state["selected"], state["selected_at"])
+        super().load_state_dict(state)
+        self.group_lam, self.forced = state["group_lam"], state["forced"]
+        self.removed_at = dict(state["removed_at"])
+        self.epoch_norms = {n: list(v) for n, v in state["epoch_norms"].items()}
+        self.epoch_weight_norms = {n: list(v) for n, v in state["epoch_weight_norms"].items()}
+        self.trace = {k: list(v) for k, v in state["trace"].items()}
+
+
+def plot_status() -> str:
+    """The PNG's name, or why it is skipped."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "skipped: matplotlib is not installed (pip install kronsparse[plot])"
+    return PLOT_NAME
+
+
+def plot_group_norms(trace: dict, steps_per_epoch: int, selected_at: int | None, path: Path) -> None:
+    """Two panels over training: ||S_k||_2 (the penalised group) and ||W_k||_F (the weight it carries)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    epochs = [s / steps_per_epoch for s in trace["step"]]
+    for name, values in trace.items():
+        if name == "step":
+            continue
+        bo, bi = name.split("x")
+        for ax, series in zip(axes, zip(*values)):
+            ax.plot(epochs, series, label=f"{name} (paper {bi}x{bo})")
+    for ax, label in zip(axes, ("group norm ||S_k||_2", "weight norm ||W_k||_F")):
+        if selected_at is not None:
+            ax.axvline((selected_at + 1) / steps_per_epoch, color="gray", ls="--", lw=1, label="selected")
+        ax.set(xlabel="epoch", ylabel=label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("pattern selection: every candidate block shape over training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,121 @@
+"""`kronsparse reproduce`: the paper's MNIST comparison as a resumable set of runs, then its report.
+
+Every run lives in DIR/runs/<name>/ with its own metrics.json and model.safetensors; a run whose
+metrics.json exists is skipped, so the command can be started again after an interruption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .train import train
+
+SPARSE_METHODS = ("kron", "group-lasso", "elastic-group-lasso", "rigl", "iterative-pruning", "block-magnitude")
+SELECT_CANDIDATES = ((2, 2), (2, 4), (2, 8), (2, 16))
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One reproducible comparison: a model, a dataset and the block shapes with their target sparsity."""
+
+    model: str
+    dataset: str
+    blocks: dict  # block shape -> target block sparsity of the main table
+    sweep: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
+    quick_sweep: tuple[float, ...] = (0.5, 0.8)
+
+
+EXPERIMENTS = {
+    "mnist-linear": Experiment("linear", "mnist", {(2, 2): 0.6, (2, 16): 0.5}),
+    "mnist-mlp": Experiment("mlp", "mnist", {(2, 2): 0.6, (2, 16): 0.5}),
+    "fashion-mnist-linear": Experiment("linear", "fashion-mnist", {(2, 2): 0.6, (2, 16): 0.5}),
+}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One run of the plan: its folder name, its config and the role it plays in the report."""
+
+    name: str
+    cfg: TrainConfig
+    role: str  # "table", "sweep" or "cost"
+
+
+def block_name(block) -> str:
+    return f"{block[0]}x{block[1]}"
+
+
+def plan(exp: Experiment, seeds: list[int], quick: bool, base: TrainConfig) -> list[Spec]:
+    """The runs of the main table (all seeds), the sparsity sweep and the rank sweep (first seed)."""
+    specs: list[Spec] = []
+
+    def add(role: str, method: str, block, target, seed: int, rank: int = 2, **extra) -> None:
+        name = f"{method}-{block_name(block)}-r{rank}-" + (f"t{target:g}" if target is not None else "dense") + f"-s{seed}"
+        cfg = dataclasses.replace(base, method=method, model=exp.model, dataset=exp.dataset, block_shape=block,
+                                  rank=rank, target_sparsity=target, seed=seed, **extra)
+        if all(s.name != name for s in specs):
+            specs.append(Spec(name, cfg, role))
+
+    for seed in seeds:
+        for block, target in exp.blocks.items():
+            add("table", "dense", block, None, seed)
+            for method in SPARSE_METHODS:
+                add("table", method, block, target, seed)
+        target = next(iter(exp.blocks.values()))
+        add("table", "select", SELECT_CANDIDATES[0], target, seed, candidates=SELECT_CANDIDATES)
+    for block in exp.blocks:
+        for target in exp.quick_sweep if quick else exp.sweep:
+            for method in SPARSE_METHODS:
+                add("sweep", method, block, target, seeds[0])
+        for rank in (1, 2, 4):
+            add("cost", "kron", block, exp.blocks[block], seeds[0], rank=rank)
+    return specs
+
+
+def _run_one(spec: Spec, out: Path, threads: int | None) -> str:
+    if threads:
+        torch.set_num_threads(threads)
+    train(spec.cfg, out=out / "runs" / spec.name, progress=False)
+    return spec.name
+
+
+def run_plan(specs: list[Spec], out: Path, jobs: int = 1) -> None:
+    """Train every spec whose folder has no metrics.json yet; show which run of how many is going."""
+    todo = [s for s in specs if not (out / "runs" / s.name / "metrics.json").is_file()]
+    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="runs", unit="run")
+    if jobs <= 1:
+        for spec in todo:
+            bar.set_postfix_str(spec.name)
+            _run_one(spec, out, None)
+            bar.update()
+    else:
+        with ProcessPoolExecutor(jobs) as pool:
+            for name in pool.map(_run_one, todo, [out] * len(todo), [1] * len(todo)):
+                bar.set_postfix_str(name)
+                bar.update()
+    bar.close()
+
+
+def reproduce(name: str, out: str | Path, seeds: list[int], quick: bool = False, jobs: int = 1,
+              overrides: dict | None = None) -> list[Spec]:
+    """Run (or finish) the whole plan of experiment `name` in `out`, then write the report there."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; valid experiments: {', '.join(EXPERIMENTS)}")
+    if not seeds:
+        raise ValueError("--seeds needs at least one seed")
+    base = TrainConfig(**{"epochs": 2 if quick else 10, "standardize": True, **(overrides or {})})
+    seeds = seeds[:1] if quick else seeds
+    specs = plan(EXPERIMENTS[name], seeds, quick, base)
+    out = Path(out)
+    run_plan(specs, out, jobs)
+    from .report import write_report
+
+    write_report(specs, out, EXPERIMENTS[name])
+    return specs

@@ -1,0 +1,60 @@
+"""`kronsparse reproduce` on a tiny slice: every file, and a table that equals the runs' metrics."""
+
+import csv
+import json
+
+import pytest
+
+from kronsparse import reproduce as rep
+
+TINY = {"n_train": 300, "n_test": 100, "epochs": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    specs = rep.reproduce("mnist-linear", out, seeds=[0], quick=True, overrides=TINY)
+    return out, specs
+
+
+def test_every_file_exists(tiny_run):
+    out, specs = tiny_run
+    for name in ("table.md", "table.csv", "report.md", "pareto.png", "cost.png", "masks.png"):
+        assert (out / name).stat().st_size > 0, name
+    for spec in specs:
+        assert (out / "runs" / spec.name / "metrics.json").is_file()
+        assert (out / "runs" / spec.name / "model.safetensors").is_file()
+    methods = {s.cfg.method for s in specs}
+    assert methods == {"dense", "select", *rep.SPARSE_METHODS}
+    assert {s.cfg.rank for s in specs if s.cfg.method == "kron"} == {1, 2, 4}
+
+
+def test_table_equals_the_runs_metrics(tiny_run):
+    out, specs = tiny_run
+    rows = list(csv.DictReader((out / "table.csv").open()))
+    assert len(rows) == 2 * (1 + len(rep.SPARSE_METHODS)) + 1  # two block shapes, plus selection
+    for row in rows:
+        if row["method"] == "select":
+            continue
+        spec = next(s for s in specs if s.role == "table" and s.cfg.method == row["method"]
+                    and f"{s.cfg.block_shape[0]}x{s.cfg.block_shape[1]}" == row["block"])
+        m = json.loads((out / "runs" / spec.name / "metrics.json").read_text())
+        for col in ("test_accuracy", "block_sparsity", "train_params", "train_macs", "inference_params"):
+            assert float(row[col]) == pytest.approx(float(m[col]), rel=1e-12), (row["method"], col)
+    report = (out / "report.md").read_text()
+    assert "86.66%" in report and "7,850 paper FLOPs" in report and "block magnitude" in report
+
+
+def test_started_again_it_skips_finished_runs(tiny_run, monkeypatch):
+    out, _ = tiny_run
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(rep, "train", no_training)
+    rep.reproduce("mnist-linear", out, seeds=[0], quick=True, overrides=TINY)
+
+
+def test_unknown_experiment():
+    with pytest.raises(ValueError, match="valid experiments: mnist-linear"):
+        rep.reproduce("cifar", "unused", seeds=[0])

@@ -10,7 +10,7 @@ from kronsparse.methods.kron import KronMethod
 from kronsparse.models import FeedForward
 
 
-def fit(lam: float, weight_decay: float, target=None, steps: int = 400):
+def fit(lam: float | None, weight_decay: float, target=None, steps: int = 400):
     """Regress onto a rank-2 Kronecker teacher with ~40% of its (2, 4) blocks planted at zero."""
     torch.manual_seed(0)
     planted = torch.rand(4, 8) < 0.5
@@ -49,7 +49,8 @@ def test_weight_decay_on_A_and_B_keeps_the_scale_from_escaping_into_A():
 
 
 def test_target_sparsity_is_reached_exactly_and_pruned_blocks_stay_pruned():
-    layer, planted, method = fit(0.0, 1e-2, target=0.25)
+    layer, planted, method = fit(None, 1e-2, target=0.25)
+    assert method.topped_up == 0  # steering reached the target by the proximal step alone
     zero = (~layer.block_mask()).sum().item()
     assert zero == 8  # ceil(0.25 * 32)
     assert torch.equal(~layer.block_mask(), ~method.masks[0])

@@ -3,7 +3,6 @@ torch.ao sparsifier, bit-identical resume, and short real-MNIST runs checked fro
 
 import copy
 import json
-import math
 
 import pytest
 import torch
@@ -136,14 +135,14 @@ def test_rigl_schedules_and_layer_split():
 
 def test_rigl_active_block_counts_stay_exact_over_many_updates():
     cfg = TrainConfig(method="rigl", block_shape=(2, 2), target_sparsity=0.5)
-    method, model = prepared(RigLMethod, cfg, (8, 6, 4), total_steps=200)
-    method.is_update = Every(2, 150)
+    method, model = prepared(RigLMethod, cfg, (8, 6, 4), total_steps=120)
+    method.is_update = Every(2, 90)
     opt = torch.optim.SGD(method.param_groups(model), lr=0.1, momentum=0.9)
     first = [m.clone() for m in method.masks]
     assert [int(m.sum()) for m in first] == [6, 3]  # 9 of 18 blocks zero, split 6 + 3
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(32, 8, generator=gen), torch.randint(0, 4, (32,), generator=gen)
-    for step in range(200):
+    for step in range(120):
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
@@ -153,7 +152,7 @@ def test_rigl_active_block_counts_stay_exact_over_many_updates():
         for layer, mask in zip(method.layers, method.masks):
             assert int(mask.sum()) == mask.numel() // 2
             assert torch.equal(block_mask_of(layer.weight, (2, 2)) & ~mask, torch.zeros_like(mask))
-    assert method.updates == 74
+    assert method.updates == 44
     assert any(not torch.equal(a, b) for a, b in zip(first, method.masks))
 
 
@@ -247,7 +246,11 @@ def test_state_dict_round_trip_resumes_bit_identically(method, monkeypatch):
     assert set(sa) == {"layers.0.weight", "layers.0.bias"} == set(sb)  # reparametrisations removed
     for key in sa:
         assert torch.equal(sa[key], sb[key]), key
-    assert 0.0 < 1 - block_mask_of(sa["layers.0.weight"], (2, 2)).float().mean() or method == "iterative-pruning"
+    W = sa["layers.0.weight"]  # (4, 16): 64 weights, 16 blocks; target 0.5
+    if method == "iterative-pruning":
+        assert int((W == 0).sum()) == 32
+    else:
+        assert int((~block_mask_of(W, (2, 2))).sum()) == 8
     ma, mb = a.method.state_dict(), b.method.state_dict()
     assert ma.keys() == mb.keys()
     for key in ma:
@@ -323,11 +326,8 @@ def test_proximal_methods_need_a_target_or_a_lambda(method):
 
 
 @pytest.mark.parametrize("method", BASELINES)
-def test_a_block_that_tiles_no_layer_fails_before_training(method, tmp_path):
-    ds = synthetic(features=16, classes=4)
-    cfg = TrainConfig(method=method, block_shape=(3, 3), target_sparsity=0.5)
+def test_bad_block_or_target_fails_before_training(method):
     with pytest.raises(ValueError, match=r"does not tile"):
-        Run(cfg, ds, torch.device("cpu"))
-    with pytest.raises(ValueError, match="target sparsity must be in"):
+        Run(TrainConfig(method=method, block_shape=(3, 3), target_sparsity=0.5), synthetic(), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"target sparsity must be in \[0, 1\)"):
         TrainConfig(method=method, target_sparsity=1.0)
-    assert math.isclose(0.5, cfg.target_sparsity)

@@ -92,7 +92,8 @@ class GroupLassoMethod(Method):
         bs = self.cfg.block_shape
         self.masks = [block_mask_of(l.weight, bs) for l in self.layers]
         if self.steering is not None:
-            missing = count_for(self.steering.schedule.final, self.num_blocks) - sum(int((~m).sum()) for m in self.masks)
+            zeros = sum(int((~m).sum()) for m in self.masks)
+            missing = count_for(self.steering.schedule.final, self.num_blocks) - zeros
             if missing > 0:
                 norms = [torch.where(m, block_norms(l.weight, bs), math.inf) for l, m in zip(self.layers, self.masks)]
                 drop = select(norms, missing, largest=False)

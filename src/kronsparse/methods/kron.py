@@ -22,23 +22,25 @@ from torch import Tensor, nn
 from ..functional import block_norms, l1_penalty, soft_threshold
 from ..layers import KRON_LAYERS, matrix_view
 from ..models import LayerFactory, kron_factory
-from .base import CubicSchedule, Method, log_step
+from .base import CubicSchedule, Method
+from .steering import LambdaSteering, count_for, select
 
 
 class KronMethod(Method):
     name = "kron"
     default_weight_decay = 1e-3  # on A and B only; see METHOD.md §3 for why 1e-4 fails
-    interval = 10  # steps between lambda updates
-    gain = 4.0
-    max_factor = 1.05  # per update
-    initial_lambda = 1e-3
+    initial_lambda = 1e-3  # where steering starts when only a target is given
 
     def __init__(self, cfg, total_steps: int) -> None:
         super().__init__(cfg, total_steps)
         target = cfg.target_sparsity
-        self.lam = cfg.lam if cfg.lam is not None else (self.initial_lambda if target else 0.0)
-        self.schedule = CubicSchedule(target, int(0.6 * self.sparsify_steps)) if target is not None else None
+        # a target steers lambda from the given value (or a small start); without one lambda is fixed
+        self.lam = (cfg.lam or self.initial_lambda) if target is not None else (cfg.lam or 0.0)
+        self.steering = None
+        if target is not None:
+            self.steering = LambdaSteering(CubicSchedule(target, int(0.6 * self.sparsify_steps)), self.lam)
         self.masks: list[Tensor] = []
+        self.topped_up = 0
 
     def layer_factory(self) -> LayerFactory:
         return kron_factory(self.cfg.block_shape, self.cfg.rank, self.cfg.path)
@@ -49,17 +51,16 @@ class KronMethod(Method):
         self.masks = [torch.ones_like(l.S, dtype=torch.bool) for l in self.layers]
 
     def param_groups(self, model: nn.Module) -> list[dict]:
-        groups = {"factors": [], "rest": []}
+        """Weight decay on A, B (and on the weights of layers left dense), never on S or biases."""
+        groups = {"decay": [], "rest": []}
         for name, p in model.named_parameters():
-            is_factor = name.endswith(".A") or name.endswith(".B") or name.endswith("weight")
-            groups["factors" if is_factor else "rest"].append(p)
-        return [{"params": groups["factors"], "weight_decay": self.weight_decay()},
+            decay = name.endswith((".A", ".B", "weight"))
+            groups["decay" if decay else "rest"].append(p)
+        return [{"params": groups["decay"], "weight_decay": self.weight_decay()},
                 {"params": groups["rest"], "weight_decay": 0.0}]
 
-    def penalty(self, model: nn.Module) -> Tensor | None:
-        return None  # applied by the proximal map; see `l1_value` for logging
-
     def l1_value(self) -> float:
+        """lambda * sum ||S||_1 (for logging: the loss never sees it, the proximal map applies it)."""
         return self.lam * sum(l1_penalty(l.S).item() for l in self.layers)
 
     @property
@@ -71,15 +72,12 @@ class KronMethod(Method):
 
     @torch.no_grad()
     def after_step(self, model, optimizer, step: int, lr: float) -> None:
-        if step >= self.sparsify_steps:
+        if step >= self.sparsify_steps or (self.lam == 0 and self.steering is None):
             self._apply_masks()
             return
-        if self.lam > 0:
-            self._prox(lr * self.lam, step)
-        else:
-            self._apply_masks()
-        if step == self.sparsify_steps - 1 and self.schedule is not None:
-            self._top_up(self.schedule.final)
+        self._prox(lr * self.lam, step)
+        if step == self.sparsify_steps - 1 and self.steering is not None:
+            self._top_up(self.steering.schedule.final)
 
     def _apply_masks(self) -> None:
         for layer, mask in zip(self.layers, self.masks):
@@ -87,55 +85,41 @@ class KronMethod(Method):
 
     def _prox(self, threshold: float, step: int) -> None:
         self._apply_masks()  # the optimizer's momentum may have moved pruned entries
-        old = [l.S.detach().clone() for l in self.layers]
+        old = [l.S.clone() for l in self.layers] if self.steering is not None else []
         for layer in self.layers:
             layer.S.copy_(soft_threshold(layer.S, threshold))
-        wanted = sum(int((l.S == 0).sum()) for l in self.layers)
-        if self.schedule is not None:
-            allowed = math.ceil(self.schedule(step) * self.num_blocks - 1e-9)
-            if wanted > allowed:
-                self._restore_largest(old, wanted - allowed)
-            if step % self.interval == 0:
-                self.lam = log_step(self.lam, self.schedule(step) - wanted / self.num_blocks, self.gain,
-                                    self.max_factor)
+        if self.steering is not None:
+            wanted = sum(int((l.S == 0).sum()) for l in self.layers)
+            excess = wanted - self.steering.allowed(step, self.num_blocks)
+            if excess > 0:  # the newly zeroed entries of largest |S| keep their value this step
+                scores = [torch.where((o != 0) & (l.S == 0), o.abs(), -1.0) for o, l in zip(old, self.layers)]
+                for layer, o, keep in zip(self.layers, old, select(scores, excess, largest=True)):
+                    layer.S.copy_(torch.where(keep, o, layer.S))
+            self.steering.update(step, wanted, self.num_blocks)
+            self.lam = self.steering.lam
         for k, layer in enumerate(self.layers):
-            self.masks[k] = self.masks[k] & (layer.S != 0)
-
-    def _restore_largest(self, old: list[Tensor], count: int) -> None:
-        """Undo the shrink of the `count` newly zeroed entries with the largest previous |S|."""
-        newly = [(o != 0) & (l.S == 0) for o, l in zip(old, self.layers)]
-        scores = torch.cat([torch.where(n, o.abs(), -1.0).flatten() for n, o in zip(newly, old)])
-        keep = torch.zeros_like(scores, dtype=torch.bool)
-        keep[torch.topk(scores, count).indices] = True
-        offset = 0
-        for o, layer in zip(old, self.layers):
-            k = keep[offset: offset + o.numel()].view_as(o)
-            layer.S.copy_(torch.where(k, o, layer.S))
-            offset += o.numel()
+            self.masks[k] &= layer.S != 0
 
     def _top_up(self, target: float) -> None:
         """Prune the active blocks of smallest dense-weight norm until `target` is reached."""
-        missing = math.ceil(target * self.num_blocks - 1e-9) - int(sum((~m).sum() for m in self.masks))
+        missing = count_for(target, self.num_blocks) - sum(int((~m).sum()) for m in self.masks)
         if missing <= 0:
             return
-        norms = [torch.where(m, block_norms(*matrix_view(l.dense_weight(), l.block_shape)), float("inf"))
+        norms = [torch.where(m, block_norms(*matrix_view(l.dense_weight(), l.block_shape)), math.inf)
                  for l, m in zip(self.layers, self.masks)]
-        flat = torch.cat([n.flatten() for n in norms])
-        drop = torch.zeros_like(flat, dtype=torch.bool)
-        drop[torch.topk(flat, missing, largest=False).indices] = True
-        offset = 0
-        for k, n in enumerate(norms):
-            self.masks[k] = self.masks[k] & ~drop[offset: offset + n.numel()].view_as(n)
-            offset += n.numel()
+        self.masks = [m & ~d for m, d in zip(self.masks, select(norms, missing, largest=False))]
         self.topped_up = missing
         self._apply_masks()
 
     def summary(self) -> dict:
-        return {"final_lambda": self.lam, "topped_up_blocks": getattr(self, "topped_up", 0)}
+        return {"final_lambda": self.lam, "topped_up_blocks": self.topped_up}
 
     def state_dict(self) -> dict:
-        return {"lam": self.lam, "masks": [m.clone() for m in self.masks]}
+        return {"lam": self.lam, "masks": [m.clone() for m in self.masks], "topped_up": self.topped_up}
 
     def load_state_dict(self, state: dict) -> None:
         self.lam = state["lam"]
+        if self.steering is not None:
+            self.steering.lam = state["lam"]
         self.masks = [m.clone() for m in state["masks"]]
+        self.topped_up = state["topped_up"]

@@ -169,8 +169,8 @@ class Run:
         self.model.eval()
         acc = accuracy(self.model, self.ds.x_test, self.ds.y_test)
         self.model.train()
-        return {"test_accuracy": acc, "block_sparsity": self.final_metrics_core()["block_sparsity"],
-                **self.method.summary()}
+        scalars = {k: v for k, v in self.method.summary().items() if isinstance(v, (int, float, str))}
+        return {"test_accuracy": acc, "block_sparsity": self.final_metrics_core()["block_sparsity"], **scalars}
 
     @torch.no_grad()
     def final_metrics_core(self) -> dict:

@@ -14,8 +14,9 @@ def test_readme_has_snippets():
 
 
 @pytest.mark.parametrize("code", SNIPPETS, ids=[f"snippet{i}" for i in range(len(SNIPPETS))])
-def test_snippet_runs_and_prints_what_its_comments_say(code, capsys):
-    """A line `print(...)  # VALUE: words` must print VALUE."""
+def test_snippet_runs_and_prints_what_its_comments_say(code, capsys, tmp_path, monkeypatch):
+    """A line `print(...)  # VALUE: words` must print VALUE (files the snippet writes go to tmp)."""
+    monkeypatch.chdir(tmp_path)
     exec(compile(code, str(README), "exec"), {})
     printed = capsys.readouterr().out.splitlines()
     expected = [m.split(":")[0] for m in re.findall(r"^print\(.*\)\s+# (.*)$", code, flags=re.M)]

@@ -2,9 +2,10 @@
 
 from .costs import LayerCosts, choose_path, layer_costs, plan_block_shapes
 from .functional import kron_linear, kron_weight
-from .layers import KronLinear, SwapReport, swap_linear_
+from .layers import KronConv2d, KronLinear, SwapReport, swap_linear_
 
 __all__ = [
+    "KronConv2d",
     "KronLinear",
     "LayerCosts",
     "SwapReport",

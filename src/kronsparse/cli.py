@@ -1,4 +1,4 @@
-"""The command line: `kronsparse train | shapes`. User mistakes get one line and exit code 2."""
+"""The command line: `kronsparse train | shapes | reproduce | export`. User mistakes get one line and exit code 2."""
 
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ Every export is one safetensors file; its header metadata holds one JSON string 
              state_dict of the Kron model itself.
 
 Metadata: {"format", "model", "block_shape", "layers": {NAME: {"kind": "linear" | "conv2d",
-"shape", "block_shape", "sparse", "stride", "padding", "bias"}}}. NAME is the module's name
+"shape", "block_shape", "sparse", "stride", "padding", "bias"}}, "aliases": {DROPPED: KEPT}}
+(tied tensors are stored once; `read_export` restores every name). NAME is the module's name
 ("layers.2"), or "" for a run of the one-layer "linear" model, whose tensors are `weight`, `bias`.
 """
 
@@ -101,12 +102,27 @@ def write_export(path, entries: list[LayerEntry], rest: dict[str, Tensor], fmt: 
     tensors = dict(rest)
     for e in entries:
         tensors.update(entry_tensors(e, fmt))
+    tensors, aliases = _drop_aliases(tensors)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     layers = {e.name: {**e.meta(), "stored": _stored(e, fmt)} for e in entries}
     meta = {"format": fmt, "model": model, "block_shape": list(block_shape) if block_shape else None,
-            "layers": layers}
+            "layers": layers, "aliases": aliases}
     write_safetensors(path, tensors, {"format": "pt", META_KEY: json.dumps(meta)})
     return Path(path)
+
+
+def _drop_aliases(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tied tensors (one storage under two names, e.g. an embedding and its output layer) are
+    stored once; aliases maps each dropped name to the kept one."""
+    kept, seen, aliases = {}, {}, {}
+    for k, v in tensors.items():
+        ident = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride())
+        if v.numel() and ident in seen:
+            aliases[k] = seen[ident]
+        else:
+            seen[ident] = k
+            kept[k] = v
+    return kept, aliases
 
 
 def _stored(e: LayerEntry, fmt: str) -> str:
@@ -121,13 +137,20 @@ def _stored(e: LayerEntry, fmt: str) -> str:
 
 
 def model_entries(model: nn.Module) -> tuple[list[LayerEntry], dict[str, Tensor]]:
-    """Every KronLinear / KronConv2d of `model` as an entry; all other state as `rest`."""
+    """Every KronLinear / KronConv2d (on the block grid) and plain nn.Linear / nn.Conv2d (dense) of
+    `model` as an entry; all other state as `rest`."""
     entries, owned = [], set()
     for name, m in model.named_modules():
         if isinstance(m, KRON_LAYERS):
             conv = isinstance(m, KronConv2d)
             entries.append(LayerEntry(name, m.dense_weight().detach(), m.bias, m.block_shape,
                                       {k: getattr(m, k).detach() for k in ("S", "A", "B")},
+                                      m.stride if conv else 1, m.padding if conv else 0))
+            owned.add(name)
+        elif type(m) is nn.Linear or (type(m) is nn.Conv2d and m.groups == 1 and m.dilation == (1, 1)
+                                      and m.padding_mode == "zeros" and not isinstance(m.padding, str)):
+            conv = type(m) is nn.Conv2d
+            entries.append(LayerEntry(name, m.weight.detach(), m.bias, None, None,
                                       m.stride if conv else 1, m.padding if conv else 0))
             owned.add(name)
     rest = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in owned}
@@ -141,7 +164,7 @@ def export_model(model: nn.Module, path, fmt: str = "dense", model_name: str = "
     nn.Conv2d; "factors" gives the Kron model's own state_dict.
     """
     entries, rest = model_entries(model)
-    shapes = {tuple(e.block_shape) for e in entries}
+    shapes = {tuple(e.block_shape) for e in entries if e.block_shape is not None}
     return write_export(path, entries, rest, fmt, model_name, shapes.pop() if len(shapes) == 1 else None)
 
 
@@ -203,4 +226,7 @@ def read_export(path) -> tuple[dict, dict[str, Tensor]]:
         if META_KEY not in header:
             raise ValueError(f"{path} is not a kronsparse export (no '{META_KEY}' metadata)")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return json.loads(header[META_KEY]), tensors
+    meta = json.loads(header[META_KEY])
+    for alias, name in meta.get("aliases", {}).items():
+        tensors[alias] = tensors[name]
+    return meta, tensors

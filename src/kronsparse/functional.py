@@ -215,10 +215,11 @@ class _KronLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x2, S, A, B = ctx.saved_tensors[:4]
+        gy = gy.to(x2.dtype)  # under autocast gy may be bf16 while the saved input is fp32
         need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
         gbias = gy.sum(0) if need_b else None
         if ctx.path == "materialize":
-            W = ctx.saved_tensors[4]
+            W = ctx.saved_tensors[4].to(gy.dtype)  # built in bf16 under autocast
             gx = torch.mm(gy, W) if need_x else None
             gS, gA, gB = _weight_grads(S, A, B, torch.mm(gy.t(), x2))
             return gx, gS, gA, gB, gbias, None

@@ -1,0 +1,54 @@
+"""swap_linear_ and its way back: no custom module left, the same outputs."""
+
+import torch
+from torch import nn
+
+from kronsparse import KronLinear, swap_linear_
+from kronsparse.layers import KRON_LAYERS, kron_dense
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+        self.head = nn.Linear(8, 3)  # (2, 4) does not tile 3 outputs
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.head(self.norm(self.encoder(x)))
+
+
+def swap_back_(model: nn.Module) -> None:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, KRON_LAYERS):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, kron_dense(module))
+
+
+def test_swap_then_swap_back_leaves_no_custom_module_and_the_same_outputs():
+    torch.manual_seed(0)
+    model = Net().double()
+    x = torch.randn(5, 16, dtype=torch.float64)
+    report = swap_linear_(model, (2, 4), rank=8)  # full rank: the swap is exact
+    assert report.swapped == ["encoder.0", "encoder.2"] and "does not tile" in report.skipped["head"]
+    assert isinstance(model.encoder[0], KronLinear)
+    swapped_out = model(x)
+    with torch.no_grad():
+        model.encoder[0].S[0, 0] = 0  # a pruned block must survive the way back
+    pruned_out = model(x)
+    swap_back_(model)
+    assert {type(m).__module__.split(".")[0] for m in model.modules()} <= {"torch", __name__.split(".")[0]}
+    assert not any(isinstance(m, KRON_LAYERS) for m in model.modules())
+    torch.testing.assert_close(model(x), pruned_out)
+    assert not model.encoder[0].weight[:2, :4].any()
+    assert not torch.equal(swapped_out, pruned_out)
+
+
+def test_swap_is_exact_at_full_rank_and_filter_fn_excludes():
+    torch.manual_seed(0)
+    model = Net().double()
+    x = torch.randn(5, 16, dtype=torch.float64)
+    before = model(x)
+    report = swap_linear_(model, (2, 4), rank=8, filter_fn=lambda name, m: name != "encoder.2")
+    assert report.swapped == ["encoder.0"] and report.skipped["encoder.2"] == "excluded by filter_fn"
+    torch.testing.assert_close(model(x), before)

@@ -21,8 +21,6 @@ from .methods import get_method
 from .metrics import accuracy, dense_state, factor_state, sparsity_metrics, training_costs
 from .models import build_model, layer_weight
 
-OPTIMIZERS = {"sgd", "adam", "adamw"}
-
 
 def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -34,14 +32,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
-    # foreach: one fused call over all tensors instead of a Python loop (KronLinear has 4 tensors)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, foreach=True)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid optimizers: {', '.join(sorted(OPTIMIZERS))}")
+    """SGD (with momentum), Adam or AdamW; fused kernels where this torch has them for the device."""
+    classes = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if cfg.optimizer not in classes:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid optimizers: {', '.join(sorted(classes))}")
+    kw = {"lr": cfg.lr, **({"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {})}
+    try:  # one call over all tensors instead of a Python loop (KronLinear has 4 of them)
+        return classes[cfg.optimizer](groups, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        return classes[cfg.optimizer](groups, foreach=True, **kw)
 
 
 def rebuild_optimizer(cfg: TrainConfig, method, model, old: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -81,24 +81,24 @@ class KronMethod(Method):
 
     def _apply_masks(self) -> None:
         for layer, mask in zip(self.layers, self.masks):
-            layer.S.mul_(mask)
+            layer.S.masked_fill_(~mask, 0.0)
 
     def _prox(self, threshold: float, step: int) -> None:
-        self._apply_masks()  # the optimizer's momentum may have moved pruned entries
-        old = [l.S.clone() for l in self.layers] if self.steering is not None else []
-        for layer in self.layers:
-            layer.S.copy_(soft_threshold(layer.S, threshold))
+        """S <- soft_threshold(S * mask); zero blocks join the mask. Few kernels: it runs every step."""
+        new = [soft_threshold(l.S * m, threshold) for l, m in zip(self.layers, self.masks)]
         if self.steering is not None:
-            wanted = sum(int((l.S == 0).sum()) for l in self.layers)
+            wanted = sum(int((n == 0).sum()) for n in new)
             excess = wanted - self.steering.allowed(step, self.num_blocks)
             if excess > 0:  # the newly zeroed entries of largest |S| keep their value this step
-                scores = [torch.where((o != 0) & (l.S == 0), o.abs(), -1.0) for o, l in zip(old, self.layers)]
-                for layer, o, keep in zip(self.layers, old, select(scores, excess, largest=True)):
-                    layer.S.copy_(torch.where(keep, o, layer.S))
+                scores = [torch.where((n == 0) & m & (l.S != 0), l.S.abs(), -1.0)
+                          for n, m, l in zip(new, self.masks, self.layers)]
+                keep = select(scores, excess, largest=True)
+                new = [torch.where(k, l.S, n) for k, l, n in zip(keep, self.layers, new)]
             self.steering.update(step, wanted, self.num_blocks)
             self.lam = self.steering.lam
-        for k, layer in enumerate(self.layers):
-            self.masks[k] &= layer.S != 0
+        for k, (layer, n) in enumerate(zip(self.layers, new)):
+            layer.S.copy_(n)
+            self.masks[k] = n != 0
 
     def _top_up(self, target: float) -> None:
         """Prune the active blocks of smallest dense-weight norm until `target` is reached."""

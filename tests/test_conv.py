@@ -1,4 +1,5 @@
-"""KronConv2d against a torch.kron dense twin, and LeNet-5 trained by the kron and dense methods."""
+"""KronConv2d against a torch.kron dense twin, and LeNet-5 trained by the kron and dense methods
+(the baselines on conv layers: test_methods_conv.py)."""
 
 import json
 
@@ -120,10 +121,10 @@ def test_lenet5_trains_with_kron_and_metrics_read_the_final_dense_weights(tmp_pa
     assert json.loads((tmp_path / "metrics.json").read_text())["test_accuracy"] > 0.6
 
 
-def test_lenet5_dense_baseline_trains_and_other_methods_refuse_conv_clearly(tmp_path):
+def test_lenet5_dense_baseline_trains_and_select_refuses_conv_clearly(tmp_path):
     metrics = train(TrainConfig(method="dense", **QUICK), out=tmp_path, progress=False)
     assert metrics["block_sparsity"] == 0.0 and metrics["test_accuracy"] > 0.6
     assert metrics["train_params"] == 61706
-    with pytest.raises(ValueError, match="does not handle conv layers"):
-        train(TrainConfig(method="group-lasso", lam=0.1, **QUICK), progress=False)
+    with pytest.raises(ValueError, match="needs a method that makes conv layers"):
+        train(TrainConfig(method="select", candidates=((2, 2), (2, 8)), target_sparsity=0.5, **QUICK), progress=False)
     assert isinstance(build_model("lenet5", dense_factory), LeNet5)

@@ -134,7 +134,7 @@ def build_lenet5(factory: LayerFactory, num_features: int = 784, num_classes: in
         raise ValueError(f"lenet5 needs square images of side >= 12, got {num_features} features per sample")
     conv = getattr(factory, "conv", None)
     if conv is None:
-        raise ValueError("model 'lenet5' needs a method that makes conv layers (kron or dense)")
+        raise ValueError("model 'lenet5' needs a method that makes conv layers (every method but select)")
     s2 = (side // 2 - 4) // 2
     layers = [conv(1, 6, 5, padding=2), conv(6, 16, 5), factory(16 * s2 * s2, 120), factory(120, 84),
               factory(84, num_classes)]

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
+from .models import ARCHITECTURES, tiles
 from .train import train
 
 SPARSE_METHODS = ("kron", "group-lasso", "elastic-group-lasso", "rigl", "iterative-pruning", "block-magnitude")
@@ -69,7 +70,8 @@ def plan(exp: Experiment, seeds: list[int], quick: bool, base: TrainConfig) -> l
             for method in SPARSE_METHODS:
                 add("table", method, block, target, seed)
         target = next(iter(exp.blocks.values()))
-        add("table", "select", SELECT_CANDIDATES[0], target, seed, candidates=SELECT_CANDIDATES)
+        candidates = select_candidates(exp.model)
+        add("table", "select", candidates[0], target, seed, candidates=candidates)
     for block in exp.blocks:
         for target in exp.quick_sweep if quick else exp.sweep:
             for method in SPARSE_METHODS:
@@ -77,6 +79,12 @@ def plan(exp: Experiment, seeds: list[int], quick: bool, base: TrainConfig) -> l
         for rank in (1, 2, 4):
             add("cost", "kron", block, exp.blocks[block], seeds[0], rank=rank)
     return specs
+
+
+def select_candidates(model: str) -> tuple[tuple[int, int], ...]:
+    """The selection candidates that tile every layer of `model` (selection uses one grid)."""
+    sizes = ARCHITECTURES[model]
+    return tuple(c for c in SELECT_CANDIDATES if all(tiles(i, o, c) for i, o in zip(sizes[:-1], sizes[1:])))
 
 
 def _run_one(spec: Spec, out: Path, threads: int | None) -> str:

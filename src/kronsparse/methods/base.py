@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import TrainConfig
+from ..layers import matrix_view
 from ..models import LayerFactory, check_tiles_some_layer, dense_factory
 
 
@@ -53,9 +54,12 @@ class Method:
     def prepare(self, model: nn.Module) -> None:
         """Record the layers on the block grid (all that block_shape tiles)."""
         self.layers = [model.layers[k] for k in check_tiles_some_layer(model, self.cfg.block_shape)]
-        if type(self) is not Method and any(isinstance(l, nn.Conv2d) for l in self.layers):
-            raise ValueError(f"method {self.name!r} does not handle conv layers; model lenet5 trains with "
-                             "the methods dense and kron")
+
+    def grid(self, W: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """A weight (or its gradient) as the matrix the block grid tiles, and that grid's block shape:
+        a conv's (bo, bi) channel blocks are the (bo, bi*kh*kw) blocks of its (out, in*kh*kw) view.
+        The matrix is a view, so in-place changes reach W."""
+        return matrix_view(W, self.cfg.block_shape)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """Weight decay on weights (never on biases)."""

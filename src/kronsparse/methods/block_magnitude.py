@@ -3,6 +3,9 @@
 The sparsifier zeroes the (bo, bi) blocks of smallest L2 norm: `sparse_block_shape` is (rows, cols)
 of the weight, which for nn.Linear's (out, in) weight is exactly our (bo, bi), and the blocks start
 at index 0, so they are our grid (tests check this); `zeros_per_block = bo*bi` zeroes whole blocks.
+It blocks only the last two dims, which for a conv weight (out, in, kh, kw) are the kernel, so
+BlockSparsifier hands it every weight as its matrix view (out, in*kh*kw) with each layer's blocks
+(bo, bi*kh*kw): the (bo, bi) channel blocks, the kernel whole, as metrics measure them.
 Its level follows a cubic ramp (Zhu & Gupta 2017) over the sparsifying phase (70% of training by
 default), updated every `interval` steps and set exactly to the target's block count (rounded up)
 at the phase's last step; then the mask is frozen. The weight is parametrised as original * mask,
@@ -33,6 +36,18 @@ class BlockMask(FakeSparsity):
         self.register_buffer("mask", mask, persistent=False)
 
 
+class BlockSparsifier(WeightNormSparsifier):
+    """WeightNormSparsifier (L2) on the matrix view of each weight; the mask keeps the weight's shape."""
+
+    def __init__(self) -> None:
+        super().__init__(sparsity_level=0.0, norm=lambda W: (W * W).flatten(1))
+
+    def update_mask(self, module: nn.Module, tensor_name: str, **kwargs) -> None:
+        super().update_mask(module, tensor_name, **kwargs)  # the mask of the matrix view
+        mask = getattr(module.parametrizations, tensor_name)[0].mask
+        mask.data = mask.data.view(getattr(module.parametrizations, tensor_name).original.shape)
+
+
 class BlockMagnitudeMethod(Method):
     name = "block-magnitude"
     needs_target = True
@@ -41,23 +56,23 @@ class BlockMagnitudeMethod(Method):
     def __init__(self, cfg, total_steps: int) -> None:
         super().__init__(cfg, total_steps)
         self.schedule = CubicSchedule(cfg.target_sparsity, self.sparsify_steps)
-        bo, bi = cfg.block_shape
-        self.sparsifier = WeightNormSparsifier(sparsity_level=0.0, sparse_block_shape=(bo, bi),
-                                               zeros_per_block=bo * bi)
+        self.sparsifier = BlockSparsifier()
         self.squashed = False
 
     def prepare(self, model: nn.Module) -> None:
         super().prepare(model)
         fqns = {id(m): name for name, m in model.named_modules()}
-        self.sparsifier.prepare(model, config=[{"tensor_fqn": fqns[id(l)] + ".weight", "parametrization": BlockMask}
-                                               for l in self.layers])
+        blocks = [self.grid(l.weight)[1] for l in self.layers]
+        self.sparsifier.prepare(model, config=[{"tensor_fqn": fqns[id(l)] + ".weight", "parametrization": BlockMask,
+                                                "sparse_block_shape": (bo, bi), "zeros_per_block": bo * bi}
+                                               for l, (bo, bi) in zip(self.layers, blocks)])
 
     def _masks(self) -> list[Tensor]:
         return [l.parametrizations.weight[0].mask for l in self.layers]
 
     def set_level(self, step: int) -> None:
-        bo, bi = self.cfg.block_shape
         for group, layer in zip(self.sparsifier.groups, self.layers):
+            bo, bi = group["sparse_block_shape"]
             blocks = layer.weight.numel() // (bo * bi)
             level = self.schedule(step + 1)
             if step >= self.sparsify_steps - 1:  # exactly the target's count: the sparsifier rounds

@@ -27,10 +27,10 @@ class ElasticGroupLassoMethod(GroupLassoMethod):
     name = "elastic-group-lasso"
     l1_ratio = 0.5  # the authors' 0.05 / 0.1
 
-    def prox(self, W: Tensor, threshold: float) -> Tensor:
+    def prox(self, W: Tensor, threshold: float, block_shape=None) -> Tensor:
         """Soft-threshold each entry (the l1 part), then shrink each block (the group part)."""
-        return super().prox(soft_threshold(W, threshold * self.l1_ratio / W.numel()), threshold)
+        return super().prox(soft_threshold(W, threshold * self.l1_ratio / W.numel()), threshold, block_shape)
 
     def penalty_value(self) -> float:
-        return self.lam * sum(elastic_group_lasso_penalty(l.weight, self.cfg.block_shape, self.l1_ratio).item()
+        return self.lam * sum(elastic_group_lasso_penalty(*self.grid(l.weight), self.l1_ratio).item()
                               for l in self.layers)

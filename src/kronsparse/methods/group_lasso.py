@@ -2,7 +2,8 @@
 
 Penalty lambda * sum_g sqrt(bo*bi) * ||W_g||_F, applied by its exact proximal map after every
 optimizer step while sparsifying: W_g <- W_g * max(1 - lr*lambda*sqrt(bo*bi) / ||W_g||, 0), so
-blocks become exactly zero.
+blocks become exactly zero. A conv layer's blocks are those of its matrix view (Method.grid):
+(bo, bi*kh*kw), so its groups are weighted by sqrt(bo*bi*kh*kw), their size.
 
 Decision: while sparsifying this is plain proximal SGD, so a zero block may revive when its
 gradient step outgrows the threshold (keeping pruned blocks pruned would turn the penalty into
@@ -45,21 +46,20 @@ class GroupLassoMethod(Method):
 
     # -- the penalty and its proximal map --------------------------------------------------
 
-    def prox(self, W: Tensor, threshold: float) -> Tensor:
-        """Proximal map of threshold * sum_g sqrt(bo*bi) * ||W_g||_F."""
-        bo, bi = self.cfg.block_shape
+    def prox(self, W: Tensor, threshold: float, block_shape=None) -> Tensor:
+        """Proximal map of threshold * sum_g sqrt(bo*bi) * ||W_g||_F (blocks: block_shape or the config's)."""
+        bo, bi = block_shape or self.cfg.block_shape
         return group_shrink(W, (bo, bi), threshold * math.sqrt(bo * bi))
 
     def penalty_value(self) -> float:
         """lambda * the penalty on the current weights (for metrics; the loss never sees it)."""
-        return self.lam * sum(group_lasso_penalty(l.weight, self.cfg.block_shape).item() for l in self.layers)
+        return self.lam * sum(group_lasso_penalty(*self.grid(l.weight)).item() for l in self.layers)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     @property
     def num_blocks(self) -> int:
-        bo, bi = self.cfg.block_shape
-        return sum(l.weight.numel() // (bo * bi) for l in self.layers)
+        return sum(block_mask_of(*self.grid(l.weight)).numel() for l in self.layers)
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, optimizer, step: int, lr: float) -> None:
@@ -71,31 +71,33 @@ class GroupLassoMethod(Method):
             self._freeze()
 
     def _prox(self, threshold: float, step: int) -> None:
-        bs = self.cfg.block_shape
-        old = [l.weight.detach().clone() for l in self.layers]
-        new = [self.prox(w, threshold) for w in old]
-        zero = [~block_mask_of(w, bs) for w in new]
+        grids = [self.grid(l.weight) for l in self.layers]
+        bss = [bs for _, bs in grids]
+        old = [w.detach().clone() for w, _ in grids]
+        new = [self.prox(w, threshold, bs) for w, bs in zip(old, bss)]
+        zero = [~block_mask_of(w, bs) for w, bs in zip(new, bss)]
         wanted = sum(int(z.sum()) for z in zero)
         if self.steering is not None:
             excess = wanted - self.steering.allowed(step, self.num_blocks)
             if excess > 0:  # keep the newly zeroed blocks of largest norm as they were
-                scores = [torch.where(z & block_mask_of(w, bs), block_norms(w, bs), -1.0) for z, w in zip(zero, old)]
+                scores = [torch.where(z & block_mask_of(w, bs), block_norms(w, bs), -1.0)
+                          for z, w, bs in zip(zero, old, bss)]
                 keep = select(scores, excess, largest=True)
-                new = [torch.where(expand_block_mask(k, bs), o, n) for k, o, n in zip(keep, old, new)]
+                new = [torch.where(expand_block_mask(k, bs), o, n) for k, o, n, bs in zip(keep, old, new, bss)]
             self.steering.update(step, wanted, self.num_blocks)
             self.lam = self.steering.lam
-        for layer, w in zip(self.layers, new):
-            layer.weight.copy_(w)
+        for (w, _), n in zip(grids, new):
+            w.copy_(n)
 
     def _freeze(self) -> None:
         """Freeze the block mask; with a target, prune the smallest active blocks to reach it."""
-        bs = self.cfg.block_shape
-        self.masks = [block_mask_of(l.weight, bs) for l in self.layers]
+        grids = [self.grid(l.weight) for l in self.layers]
+        self.masks = [block_mask_of(w, bs) for w, bs in grids]
         if self.steering is not None:
             zeros = sum(int((~m).sum()) for m in self.masks)
             missing = count_for(self.steering.schedule.final, self.num_blocks) - zeros
             if missing > 0:
-                norms = [torch.where(m, block_norms(l.weight, bs), math.inf) for l, m in zip(self.layers, self.masks)]
+                norms = [torch.where(m, block_norms(w, bs), math.inf) for (w, bs), m in zip(grids, self.masks)]
                 drop = select(norms, missing, largest=False)
                 self.masks = [m & ~d for m, d in zip(self.masks, drop)]
                 self.topped_up = missing
@@ -103,7 +105,8 @@ class GroupLassoMethod(Method):
 
     def _apply_masks(self) -> None:
         for layer, mask in zip(self.layers, self.masks):
-            layer.weight.masked_fill_(~expand_block_mask(mask, self.cfg.block_shape), 0)
+            W, bs = self.grid(layer.weight)
+            W.masked_fill_(~expand_block_mask(mask, bs), 0)
 
     def summary(self) -> dict:
         return {"final_lambda": self.lam, "final_penalty": self.penalty_value(), "topped_up_blocks": self.topped_up}

@@ -71,28 +71,31 @@ class RigLMethod(Method):
         self.is_update = Every(self.delta_t, t_end)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.masks: list[Tensor] = []  # per layer, (m1, n1), True = active block
-        self.pruned: list[Tensor] = []  # per layer, (out, in), True = masked entry
+        self.pruned: list[Tensor] = []  # per layer, shaped like its weight, True = masked entry
         self.grow_scores: list[Tensor] = []  # read in before_step, used in after_step of the same step
         self.updates = 0
 
     @torch.no_grad()
     def prepare(self, model: nn.Module) -> None:
         super().prepare(model)
-        bo, bi = self.cfg.block_shape
-        sizes = [l.weight.numel() // (bo * bi) for l in self.layers]
+        shapes = [block_norms(*self.grid(l.weight)).shape for l in self.layers]  # (m1, n1) per layer
+        sizes = [m1 * n1 for m1, n1 in shapes]
         zeros = layer_zero_counts(count_for(self.cfg.target_sparsity, sum(sizes)), sizes)
         self.masks = []
-        for layer, n, z in zip(self.layers, sizes, zeros):
-            m1 = layer.weight.shape[0] // bo
+        for layer, shape, n, z in zip(self.layers, shapes, sizes, zeros):
             mask = torch.ones(n, dtype=torch.bool, device=layer.weight.device)
             mask[torch.randperm(n, generator=self.generator)[:z].to(mask.device)] = False
-            self.masks.append(mask.view(m1, n // m1))
+            self.masks.append(mask.view(shape))
         self._expand()
         self._apply_masks()
 
     def _expand(self) -> None:
         """Cache the element masks of the pruned entries (recomputed when the block masks change)."""
-        self.pruned = [~expand_block_mask(m, self.cfg.block_shape) for m in self.masks]
+        self.pruned = [self._expand_like(l.weight, ~m) for l, m in zip(self.layers, self.masks)]
+
+    def _expand_like(self, W: Tensor, mask: Tensor) -> Tensor:
+        """Block mask (m1, n1) -> element mask shaped like W (a conv's: over the whole kernel)."""
+        return expand_block_mask(mask, self.grid(W)[1]).view_as(W)
 
     def _apply_masks(self) -> None:
         for layer, pruned in zip(self.layers, self.pruned):
@@ -101,7 +104,7 @@ class RigLMethod(Method):
     @torch.no_grad()
     def before_step(self, model: nn.Module, step: int) -> None:
         if self.is_update(step):
-            self.grow_scores = [block_norms(l.weight.grad, self.cfg.block_shape) for l in self.layers]
+            self.grow_scores = [block_norms(*self.grid(l.weight.grad)) for l in self.layers]
         for layer, pruned in zip(self.layers, self.pruned):
             layer.weight.grad.masked_fill_(pruned, 0)
 
@@ -114,16 +117,15 @@ class RigLMethod(Method):
     @torch.no_grad()
     def update_masks(self, optimizer: torch.optim.Optimizer, fraction: float) -> None:
         """Drop the `fraction` of active blocks with smallest norm, grow as many by gradient norm."""
-        bs = self.cfg.block_shape
         for k, (layer, mask) in enumerate(zip(self.layers, self.masks)):
             active = int(mask.sum())
             n = min(int(fraction * active), mask.numel() - active)
             if n == 0:
                 continue
-            drop = select([torch.where(mask, block_norms(layer.weight, bs), math.inf)], n, largest=False)[0]
+            drop = select([torch.where(mask, block_norms(*self.grid(layer.weight)), math.inf)], n, largest=False)[0]
             grow = select([torch.where(mask, -math.inf, self.grow_scores[k])], n, largest=True)[0]
             self.masks[k] = update_block_mask(mask, drop, grow)
-            dropped = expand_block_mask(drop, bs)
+            dropped = self._expand_like(layer.weight, drop)
             layer.weight.masked_fill_(dropped, 0)
             reset_optimizer_state(optimizer, layer.weight, dropped)
         self._expand()

@@ -141,7 +141,7 @@ def verdicts(rows: list[dict]) -> list[str]:
             out.append(f"- 2x16: the method trains about 10x fewer parameters than a dense baseline: "
                        f"{k216['train_params']:,.0f} vs {dense['train_params']:,.0f} ({ratio:.1f}x) — "
                        f"{'holds' if ratio >= 9.5 else 'does not hold'}.")
-            weights = dense["train_params"] - 10
+            weights = dense["train_params"] - (dense["train_paper_flops"] - dense["train_macs"])  # minus biases
             ok = (weights, dense["train_paper_flops"]) == PAPER_DENSE_16X2
             out.append(f"- The paper's 7.84K params / 7.85K FLOPs are the dense layer's cost: our dense run trains "
                        f"{weights:,.0f} weights (+10 biases) at {dense['train_paper_flops']:,.0f} paper FLOPs — "

@@ -25,10 +25,10 @@ from torch import Tensor, nn
 
 from ..functional import block_mask_of, block_norms, expand_block_mask, group_lasso_penalty, group_shrink
 from .base import CubicSchedule, Method
-from .steering import LambdaSteering, count_for, select
+from .steering import LambdaSteering, SteeredState, count_for, select
 
 
-class GroupLassoMethod(Method):
+class GroupLassoMethod(SteeredState, Method):
     name = "group-lasso"
     initial_lambda = 1e-3  # where steering starts when only a target is given
 
@@ -110,13 +110,3 @@ class GroupLassoMethod(Method):
 
     def summary(self) -> dict:
         return {"final_lambda": self.lam, "final_penalty": self.penalty_value(), "topped_up_blocks": self.topped_up}
-
-    def state_dict(self) -> dict:
-        return {"lam": self.lam, "masks": [m.clone() for m in self.masks], "topped_up": self.topped_up}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.lam = state["lam"]
-        if self.steering is not None:
-            self.steering.lam = state["lam"]
-        self.masks = [m.clone() for m in state["masks"]]
-        self.topped_up = state["topped_up"]

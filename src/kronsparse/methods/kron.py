@@ -23,10 +23,10 @@ from ..functional import block_norms, l1_penalty, soft_threshold
 from ..layers import KRON_LAYERS, matrix_view
 from ..models import LayerFactory, kron_factory
 from .base import CubicSchedule, Method
-from .steering import LambdaSteering, count_for, select
+from .steering import LambdaSteering, SteeredState, count_for, select
 
 
-class KronMethod(Method):
+class KronMethod(SteeredState, Method):
     name = "kron"
     default_weight_decay = 1e-3  # on A and B only; see METHOD.md §3 for why 1e-4 fails
     initial_lambda = 1e-3  # where steering starts when only a target is given
@@ -113,13 +113,3 @@ class KronMethod(Method):
 
     def summary(self) -> dict:
         return {"final_lambda": self.lam, "topped_up_blocks": self.topped_up}
-
-    def state_dict(self) -> dict:
-        return {"lam": self.lam, "masks": [m.clone() for m in self.masks], "topped_up": self.topped_up}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.lam = state["lam"]
-        if self.steering is not None:
-            self.steering.lam = state["lam"]
-        self.masks = [m.clone() for m in state["masks"]]
-        self.topped_up = state["topped_up"]

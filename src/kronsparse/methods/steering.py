@@ -53,3 +53,22 @@ class LambdaSteering:
     def update(self, step: int, zeros: int, total: int) -> None:
         if step % self.interval == 0:
             self.lam = log_step(self.lam, self.schedule(step) - zeros / total, self.gain, self.max_factor)
+
+
+class SteeredState:
+    """state_dict / load_state_dict of a method that steers `lam` and keeps block `masks`."""
+
+    lam: float
+    steering: LambdaSteering | None
+    masks: list
+    topped_up: int
+
+    def state_dict(self) -> dict:
+        return {"lam": self.lam, "masks": [m.clone() for m in self.masks], "topped_up": self.topped_up}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lam = state["lam"]
+        if self.steering is not None:
+            self.steering.lam = state["lam"]
+        self.masks = [m.clone() for m in state["masks"]]
+        self.topped_up = state["topped_up"]

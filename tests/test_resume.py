@@ -130,3 +130,11 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path
     assert code == 3 and "at step 2" in err and "Traceback" not in err
     assert not (tmp_path / "metrics.json").exists()
     assert load_latest(tmp_path)["step"] == 1  # the last good state is kept
+
+
+def test_a_fresh_run_in_a_used_folder_does_not_mix_in_old_checkpoints(tmp_path):
+    longer = TrainConfig(n_train=500, n_test=100, epochs=2, target_sparsity=0.3)
+    train(longer, out=tmp_path, progress=False, checkpoint_every=3)
+    shorter = TrainConfig(n_train=500, n_test=100, epochs=1, target_sparsity=0.3)
+    train(shorter, out=tmp_path, progress=False, checkpoint_every=3)
+    assert load_latest(tmp_path)["config"] == shorter.to_dict()

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from . import data as datamod
 from .config import TrainConfig
-from .checkpoint import load_latest, save_checkpoint
+from .checkpoint import list_checkpoints, load_latest, save_checkpoint
 from .io import write_json, write_safetensors
 from .methods import get_method
 from .metrics import accuracy, dense_state, factor_state, sparsity_metrics, training_costs
@@ -198,6 +198,9 @@ def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
     device = resolve_device(cfg.device)
     run = Run(cfg, load_data(cfg, device), device)
     state = load_latest(out) if resume else None
+    if checkpoint_every and not resume:  # a fresh run: checkpoints of an earlier run must not mix in
+        for old in list_checkpoints(out):
+            old.unlink()
     if state is not None:
         run.load_state_dict(state)
     start = time.perf_counter() - (state or {}).get("wall_seconds", 0.0)

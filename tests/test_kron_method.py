@@ -49,7 +49,7 @@ def test_weight_decay_on_A_and_B_keeps_the_scale_from_escaping_into_A():
 
 
 def test_target_sparsity_is_reached_exactly_and_pruned_blocks_stay_pruned():
-    layer, planted, method = fit(None, 1e-2, target=0.25)
+    layer, planted, method = fit(None, 1e-2, target=0.25, steps=3000)
     assert method.topped_up == 0  # steering reached the target by the proximal step alone
     zero = (~layer.block_mask()).sum().item()
     assert zero == 8  # ceil(0.25 * 32)

@@ -7,9 +7,9 @@ be undone by growing A.
 With a target sparsity P, lambda is steered: every `interval` steps the fraction of blocks the prox
 wants zero is compared with a cubic ramp toward P (reached at 60% of the sparsifying phase) and
 lambda is multiplied by exp(gain * error). The number of zero blocks never exceeds the ramp's
-current value: when the prox would zero more, the blocks with the largest |S| keep their value for
-that step. If P is not reached when the sparsifying phase ends, the active blocks with the
-smallest norm are pruned to reach it. Then the mask is frozen for the rest of training.
+current value, in every layer separately: when the prox would zero more, the blocks with the largest
+|S| keep their value for that step. If a layer has not reached P when the sparsifying phase ends,
+its active blocks with the smallest norm are pruned to reach it. Then the mask is frozen for the rest of training.
 """
 
 from __future__ import annotations
@@ -84,31 +84,35 @@ class KronMethod(SteeredState, Method):
             layer.S.masked_fill_(~mask, 0.0)
 
     def _prox(self, threshold: float, step: int) -> None:
-        """S <- soft_threshold(S * mask); zero blocks join the mask. Few kernels: it runs every step."""
+        """S <- soft_threshold(S * mask); zero blocks join the mask. Few kernels: it runs every step.
+
+        With a target, every layer is capped at the ramp's fraction of its own blocks (|S| is not
+        comparable across layers, and a global cap could switch a whole small layer off)."""
         new = [soft_threshold(l.S * m, threshold) for l, m in zip(self.layers, self.masks)]
         if self.steering is not None:
-            wanted = sum(int((n == 0).sum()) for n in new)
-            excess = wanted - self.steering.allowed(step, self.num_blocks)
-            if excess > 0:  # the newly zeroed entries of largest |S| keep their value this step
-                scores = [torch.where((n == 0) & m & (l.S != 0), l.S.abs(), -1.0)
-                          for n, m, l in zip(new, self.masks, self.layers)]
-                keep = select(scores, excess, largest=True)
-                new = [torch.where(k, l.S, n) for k, l, n in zip(keep, self.layers, new)]
-            self.steering.update(step, wanted, self.num_blocks)
+            zeros = [int((n == 0).sum()) for n in new]
+            for k, (layer, mask) in enumerate(zip(self.layers, self.masks)):
+                excess = zeros[k] - self.steering.allowed(step, mask.numel())
+                if excess > 0:  # the newly zeroed entries of largest |S| keep their value this step
+                    score = torch.where((new[k] == 0) & mask & (layer.S != 0), layer.S.abs(), -1.0)
+                    (keep,) = select([score], excess, largest=True)
+                    new[k] = torch.where(keep, layer.S, new[k])
+            self.steering.update(step, sum(zeros), self.num_blocks)
             self.lam = self.steering.lam
         for k, (layer, n) in enumerate(zip(self.layers, new)):
             layer.S.copy_(n)
             self.masks[k] = n != 0
 
     def _top_up(self, target: float) -> None:
-        """Prune the active blocks of smallest dense-weight norm until `target` is reached."""
-        missing = count_for(target, self.num_blocks) - sum(int((~m).sum()) for m in self.masks)
-        if missing <= 0:
-            return
-        norms = [torch.where(m, block_norms(*matrix_view(l.dense_weight(), l.block_shape)), math.inf)
-                 for l, m in zip(self.layers, self.masks)]
-        self.masks = [m & ~d for m, d in zip(self.masks, select(norms, missing, largest=False))]
-        self.topped_up = missing
+        """Prune each layer's active blocks of smallest dense-weight norm until it reaches `target`."""
+        for k, (layer, mask) in enumerate(zip(self.layers, self.masks)):
+            missing = count_for(target, mask.numel()) - int((~mask).sum())
+            if missing > 0:
+                norms = torch.where(mask, block_norms(*matrix_view(layer.dense_weight(), layer.block_shape)),
+                                    math.inf)
+                (drop,) = select([norms], missing, largest=False)
+                self.masks[k] = mask & ~drop
+                self.topped_up += missing
         self._apply_masks()
 
     def summary(self) -> dict:

@@ -42,7 +42,7 @@ from kronsparse import KronLinear  # noqa: E402
 from kronsparse import functional as KF  # noqa: E402
 from kronsparse.costs import choose_path, path_macs  # noqa: E402
 
-KRON_PATHS = ("auto", "input_first", "factors_first", "materialize")
+KRON_PATHS = KF.PATHS  # the library's own list, so a new path is benchmarked too
 MODES = ("fb", "step", "step_x0")
 RESULTS = Path(__file__).resolve().parent / "results"
 

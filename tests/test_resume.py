@@ -35,15 +35,27 @@ def cli(out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def wait_for_progress(proc: subprocess.Popen, out: Path, last: int, timeout: float = 120.0) -> int:
+    """Poll until a checkpoint newer than step `last` exists (or the process ends); its step."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        steps = [int(p.name[5:14]) for p in list_checkpoints(out)]
+        if steps and max(steps) > last:
+            return max(steps)
+        time.sleep(0.02)
+    return last
+
+
 def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_metrics(tmp_path):
     reference = cli(tmp_path / "ref")
     assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()
     expected = comparable(json.loads((tmp_path / "ref" / "metrics.json").read_text()))
 
-    out, rng, kills = tmp_path / "killed", random.Random(0), 0
+    out, rng, kills, last = tmp_path / "killed", random.Random(0), 0, -1
     for _ in range(3):
         proc = cli(out, "--checkpoint-every", "7", "--resume")
-        time.sleep(rng.uniform(3.0, 6.0))
+        last = wait_for_progress(proc, out, last)  # kill only after the run made new progress
+        time.sleep(rng.uniform(0.0, 0.2))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()

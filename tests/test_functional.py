@@ -70,7 +70,15 @@ def test_gradcheck_every_path(path):
     b = torch.randn(6, dtype=torch.float64, requires_grad=True)
     x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: F.kron_linear(*t, path=path), (x, S, A, B, b))
-    assert torch.autograd.gradgradcheck is not None  # double backward is not supported by design
+
+
+@pytest.mark.parametrize("gather_max", [0, 1 << 30])  # the strided copy and the cached-index gather
+def test_materialize_reorders_blocks_both_ways(monkeypatch, gather_max):
+    monkeypatch.setattr(F, "_GATHER_MAX", gather_max)
+    S, A, B = factors(6, 8, (3, 2), 2, torch.float64)
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: F.kron_linear(*t, path="materialize"), (x, S, A, B))
+    torch.testing.assert_close(F.kron_weight(S, A, B), dense_twin(S, A, B))
 
 
 def test_factored_paths_save_only_their_inputs():

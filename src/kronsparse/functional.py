@@ -21,6 +21,7 @@ the r-times-larger intermediate in backward, so training memory stays close to a
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -89,11 +90,35 @@ def kron_weight(S: Tensor, A: Tensor, B: Tensor) -> Tensor:
 
 
 def _build_weight(C: Tensor, B: Tensor) -> Tensor:
-    """W from C = S*A: one rank-r GEMM into (m1, n1, bo, bi), then one permuted copy."""
+    """W from C = S*A: one rank-r GEMM into (m1, n1, bo, bi) block-major order, then one reordering."""
     r, m1, n1 = C.shape
     _, bo, bi = B.shape
     M = torch.mm(C.reshape(r, m1 * n1).t(), B.reshape(r, bo * bi))  # (m1*n1, bo*bi)
-    return M.view(m1, n1, bo, bi).transpose(1, 2).reshape(m1 * bo, n1 * bi)
+    return _reorder(M, (m1, n1, bo, bi), to_blocks=False).view(m1 * bo, n1 * bi)
+
+
+# Below this many elements the block reordering is a gather with a cached index: a strided copy
+# whose inner run is bi (often 2) elements long costs 2-5x more there; above it, the copy wins.
+_GATHER_MAX = 1 << 16
+
+
+@functools.lru_cache(maxsize=64)
+def _reorder_index(grid: tuple[int, int, int, int], to_blocks: bool, device: torch.device) -> Tensor:
+    m1, n1, bo, bi = grid
+    idx = torch.arange(m1 * n1 * bo * bi, device=device)
+    if to_blocks:  # entry k of the (m1, n1, bo, bi) tensor reads this entry of the (m1, bo, n1, bi) one
+        return idx.view(m1, bo, n1, bi).transpose(1, 2).reshape(-1)
+    return idx.view(m1, n1, bo, bi).transpose(1, 2).reshape(-1)
+
+
+def _reorder(t: Tensor, grid: tuple[int, int, int, int], to_blocks: bool) -> Tensor:
+    """Flat (m1, bo, n1, bi) <-> (m1, n1, bo, bi) order (W's rows-major order vs block-major order)."""
+    m1, n1, bo, bi = grid
+    if t.numel() <= _GATHER_MAX:
+        return t.reshape(-1).index_select(0, _reorder_index(grid, to_blocks, t.device))
+    if to_blocks:
+        return t.reshape(m1, bo, n1, bi).transpose(1, 2).reshape(-1)
+    return t.reshape(m1, n1, bo, bi).transpose(1, 2).reshape(-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,13 +213,13 @@ _FORWARD = {"input_first": _input_first, "factors_first": _factors_first}
 _BACKWARD = {"input_first": _input_first_backward, "factors_first": _factors_first_backward}
 
 
-def _weight_grads(S: Tensor, A: Tensor, B: Tensor, gW: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of S, A, B from the gradient of the dense weight, gW (out, in)."""
-    m1, n1 = S.shape
-    r, bo, bi = B.shape
-    G = gW.view(m1, bo, n1, bi).transpose(1, 2).reshape(m1 * n1, bo * bi)  # the one permuted copy
+def _weight_grads(C: Tensor, S: Tensor, A: Tensor, B: Tensor, gW: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of S, A, B (C = S*A) from the gradient of the dense weight, gW (out, in)."""
+    r, m1, n1 = C.shape
+    _, bo, bi = B.shape
+    G = _reorder(gW, (m1, n1, bo, bi), to_blocks=True).view(m1 * n1, bo * bi)
     gC = torch.mm(B.view(r, bo * bi), G.t()).view(r, m1, n1)
-    gB = torch.mm((S * A).view(r, m1 * n1), G).view(r, bo, bi)
+    gB = torch.mm(C.view(r, m1 * n1), G).view(r, bo, bi)
     return (gC * A).sum(0), gC * S, gB
 
 
@@ -205,8 +230,9 @@ class _KronLinearFn(torch.autograd.Function):
     def forward(ctx, x2, S, A, B, bias, path):  # x2: (N, in), contiguous
         ctx.path = path
         if path == "materialize":
-            W = _build_weight(S * A, B)
-            ctx.save_for_backward(x2, S, A, B, W)
+            C = S * A
+            W = _build_weight(C, B)
+            ctx.save_for_backward(x2, S, A, B, W, C)
             return torch.addmm(bias, x2, W.t()) if bias is not None else torch.mm(x2, W.t())
         ctx.save_for_backward(x2, S, A, B)
         yt = _FORWARD[path](x2, S * A, B)  # (out, N)
@@ -221,7 +247,8 @@ class _KronLinearFn(torch.autograd.Function):
         if ctx.path == "materialize":
             W = ctx.saved_tensors[4].to(gy.dtype)  # built in bf16 under autocast
             gx = torch.mm(gy, W) if need_x else None
-            gS, gA, gB = _weight_grads(S, A, B, torch.mm(gy.t(), x2))
+            C = ctx.saved_tensors[5].to(gy.dtype)
+            gS, gA, gB = _weight_grads(C, S, A, B, torch.mm(gy.t(), x2))
             return gx, gS, gA, gB, gbias, None
         gxt, gC, gB = _BACKWARD[ctx.path](x2, S * A, B, gy.t().contiguous(), need_x)
         gx = gxt.t() if need_x else None

@@ -88,15 +88,16 @@ class KronMethod(SteeredState, Method):
 
         With a target, every layer is capped at the ramp's fraction of its own blocks (|S| is not
         comparable across layers, and a global cap could switch a whole small layer off)."""
-        new = [soft_threshold(l.S * m, threshold) for l, m in zip(self.layers, self.masks)]
+        new = [soft_threshold(l.S.mul_(m), threshold) for l, m in zip(self.layers, self.masks)]
         if self.steering is not None:
-            zeros = [int((n == 0).sum()) for n in new]
+            zeros = [n.numel() - int(torch.count_nonzero(n)) for n in new]
             for k, (layer, mask) in enumerate(zip(self.layers, self.masks)):
                 excess = zeros[k] - self.steering.allowed(step, mask.numel())
                 if excess > 0:  # the newly zeroed entries of largest |S| keep their value this step
-                    score = torch.where((new[k] == 0) & mask & (layer.S != 0), layer.S.abs(), -1.0)
-                    (keep,) = select([score], excess, largest=True)
-                    new[k] = torch.where(keep, layer.S, new[k])
+                    S = layer.S.view(-1)  # already masked: pruned entries are 0 and never candidates
+                    score = torch.where(new[k].view(-1) == 0, S.abs(), -1.0)
+                    keep = torch.topk(score, excess).indices
+                    new[k].view(-1)[keep] = S[keep]
             self.steering.update(step, sum(zeros), self.num_blocks)
             self.lam = self.steering.lam
         for k, (layer, n) in enumerate(zip(self.layers, new)):

@@ -10,7 +10,7 @@ from kronsparse.methods.kron import KronMethod
 from kronsparse.models import FeedForward
 
 
-def fit(lam: float | None, weight_decay: float, target=None, steps: int = 400):
+def fit(lam: float | None, weight_decay: float, target=None, steps: int = 400, scale_pin: str = "decay"):
     """Regress onto a rank-2 Kronecker teacher with ~40% of its (2, 4) blocks planted at zero."""
     torch.manual_seed(0)
     planted = torch.rand(4, 8) < 0.5
@@ -18,7 +18,7 @@ def fit(lam: float | None, weight_decay: float, target=None, steps: int = 400):
     x = torch.randn(256, 32)
     y = x @ teacher.t()
     cfg = TrainConfig(block_shape=(2, 4), rank=2, lam=lam, target_sparsity=target, weight_decay=weight_decay,
-                      sparsify_fraction=1.0 if target is None else 0.8, lr=0.02)
+                      sparsify_fraction=1.0 if target is None else 0.8, lr=0.02, scale_pin=scale_pin)
     method = KronMethod(cfg, steps)
     model = FeedForward([KronLinear(32, 8, (2, 4), 2, bias=False)])
     method.prepare(model)
@@ -62,3 +62,39 @@ def test_state_dict_round_trip():
     fresh = KronMethod(method.cfg, 50)
     fresh.load_state_dict(method.state_dict())
     assert fresh.lam == method.lam and all(torch.equal(a, b) for a, b in zip(fresh.masks, method.masks))
+
+
+def test_norm_scale_pin_keeps_the_weight_and_puts_each_block_size_in_S():
+    cfg = TrainConfig(block_shape=(2, 4), rank=2, target_sparsity=0.5, scale_pin="norm")
+    model = FeedForward([KronLinear(32, 8, (2, 4), 2, bias=False)])
+    layer = model.layers[0]
+    before = layer.dense_weight().detach().clone()
+    KronMethod(cfg, 100).prepare(model)
+    torch.testing.assert_close(layer.dense_weight(), before)
+    torch.testing.assert_close(torch.linalg.vector_norm(layer.A, dim=0), torch.ones(4, 8))
+    block_sizes = before.reshape(4, 2, 8, 4).square().sum(dim=(1, 3)).sqrt()
+    assert torch.corrcoef(torch.stack([layer.S.abs().flatten(), block_sizes.flatten()]))[0, 1] > 0.5
+
+
+def test_norm_scale_pin_reaches_the_target_and_prunes_only_planted_blocks():
+    layer, planted, method = fit(None, 1e-2, target=0.25, steps=3000, scale_pin="norm")
+    assert (~layer.block_mask()).sum().item() == 8  # ceil(0.25 * 32)
+    assert (~layer.block_mask() & planted).sum() == 0
+
+
+def test_each_layer_steers_its_own_lambda():
+    """A layer whose prox zeroes too much gets a smaller lambda, one that zeroes too little a larger one."""
+    cfg = TrainConfig(model="mlp", block_shape=(2, 2), rank=2, target_sparsity=0.5)
+    model = FeedForward([KronLinear(16, 8, (2, 2), 2), KronLinear(8, 4, (2, 2), 2)])
+    method = KronMethod(cfg, 1000)
+    method.prepare(model)
+    with torch.no_grad():
+        model.layers[0].S.fill_(1e-9)  # every block would be zeroed: more than the ramp allows
+        model.layers[1].S.fill_(1e3)  # no block would be zeroed
+    start = method.lams[0]
+    method.after_step(model, None, 100, 0.01)
+    assert method.lams[0] < start < method.lams[1]
+    assert not (model.layers[0].S == 0).all()  # the cap kept the blocks the ramp does not yet allow
+    fresh = KronMethod(cfg, 1000)
+    fresh.load_state_dict(method.state_dict())
+    assert fresh.lams == method.lams

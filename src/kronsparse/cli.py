@@ -36,6 +36,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=d["lr"].default)
     p.add_argument("--momentum", type=float, default=d["momentum"].default)
     p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--scale-pin", default=d["scale_pin"].default, choices=("decay", "norm"),
+                   help="kron: weight decay on A (default) or each block's A at unit norm with S "
+                        "carrying its magnitude (much better on deep models, see README)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"].default)
     p.add_argument("--epochs", type=int, default=d["epochs"].default)
     p.add_argument("--sparsify-fraction", type=float, default=d["sparsify_fraction"].default)

@@ -16,6 +16,9 @@ def parse_block(text: str) -> tuple[int, int]:
     return bo, bi
 
 
+SCALE_PINS = ("decay", "norm")
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run. Defaults follow the paper's MNIST protocol (METHOD.md §6)."""
@@ -32,6 +35,7 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float | None = None  # None: method default (1e-3 on A, B for kron; 0 for dense)
+    scale_pin: str = "decay"  # kron: how the scale is kept from escaping into A ("decay" or "norm")
     batch_size: int = 64
     epochs: int = 10
     sparsify_fraction: float = 0.7  # share of training that sparsifies; then the mask is frozen
@@ -62,6 +66,8 @@ class TrainConfig:
             raise ValueError(f"target sparsity must be in [0, 1), got {self.target_sparsity}")
         if self.lam is not None and self.lam < 0:
             raise ValueError(f"lambda must be >= 0, got {self.lam}")
+        if self.scale_pin not in SCALE_PINS:
+            raise ValueError(f"unknown scale pin {self.scale_pin!r}; valid: {', '.join(SCALE_PINS)}")
         if not 0.0 < self.sparsify_fraction <= 1.0:
             raise ValueError(f"sparsify fraction must be in (0, 1], got {self.sparsify_fraction}")
 

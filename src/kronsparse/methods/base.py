@@ -33,6 +33,18 @@ class CubicSchedule:
         return self.final * (1.0 - (1.0 - step / self.ramp_steps) ** 3)
 
 
+@dataclass(frozen=True)
+class DelayedCubic:
+    """CubicSchedule(final, ramp_steps) started at step `start` (0 before)."""
+
+    final: float
+    start: int
+    ramp_steps: int
+
+    def __call__(self, step: int) -> float:
+        return CubicSchedule(self.final, self.ramp_steps)(step - self.start) if step >= self.start else 0.0
+
+
 class Method:
     """Base: a dense model trained without sparsity (the accuracy ceiling)."""
 

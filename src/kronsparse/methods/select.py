@@ -38,7 +38,6 @@ Decisions:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,25 +46,13 @@ from torch import nn
 from ..functional import group_norm_shrink, soft_threshold
 from ..models import LayerFactory
 from ..selection import KronSelectLinear, block_name
-from .base import CubicSchedule, log_step
+from .base import DelayedCubic, log_step
 from .kron import KronMethod
 from .steering import LambdaSteering
 
 SELECTION_RULE = ("the candidate left when the group lasso has zeroed all others; if several survive the "
                   "selection phase, the one carrying the most weight (largest ||W_k||_F)")
 PLOT_NAME = "group_norms.png"
-
-
-@dataclass(frozen=True)
-class DelayedCubic:
-    """CubicSchedule(final, ramp_steps) started at step `start` (0 before)."""
-
-    final: float
-    start: int
-    ramp_steps: int
-
-    def __call__(self, step: int) -> float:
-        return CubicSchedule(self.final, self.ramp_steps)(step - self.start) if step >= self.start else 0.0
 
 
 def sparse_group_prox(S: list[torch.Tensor], t_l1: float, t_group: float) -> list[torch.Tensor]:
@@ -153,6 +140,8 @@ class SelectMethod(KronMethod):
         if self.cfg.target_sparsity is not None:
             ramp = int(0.6 * (self.sparsify_steps - step - 1))
             self.steering = LambdaSteering(DelayedCubic(self.cfg.target_sparsity, step + 1, ramp), self.lam)
+        self.lams = [self.lam] * len(self.layers)
+        self._pin_scale()
         self._changed = True
 
     def structure_changed(self) -> bool:

@@ -1,7 +1,7 @@
 """Reaching an exact target block sparsity with a penalty: steer lambda, cap the zeros, top up.
 
-Shared by the proximal baselines (Group LASSO, Elastic Group LASSO); it restates what kron.py does
-inline, so the paper's method could use it too. Every `interval` steps lambda is multiplied by
+Shared by the proximal methods: Group LASSO and Elastic Group LASSO steer one lambda for the whole
+model, the paper's method (kron.py) one per layer with `next_lambda`. Every `interval` steps lambda is multiplied by
 exp(gain * (ramp(t) - zero_fraction)); the ramp's value at t also caps how many blocks may be zero
 (the caller keeps the excess blocks of largest norm); the caller tops up with the smallest blocks
 if the target is not reached when the sparsifying phase ends.
@@ -46,9 +46,14 @@ class LambdaSteering:
     def allowed(self, step: int, total: int) -> int:
         return count_for(self.schedule(step), total)
 
+    def next_lambda(self, step: int, lam: float, zeros: int, total: int) -> float:
+        """`lam` after this step's update (unchanged between updates)."""
+        if step % self.interval:
+            return lam
+        return log_step(lam, self.schedule(step) - zeros / total, self.gain, self.max_factor)
+
     def update(self, step: int, zeros: int, total: int) -> None:
-        if step % self.interval == 0:
-            self.lam = log_step(self.lam, self.schedule(step) - zeros / total, self.gain, self.max_factor)
+        self.lam = self.next_lambda(step, self.lam, zeros, total)
 
 
 class SteeredState:

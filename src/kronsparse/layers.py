@@ -11,6 +11,28 @@ from torch import Tensor, nn
 from . import functional as F
 
 
+def _make_factors(layer: nn.Module, grid: tuple[int, int], b_shape: tuple, out: int, bias: bool,
+                  kw: dict) -> None:
+    """The parameters of a Kron layer: S (m1, n1), A (r, m1, n1), B (r, *b_shape), bias (out,) or None."""
+    layer.S = nn.Parameter(torch.empty(*grid, **kw))
+    layer.A = nn.Parameter(torch.empty(layer.rank, *grid, **kw))
+    layer.B = nn.Parameter(torch.empty(layer.rank, *b_shape, **kw))
+    layer.bias = nn.Parameter(torch.empty(out, **kw)) if bias else None
+
+
+@torch.no_grad()
+def _reset_factors(layer: nn.Module, fan_in: int) -> None:
+    """S = 1; A, B normal with r*Var(A)*Var(B) = 1/(3*fan_in), PyTorch's default weight variance;
+    bias uniform in +-1/sqrt(fan_in), as nn.Linear and nn.Conv2d."""
+    std = (1.0 / (3.0 * fan_in * layer.rank)) ** 0.25
+    layer.S.fill_(1.0)
+    layer.A.normal_(0.0, std)
+    layer.B.normal_(0.0, std)
+    if layer.bias is not None:
+        bound = 1.0 / math.sqrt(fan_in)
+        layer.bias.uniform_(-bound, bound)
+
+
 class KronLinear(nn.Module):
     """nn.Linear whose weight is W = sum_i kron(S * A[i], B[i]), never trained densely.
 
@@ -35,12 +57,8 @@ class KronLinear(nn.Module):
         bo, bi = F.check_block_shape(out_features, in_features, block_shape)
         self.in_features, self.out_features = in_features, out_features
         self.block_shape, self.rank, self.path = (bo, bi), rank, path
-        m1, n1 = out_features // bo, in_features // bi
-        kw = {"device": device, "dtype": dtype}
-        self.S = nn.Parameter(torch.empty(m1, n1, **kw))
-        self.A = nn.Parameter(torch.empty(rank, m1, n1, **kw))
-        self.B = nn.Parameter(torch.empty(rank, bo, bi, **kw))
-        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        _make_factors(self, (out_features // bo, in_features // bi), (bo, bi), out_features, bias,
+                      {"device": device, "dtype": dtype})
         self.reset_parameters()
 
     @property
@@ -50,14 +68,7 @@ class KronLinear(nn.Module):
 
     def reset_parameters(self) -> None:
         """S = 1; A, B normal with Var(W) = r*Var(A)*Var(B) = 1/(3*in), nn.Linear's default variance."""
-        std = (1.0 / (3.0 * self.in_features * self.rank)) ** 0.25
-        with torch.no_grad():
-            self.S.fill_(1.0)
-            self.A.normal_(0.0, std)
-            self.B.normal_(0.0, std)
-            if self.bias is not None:
-                bound = 1.0 / math.sqrt(self.in_features)
-                self.bias.uniform_(-bound, bound)
+        _reset_factors(self, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.kron_linear(x, self.S, self.A, self.B, self.bias, self.path)
@@ -170,12 +181,8 @@ class KronConv2d(nn.Module):
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
         self.stride, self.padding = stride, padding
         self.block_shape, self.rank = (bo, bi), rank
-        m1, n1 = out_channels // bo, in_channels // bi
-        kw_ = {"device": device, "dtype": dtype}
-        self.S = nn.Parameter(torch.empty(m1, n1, **kw_))
-        self.A = nn.Parameter(torch.empty(rank, m1, n1, **kw_))
-        self.B = nn.Parameter(torch.empty(rank, bo, bi, kh, kw, **kw_))
-        self.bias = nn.Parameter(torch.empty(out_channels, **kw_)) if bias else None
+        _make_factors(self, (out_channels // bo, in_channels // bi), (bo, bi, kh, kw), out_channels, bias,
+                      {"device": device, "dtype": dtype})
         self.reset_parameters()
 
     @property
@@ -184,15 +191,7 @@ class KronConv2d(nn.Module):
 
     def reset_parameters(self) -> None:
         """S = 1; Var(W) = 1/(3*fan_in), nn.Conv2d's default variance (fan_in = in*kh*kw)."""
-        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
-        std = (1.0 / (3.0 * fan_in * self.rank)) ** 0.25
-        with torch.no_grad():
-            self.S.fill_(1.0)
-            self.A.normal_(0.0, std)
-            self.B.normal_(0.0, std)
-            if self.bias is not None:
-                bound = 1.0 / math.sqrt(fan_in)
-                self.bias.uniform_(-bound, bound)
+        _reset_factors(self, self.in_channels * self.kernel_size[0] * self.kernel_size[1])
 
     def dense_weight(self) -> Tensor:
         """W (out, in, kh, kw), differentiable."""

@@ -33,7 +33,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..functional import block_norms, l1_penalty, soft_threshold
+from ..functional import block_norms, soft_threshold
 from ..layers import KRON_LAYERS, matrix_view
 from ..models import LayerFactory, kron_factory
 from .base import DelayedCubic, Method
@@ -77,10 +77,6 @@ class KronMethod(SteeredState, Method):
             groups["decay" if decay else "rest"].append(p)
         return [{"params": groups["decay"], "weight_decay": self.weight_decay()},
                 {"params": groups["rest"], "weight_decay": 0.0}]
-
-    def l1_value(self) -> float:
-        """sum of lambda_l * ||S_l||_1 (for logging: the loss never sees it, the proximal map applies it)."""
-        return sum(lam * l1_penalty(l.S).item() for lam, l in zip(self.lams, self.layers))
 
     @property
     def num_blocks(self) -> int:

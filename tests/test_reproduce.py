@@ -6,6 +6,7 @@ import json
 import pytest
 
 from kronsparse import reproduce as rep
+from kronsparse.report import method_label
 
 TINY = {"n_train": 300, "n_test": 100, "epochs": 1}
 
@@ -32,11 +33,13 @@ def test_every_file_exists(tiny_run):
 def test_table_equals_the_runs_metrics(tiny_run):
     out, specs = tiny_run
     rows = list(csv.DictReader((out / "table.csv").open()))
-    assert len(rows) == 2 * (1 + len(rep.SPARSE_METHODS)) + 1  # two block shapes, plus selection
+    assert len(rows) == 2 * (2 + len(rep.SPARSE_METHODS)) + 1  # two block shapes (dense, kron norm), plus selection
+    assert {r["method"] for r in rows} == {"dense", "select", "kron (scale-pin norm)", *rep.SPARSE_METHODS}
     for row in rows:
         if row["method"] == "select":
             continue
-        spec = next(s for s in specs if s.role == "table" and s.cfg.method == row["method"]
+        spec = next(s for s in specs if s.role == "table" and method_label({"method": s.cfg.method,
+                    "config": s.cfg.to_dict()}) == row["method"]
                     and f"{s.cfg.block_shape[0]}x{s.cfg.block_shape[1]}" == row["block"])
         m = json.loads((out / "runs" / spec.name / "metrics.json").read_text())
         for col in ("test_accuracy", "block_sparsity", "train_params", "train_macs", "inference_params"):

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .io import atomic_write  # noqa: E402
+from .report import method_label  # noqa: E402
 
 
 def _save(fig, path: Path, dpi: int = 110) -> None:
@@ -35,8 +36,8 @@ def pareto(runs, path: Path) -> None:
     for ax, block in zip(axes[0], blocks):
         mine = [m for m in runs if _block(m) == block and m["seed"] == seed0 and m["rank"] == 2
                 and m["method"] != "select"]
-        for method in sorted({m["method"] for m in mine} - {"dense"}):
-            pts = sorted((m["block_sparsity"], m["test_accuracy"]) for m in mine if m["method"] == method)
+        for method in sorted({method_label(m) for m in mine} - {"dense"}):
+            pts = sorted((m["block_sparsity"], m["test_accuracy"]) for m in mine if method_label(m) == method)
             ax.plot([100 * p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=method)
         for m in mine:
             if m["method"] == "dense":
@@ -55,7 +56,7 @@ def cost(runs, path: Path) -> None:
     for (xkey, label), ax in zip((("train_params", "trainable parameters"), ("train_macs", "train MACs / sample")),
                                  axes):
         for m in table:
-            name = f"{m['method']} {_block(m)}" + (f" r{m['rank']}" if m["method"] == "kron" else "")
+            name = f"{method_label(m)} {_block(m)}" + (f" r{m['rank']}" if m["method"] == "kron" else "")
             ax.scatter(m[xkey], 100 * m["test_accuracy"], s=18)
             ax.annotate(name, (m[xkey], 100 * m["test_accuracy"]), fontsize=6, alpha=0.8)
         ax.set(xscale="log", xlabel=label, ylabel="test accuracy %")
@@ -83,5 +84,5 @@ def masks(runs, path: Path, out: Path) -> None:
                 img = np.where(W[k] == 0, np.nan, W[k]).reshape(side, side)
                 lim = np.nanmax(np.abs(img)) if np.isfinite(img).any() else 1.0
                 ax.imshow(img, cmap=cmap, vmin=-lim, vmax=lim)
-        row[0].set_ylabel(f"{m['method']}\n{_block(m)}", fontsize=6, rotation=0, ha="right", va="center")
+        row[0].set_ylabel(f"{method_label(m)}\n{_block(m)}", fontsize=6, rotation=0, ha="right", va="center")
     _save(fig, path, dpi=70)

@@ -28,9 +28,14 @@ def load_runs(specs, out: Path) -> list[dict]:
     return runs
 
 
+def method_label(m: dict) -> str:
+    """The method's table name: kron with `--scale-pin norm` gets a row of its own."""
+    return m["method"] + (" (scale-pin norm)" if m["config"].get("scale_pin", "decay") != "decay" else "")
+
+
 def group_key(m: dict) -> tuple:
     block = "select" if m["method"] == "select" else f"{m['config']['block_shape'][0]}x{m['config']['block_shape'][1]}"
-    return m["method"], block, m["rank"]
+    return method_label(m), block, m["rank"]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -47,7 +52,7 @@ def table_rows(runs: list[dict]) -> list[dict]:
     for (method, block, rank), ms in groups.items():
         shape = ms[0]["block_shape"]
         row = {"method": method, "block": f"{shape[0]}x{shape[1]}", "paper_block": f"{shape[1]}x{shape[0]}",
-               "rank": rank if method in ("kron", "select") else "", "seeds": len(ms)}
+               "rank": rank if ms[0]["method"] in ("kron", "select") else "", "seeds": len(ms)}
         if method == "select":
             row["block"] = "select→" + ",".join(sorted({f"{m['block_shape'][0]}x{m['block_shape'][1]}" for m in ms}))
         for col in COLUMNS:
@@ -69,6 +74,8 @@ def command_of(m: dict) -> str:
         parts.append("--candidates " + ",".join(f"{a}x{b}" for a, b in c["candidates"]))
     if c.get("standardize"):
         parts.append("--standardize")
+    if c.get("scale_pin", "decay") != "decay":
+        parts.append(f"--scale-pin {c['scale_pin']}")
     for key in ("n_train", "n_test"):
         if c.get(key):
             parts.append(f"--{key.replace('_', '-')} {c[key]}")

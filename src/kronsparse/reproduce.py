@@ -59,6 +59,7 @@ def plan(exp: Experiment, seeds: list[int], quick: bool, base: TrainConfig) -> l
 
     def add(role: str, method: str, block, target, seed: int, rank: int = 2, **extra) -> None:
         name = f"{method}-{block_name(block)}-r{rank}-" + (f"t{target:g}" if target is not None else "dense") + f"-s{seed}"
+        name += "-norm" if extra.get("scale_pin") == "norm" else ""
         cfg = dataclasses.replace(base, method=method, model=exp.model, dataset=exp.dataset, block_shape=block,
                                   rank=rank, target_sparsity=target, seed=seed, **extra)
         if all(s.name != name for s in specs):
@@ -69,6 +70,7 @@ def plan(exp: Experiment, seeds: list[int], quick: bool, base: TrainConfig) -> l
             add("table", "dense", block, None, seed)
             for method in SPARSE_METHODS:
                 add("table", method, block, target, seed)
+            add("table", "kron", block, target, seed, scale_pin="norm")  # the other scale pin, see kron.py
         target = next(iter(exp.blocks.values()))
         candidates = select_candidates(exp.model)
         add("table", "select", candidates[0], target, seed, candidates=candidates)

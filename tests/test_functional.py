@@ -65,6 +65,21 @@ def test_kron_linear_forward_and_grads_match_dense_twin(dtype, out, inp, block, 
 
 
 @pytest.mark.parametrize("path", ["input_first", "factors_first", "materialize"])
+@pytest.mark.parametrize("leaf", [True, False])
+def test_input_gradient_layouts(path, leaf):
+    """A leaf input gets a row-major gx where the path can give one (its .grad needs that layout);
+    an intermediate one may get a transposed view. Both equal the dense twin's."""
+    S, A, B = factors(12, 32, (4, 4), 2, torch.float32)
+    x0 = torch.randn(16, 32, requires_grad=True)
+    x = x0 if leaf else x0 * 1.0
+    gy = torch.randn(16, 12)
+    (gx,) = torch.autograd.grad(F.kron_linear(x, S, A, B, path=path), [x], gy)
+    torch.testing.assert_close(gx, gy @ dense_twin(S, A, B), rtol=1e-4, atol=1e-4)
+    if leaf and path != "factors_first":
+        assert gx.is_contiguous()
+
+
+@pytest.mark.parametrize("path", ["input_first", "factors_first", "materialize"])
 def test_gradcheck_every_path(path):
     S, A, B = factors(6, 8, (3, 2), 2, torch.float64)
     b = torch.randn(6, dtype=torch.float64, requires_grad=True)

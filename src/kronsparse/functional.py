@@ -157,16 +157,28 @@ def _input_first_z(x2: Tensor, B: Tensor, n1: int) -> Tensor:
     return torch.bmm(B.reshape(1, r * bo, bi).expand(n1, -1, -1), Xq)
 
 
-def _input_first(x2: Tensor, C: Tensor, B: Tensor) -> Tensor:
-    """yᵀ (out, N) by Z = X Bᵀ first, then one GEMM over (q, i)."""
+def _input_first(x2: Tensor, C: Tensor, B: Tensor, bias: Tensor | None = None) -> Tensor:
+    """yᵀ (out, N) by Z = X Bᵀ first, then one GEMM over (q, i); bias added in place."""
     r, m1, n1 = C.shape
     N, bo = x2.shape[0], B.shape[1]
     Z = _input_first_z(x2, B, n1).view(n1 * r, bo * N)
-    return torch.mm(_rows_q_i(C), Z).view(m1 * bo, N)
+    return _add_bias_(torch.mm(_rows_q_i(C), Z).view(m1 * bo, N), bias)
 
 
-def _input_first_backward(x2, C, B, gyt, need_x):
-    """gyt = gyᵀ (out, N) contiguous. Returns gxᵀ (in, N) or None, gC (r, m1, n1), gB."""
+def _add_bias_(yt: Tensor, bias: Tensor | None) -> Tensor:
+    """yᵀ + bias[:, None], in place where the dtypes allow (no second activation-sized tensor)."""
+    if bias is None:
+        return yt
+    if bias.dtype != yt.dtype:  # e.g. a bf16 yᵀ under autocast with an fp32 bias: promote as `+` does
+        return yt + bias.unsqueeze(1)
+    return yt.add_(bias.unsqueeze(1))
+
+
+def _input_first_backward(x2, C, B, gyt, need_x, row_major_gx):
+    """gyt = gyᵀ (out, N) contiguous. Returns gx (N, in) or None, gC (r, m1, n1), gB.
+
+    gx comes out as a transposed view (what the GEMMs give; a following Linear or elementwise op
+    takes it without a copy) unless row_major_gx (a leaf input, whose .grad must be row-major)."""
     r, m1, n1 = C.shape
     _, bo, bi = B.shape
     N = x2.shape[0]
@@ -178,22 +190,27 @@ def _input_first_backward(x2, C, B, gyt, need_x):
     gZ = torch.mm(Cq.t(), Gt).view(n1, r * bo, N)
     Xn = x2.view(N, n1, bi).transpose(0, 1)  # (n1, N, bi) view
     gB = torch.bmm(gZ, Xn).sum(0).view(r, bo, bi)
-    gxt = None
-    if need_x:
-        gxt = torch.bmm(B.reshape(1, r * bo, bi).transpose(1, 2).expand(n1, -1, -1), gZ).view(n1 * bi, N)
-    return gxt, gC, gB
+    gx = None
+    if need_x and row_major_gx and not torch.compiler.is_compiling():  # (dynamo refuses a strided out=)
+        # the batched GEMM writes each q's (N, bi) columns of gx in place
+        gx = torch.empty(N, n1 * bi, dtype=gZ.dtype, device=gZ.device)
+        Bq = B.reshape(1, r * bo, bi).expand(n1, -1, -1)
+        torch.bmm(gZ.transpose(1, 2), Bq, out=gx.view(N, n1, bi).transpose(0, 1))
+    elif need_x:
+        gx = torch.bmm(B.reshape(1, r * bo, bi).transpose(1, 2).expand(n1, -1, -1), gZ).view(n1 * bi, N).t()
+    return gx, gC, gB
 
 
-def _factors_first(x2: Tensor, C: Tensor, B: Tensor) -> Tensor:
+def _factors_first(x2: Tensor, C: Tensor, B: Tensor, bias: Tensor | None = None) -> Tensor:
     """yᵀ (out, N) by T = (S*A) X first (one GEMM on xᵀ), then a batched GEMM over (i, c)."""
     r, m1, n1 = C.shape
     N, (_, bo, bi) = x2.shape[0], B.shape
     T = torch.mm(_rows_p_i(C), x2.t().contiguous().view(n1, bi * N)).view(m1, r * bi, N)
-    return torch.bmm(_cols_i_c(B).unsqueeze(0).expand(m1, -1, -1), T).view(m1 * bo, N)
+    return _add_bias_(torch.bmm(_cols_i_c(B).unsqueeze(0).expand(m1, -1, -1), T).view(m1 * bo, N), bias)
 
 
-def _factors_first_backward(x2, C, B, gyt, need_x):
-    """As `_input_first_backward`, for the factors-first order."""
+def _factors_first_backward(x2, C, B, gyt, need_x, row_major_gx):
+    """As `_input_first_backward`, for the factors-first order (gx always a transposed view)."""
     r, m1, n1 = C.shape
     _, bo, bi = B.shape
     N = x2.shape[0]
@@ -205,54 +222,31 @@ def _factors_first_backward(x2, C, B, gyt, need_x):
     del T
     gT = torch.bmm(Bc.t().unsqueeze(0).expand(m1, -1, -1), Gt).view(m1 * r, bi * N)
     gC = torch.mm(gT, Xt.t()).view(m1, r, n1).transpose(0, 1)
-    gxt = torch.mm(Cp.t(), gT).view(n1 * bi, N) if need_x else None
-    return gxt, gC, gB
+    gx = torch.mm(Cp.t(), gT).view(n1 * bi, N).t() if need_x else None
+    return gx, gC, gB
 
 
 _FORWARD = {"input_first": _input_first, "factors_first": _factors_first}
 _BACKWARD = {"input_first": _input_first_backward, "factors_first": _factors_first_backward}
 
 
-def _weight_grads(C: Tensor, S: Tensor, A: Tensor, B: Tensor, gW: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of S, A, B (C = S*A) from the gradient of the dense weight, gW (out, in)."""
-    r, m1, n1 = C.shape
-    _, bo, bi = B.shape
-    G = _reorder(gW, (m1, n1, bo, bi), to_blocks=True).view(m1 * n1, bo * bi)
-    gC = torch.mm(B.view(r, bo * bi), G.t()).view(r, m1, n1)
-    gB = torch.mm(C.view(r, m1 * n1), G).view(r, bo, bi)
-    return (gC * A).sum(0), gC * S, gB
-
-
 class _KronLinearFn(torch.autograd.Function):
-    """y = x Wᵀ + b with W = sum_i kron(S*A_i, B_i); factored paths save only the inputs."""
+    """y = x Wᵀ + b with W = sum_i kron(S*A_i, B_i) by a factored path, saving only the inputs."""
 
     @staticmethod
-    def forward(ctx, x2, S, A, B, bias, path):  # x2: (N, in), contiguous
-        ctx.path = path
-        if path == "materialize":
-            C = S * A
-            W = _build_weight(C, B)
-            ctx.save_for_backward(x2, S, A, B, W, C)
-            return torch.addmm(bias, x2, W.t()) if bias is not None else torch.mm(x2, W.t())
+    def forward(ctx, x2, S, A, B, bias, path, row_major_gx):  # x2: (N, in), contiguous
+        ctx.path, ctx.row_major_gx = path, row_major_gx
         ctx.save_for_backward(x2, S, A, B)
-        yt = _FORWARD[path](x2, S * A, B)  # (out, N)
-        return yt.t() if bias is None else torch.add(yt.t(), bias)
+        return _FORWARD[path](x2, S * A, B, bias).t()  # yᵀ (out, N) computed, y returned as a view
 
     @staticmethod
     def backward(ctx, gy):
-        x2, S, A, B = ctx.saved_tensors[:4]
+        x2, S, A, B = ctx.saved_tensors
         gy = gy.to(x2.dtype)  # under autocast gy may be bf16 while the saved input is fp32
         need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
         gbias = gy.sum(0) if need_b else None
-        if ctx.path == "materialize":
-            W = ctx.saved_tensors[4].to(gy.dtype)  # built in bf16 under autocast
-            gx = torch.mm(gy, W) if need_x else None
-            C = ctx.saved_tensors[5].to(gy.dtype)
-            gS, gA, gB = _weight_grads(C, S, A, B, torch.mm(gy.t(), x2))
-            return gx, gS, gA, gB, gbias, None
-        gxt, gC, gB = _BACKWARD[ctx.path](x2, S * A, B, gy.t().contiguous(), need_x)
-        gx = gxt.t() if need_x else None
-        return gx, (gC * A).sum(0), gC * S, gB, gbias, None
+        gx, gC, gB = _BACKWARD[ctx.path](x2, S * A, B, gy.t().contiguous(), need_x, ctx.row_major_gx)
+        return gx, (gC * A).sum(0), gC * S, gB, gbias, None, None
 
 
 def kron_linear(x: Tensor, S: Tensor, A: Tensor, B: Tensor, bias: Tensor | None = None,
@@ -263,6 +257,11 @@ def kron_linear(x: Tensor, S: Tensor, A: Tensor, B: Tensor, bias: Tensor | None 
     "materialize". All paths give the same result up to floating-point rounding.
     """
     _check_factors(S, A, B)
+    return _kron_linear(x, S, A, B, bias, path)
+
+
+def _kron_linear(x: Tensor, S: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, path: str) -> Tensor:
+    """`kron_linear` without validating the factors (a KronLinear's are valid by construction)."""
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; valid paths: {', '.join(PATHS)}")
     m1, n1 = S.shape
@@ -270,16 +269,18 @@ def kron_linear(x: Tensor, S: Tensor, A: Tensor, B: Tensor, bias: Tensor | None 
     in_features = n1 * bi
     if x.shape[-1] != in_features:
         raise ValueError(f"input has {x.shape[-1]} features in its last dimension, expected {in_features}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features).contiguous()
     if path == "auto":
         from .costs import choose_path  # local import: costs imports this module's helpers
 
         grad = torch.is_grad_enabled()
         training = grad and any(t is not None and t.requires_grad for t in (x, S, A, B, bias))
-        path = choose_path(m1 * bo, in_features, (bo, bi), r, x2.shape[0], training, grad and x.requires_grad)
-    y = _KronLinearFn.apply(x2, S, A, B, bias, path)
-    return y.reshape(*lead, m1 * bo)
+        tokens = x.numel() // in_features
+        path = choose_path(m1 * bo, in_features, (bo, bi), r, tokens, training, grad and x.requires_grad)
+    if path == "materialize":  # plain autograd: its backward is a few C++ nodes, no Python
+        return torch.nn.functional.linear(x, _build_weight(S * A, B), bias)
+    x2 = x.reshape(-1, in_features).contiguous()
+    y = _KronLinearFn.apply(x2, S, A, B, bias, path, x.is_leaf)
+    return y.reshape(*x.shape[:-1], m1 * bo)
 
 
 # --------------------------------------------------------------------------------------------

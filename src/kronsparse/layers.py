@@ -71,7 +71,7 @@ class KronLinear(nn.Module):
         _reset_factors(self, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.kron_linear(x, self.S, self.A, self.B, self.bias, self.path)
+        return F._kron_linear(x, self.S, self.A, self.B, self.bias, self.path)
 
     def dense_weight(self) -> Tensor:
         """W (out, in), differentiable; the test oracle and the export path."""

@@ -84,7 +84,7 @@ def test_norm_scale_pin_reaches_the_target_and_prunes_only_planted_blocks():
 
 def test_each_layer_steers_its_own_lambda():
     """A layer whose prox zeroes too much gets a smaller lambda, one that zeroes too little a larger one."""
-    cfg = TrainConfig(model="mlp", block_shape=(2, 2), rank=2, target_sparsity=0.5)
+    cfg = TrainConfig(model="mlp", block_shape=(2, 2), rank=2, target_sparsity=0.5, scale_pin="decay")
     model = FeedForward([KronLinear(16, 8, (2, 2), 2), KronLinear(8, 4, (2, 2), 2)])
     method = KronMethod(cfg, 1000)
     method.prepare(model)
@@ -98,3 +98,13 @@ def test_each_layer_steers_its_own_lambda():
     fresh = KronMethod(cfg, 1000)
     fresh.load_state_dict(method.state_dict())
     assert fresh.lams == method.lams
+
+
+@pytest.mark.parametrize("model,pin,expected", [("linear", "auto", "decay"), ("mlp", "auto", "norm"),
+                                                ("lenet5", "auto", "norm"), ("linear", "norm", "norm"),
+                                                ("mlp", "decay", "decay")])
+def test_auto_scale_pin_is_decay_only_for_the_one_layer_model(model, pin, expected):
+    method = KronMethod(TrainConfig(model=model, scale_pin=pin, target_sparsity=0.5), 100)
+    assert method.pin == expected and method.summary()["scale_pin"] == expected
+    # with "norm" the ramp waits for the block sizes to mean something (a quarter of the phase)
+    assert (method.steering.schedule.start > 0) == (expected == "norm")

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from kronsparse import reproduce as rep
-from kronsparse.report import method_label
+from kronsparse.config import TrainConfig
+from kronsparse.report import command_of, method_label
 
 TINY = {"n_train": 300, "n_test": 100, "epochs": 1}
 
@@ -61,3 +62,19 @@ def test_started_again_it_skips_finished_runs(tiny_run, monkeypatch):
 def test_unknown_experiment():
     with pytest.raises(ValueError, match="valid experiments: mnist-linear"):
         rep.reproduce("cifar", "unused", seeds=[0])
+
+
+@pytest.mark.parametrize("model,pin,label", [
+    ("linear", "auto", "kron"), ("linear", "decay", "kron"),  # configs from before "auto" say decay
+    ("linear", "norm", "kron (scale-pin norm)"), ("mlp", "auto", "kron"), ("mlp", "norm", "kron"),
+    ("mlp", "decay", "kron (scale-pin decay)")])
+def test_a_scale_pin_gets_its_own_row_only_where_auto_would_not_pick_it(model, pin, label):
+    m = {"method": "kron", "config": TrainConfig(model=model, scale_pin=pin).to_dict()}
+    assert method_label(m) == label
+    assert ("--scale-pin" in command_of(m)) == (label != "kron")
+
+
+def test_the_mlp_table_has_kron_with_the_other_scale_pin():
+    specs = rep.plan(rep.EXPERIMENTS["mnist-mlp"], [0], True, TrainConfig())
+    pins = {s.cfg.scale_pin for s in specs if s.cfg.method == "kron" and s.role == "table"}
+    assert pins == {"auto", "decay"}

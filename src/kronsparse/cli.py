@@ -8,7 +8,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .config import TrainConfig, parse_block
+from .config import SCALE_PINS, TrainConfig, parse_block
 
 ROW_KEYS = ("method", "model", "dataset", "paper_block_name", "rank", "test_accuracy", "block_sparsity",
             "weight_sparsity", "train_params", "train_macs", "inference_params", "wall_seconds")
@@ -36,9 +36,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=d["lr"].default)
     p.add_argument("--momentum", type=float, default=d["momentum"].default)
     p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--scale-pin", default=d["scale_pin"].default, choices=("decay", "norm"),
-                   help="kron: weight decay on A (default) or each block's A at unit norm with S "
-                        "carrying its magnitude (much better on deep models, see README)")
+    p.add_argument("--scale-pin", default=d["scale_pin"].default, choices=SCALE_PINS,
+                   help="kron: decay (weight decay on A) or norm (each block's A at unit norm, S "
+                        "carrying its size); auto (default): decay on the linear model, norm on deeper ones")
     p.add_argument("--batch-size", type=int, default=d["batch_size"].default)
     p.add_argument("--epochs", type=int, default=d["epochs"].default)
     p.add_argument("--sparsify-fraction", type=float, default=d["sparsify_fraction"].default)

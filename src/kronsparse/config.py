@@ -16,7 +16,16 @@ def parse_block(text: str) -> tuple[int, int]:
     return bo, bi
 
 
-SCALE_PINS = ("decay", "norm")
+SCALE_PINS = ("auto", "decay", "norm")
+
+
+def resolve_scale_pin(pin: str, model: str) -> str:
+    """The kron method's scale pin for `model` (see methods/kron.py): "auto" is "decay" on the
+    one-layer linear model and "norm" on every deeper model, where "decay" loses 8 points (MLP,
+    10 epochs, 2x2: 89.61% vs 97.98%)."""
+    if pin != "auto":
+        return pin
+    return "decay" if model == "linear" else "norm"
 
 
 @dataclass
@@ -35,7 +44,7 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float | None = None  # None: method default (1e-3 on A, B for kron; 0 for dense)
-    scale_pin: str = "decay"  # kron: how the scale is kept from escaping into A ("decay" or "norm")
+    scale_pin: str = "auto"  # kron: how the scale is kept from escaping into A, see resolve_scale_pin
     batch_size: int = 64
     epochs: int = 10
     sparsify_fraction: float = 0.7  # share of training that sparsifies; then the mask is frozen

@@ -11,6 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
+from .config import resolve_scale_pin
 from .io import write_text
 
 COLUMNS = ("test_accuracy", "block_sparsity", "weight_sparsity", "train_params", "train_macs",
@@ -28,9 +29,16 @@ def load_runs(specs, out: Path) -> list[dict]:
     return runs
 
 
+def explicit_scale_pin(c: dict) -> str | None:
+    """The scale pin of config `c` where it is not the one "auto" picks for its model, else None."""
+    pin = c.get("scale_pin", "decay")  # configs written before "auto" existed say decay or norm
+    return None if resolve_scale_pin(pin, c["model"]) == resolve_scale_pin("auto", c["model"]) else pin
+
+
 def method_label(m: dict) -> str:
-    """The method's table name: kron with `--scale-pin norm` gets a row of its own."""
-    return m["method"] + (" (scale-pin norm)" if m["config"].get("scale_pin", "decay") != "decay" else "")
+    """The method's table name: kron with the scale pin "auto" does not pick gets a row of its own."""
+    pin = explicit_scale_pin(m["config"]) if m["method"] == "kron" else None
+    return m["method"] + (f" (scale-pin {pin})" if pin else "")
 
 
 def group_key(m: dict) -> tuple:
@@ -74,7 +82,7 @@ def command_of(m: dict) -> str:
         parts.append("--candidates " + ",".join(f"{a}x{b}" for a, b in c["candidates"]))
     if c.get("standardize"):
         parts.append("--standardize")
-    if c.get("scale_pin", "decay") != "decay":
+    if c.get("method") in ("kron", "select") and explicit_scale_pin(c):
         parts.append(f"--scale-pin {c['scale_pin']}")
     for key in ("n_train", "n_test"):
         if c.get(key):

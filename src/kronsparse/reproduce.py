@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
+from .config import TrainConfig, resolve_scale_pin
 from .models import ARCHITECTURES, tiles
 from .train import train
 
@@ -54,12 +54,14 @@ def block_name(block) -> str:
 
 
 def plan(exp: Experiment, seeds: list[int], quick: bool, base: TrainConfig) -> list[Spec]:
-    """The runs of the main table (all seeds), the sparsity sweep and the rank sweep (first seed)."""
+    """The runs of the main table (all seeds, kron also with the scale pin "auto" does not pick), the
+    sparsity sweep and the rank sweep (first seed)."""
     specs: list[Spec] = []
+    other_pin = "norm" if resolve_scale_pin("auto", exp.model) == "decay" else "decay"
 
     def add(role: str, method: str, block, target, seed: int, rank: int = 2, **extra) -> None:
         name = f"{method}-{block_name(block)}-r{rank}-" + (f"t{target:g}" if target is not None else "dense") + f"-s{seed}"
-        name += "-norm" if extra.get("scale_pin") == "norm" else ""
+        name += f"-{extra['scale_pin']}" if "scale_pin" in extra else ""
         cfg = dataclasses.replace(base, method=method, model=exp.model, dataset=exp.dataset, block_shape=block,
                                   rank=rank, target_sparsity=target, seed=seed, **extra)
         if all(s.name != name for s in specs):
@@ -70,7 +72,7 @@ def plan(exp: Experiment, seeds: list[int], quick: bool, base: TrainConfig) -> l
             add("table", "dense", block, None, seed)
             for method in SPARSE_METHODS:
                 add("table", method, block, target, seed)
-            add("table", "kron", block, target, seed, scale_pin="norm")  # the other scale pin, see kron.py
+            add("table", "kron", block, target, seed, scale_pin=other_pin)  # see methods/kron.py
         target = next(iter(exp.blocks.values()))
         candidates = select_candidates(exp.model)
         add("table", "select", candidates[0], target, seed, candidates=candidates)

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/bench_train_step.py: a tiny grid runs and writes JSON + markdown."""
+"""Smoke tests of the benchmark scripts: tiny grids run and write their results."""
 
 import importlib.util
 import json
@@ -8,8 +8,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_step.py"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_train_step", BENCH)
+def load_bench(path=BENCH):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -28,3 +28,13 @@ def test_tiny_grid_writes_json_and_markdown(tmp_path):
     dense = next(r for r in data["records"] if r["variant"] == "dense")
     assert dense["ratio_vs_dense"] == 1.0 and dense["saved_bytes"] > 0 and dense["state_bytes"] > 0
     assert "| 16x8 | 2x4 |" in stem.with_suffix(".md").read_text()
+
+
+def test_whole_model_step_runs_the_method_and_writes_json(tmp_path):
+    bench = load_bench(BENCH.with_name("bench_model_step.py"))
+    out = tmp_path / "model-step.json"
+    bench.main(["--models", "linear", "--blocks", "2x16", "--repeats", "3", "--warmup", "1", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["model"] == "linear" and row["block_shape"] == [2, 16] and row["scale_pin"] == "decay"
+    assert len(row["times_ms"]["kron"]) == len(row["times_ms"]["dense"]) == 3
+    assert row["kron_over_dense"] == row["kron_ms"] / row["dense_ms"] > 0

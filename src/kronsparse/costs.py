@@ -15,13 +15,16 @@ from .functional import check_block_shape, divisors
 
 # Constants of `step_cost`, in units of one multiply-add inside a large GEMM. Fitted by
 # `benchmarks/calibrate_costs.py fit` (grid search, least summed slowdown of the chosen path against
-# the fastest measured one) on 67 forward+backward timings (784x10 at 2x2/2x16 and 1024x1024 at
-# 4x4/16x16, ranks 1-4, batch 64-4096; benchmarks/results/calibration-cpu-2026-11-25.json) taken on
-# the 2-core AMD EPYC VM (AVX2, torch 2.13 + MKL, fp32, 2 threads) while other jobs loaded it: noisy,
-# so only the ordering they induce is meant. Previous guesses (3, 4, 20000) gave 2.6x the slowdown.
+# the fastest measured one) on 92 forward+backward timings (784x10 at 2x2/2x16 and 1024x1024 at
+# 4x4/16x16/64x64, ranks 1-4, batch 64-4096, 2048x2048; benchmarks/results/calibration-cpu-2026-11-25.json)
+# on the 2-core x86_64 VM (torch 2.13 + MKL, fp32, 2 threads): noisy, so only the ordering they
+# induce is meant. Refitted after materialize moved to plain autograd (no Python backward): with the
+# previous constants (launch 20000, no Function term) the summed slowdown was 7.6, now 5.0, and
+# every MNIST-sized case at batch 64 picks materialize, the fastest there.
 _BMM_COST = 2.0  # a MAC in a batched GEMM of small per-block matrices
 _COPY_COST = 32.0  # one element written by a permuted copy or an elementwise pass (strided copies are slow)
-_LAUNCH_COST = 20_000.0  # one extra kernel call with its Python/autograd overhead
+_LAUNCH_COST = 200_000.0  # one extra kernel call with its autograd overhead (~7 us at ~30 GMAC/s)
+_FN_LAUNCHES = 8  # the factored paths' Python autograd.Function (forward and backward), in launches
 
 @dataclass(frozen=True)
 class PathMacs:
@@ -115,19 +118,20 @@ def step_cost(out_features: int, in_features: int, block_shape, rank: int, batch
     if path == "materialize":
         gemm = N * o * i * ((2 + gx) if training else 1)
         weight = r * o * i * (3 if training else 1) + _COPY_COST * o * i * (2 if training else 1)
-        return gemm + weight + (_COPY_COST * N * o) + (12 + gx if training else 4) * _LAUNCH_COST
+        return gemm + weight + (_COPY_COST * N * o) + (13 + gx if training else 4) * _LAUNCH_COST
+    fn = _FN_LAUNCHES // (1 if training else 2)  # forward only at inference
     if path == "input_first":
         f1, f2 = N * r * n1 * bi * bo, N * r * m1 * n1 * bo
         if not training:
-            return _BMM_COST * f1 + f2 + _COPY_COST * N * o + 4 * _LAUNCH_COST
+            return _BMM_COST * f1 + f2 + _COPY_COST * N * o + (4 + fn) * _LAUNCH_COST
         return (_BMM_COST * (3 + gx) * f1 + 3 * f2 + _COPY_COST * (2 * N * o + n1 * r * bo * bi)
-                + (14 + gx) * _LAUNCH_COST)
+                + (14 + gx + fn) * _LAUNCH_COST)
     if path == "factors_first":
         f1, f2 = N * r * m1 * n1 * bi, N * r * m1 * bi * bo
         if not training:
-            return f1 + _BMM_COST * f2 + _COPY_COST * (N * i + N * o) + 5 * _LAUNCH_COST
+            return f1 + _BMM_COST * f2 + _COPY_COST * (N * i + N * o) + (5 + fn) * _LAUNCH_COST
         return ((3 + gx) * f1 + 3 * _BMM_COST * f2 + _COPY_COST * (2 * N * i + 2 * N * o + m1 * r * bo * bi)
-                + (16 + gx) * _LAUNCH_COST)
+                + (16 + gx + fn) * _LAUNCH_COST)
     raise ValueError(f"unknown path {path!r}")
 
 

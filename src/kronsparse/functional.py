@@ -13,7 +13,8 @@ shape block_shape = (bo, bi), is zero when S[p, q] == 0.
                    Y = sum_i (S*A_i) Z_i. Intermediate (r, N, n1, bo).
 - "factors_first": T_i = (S*A_i) X first (contracts the n1 block columns), then
                    Y = sum_i T_i B_iᵀ. Intermediate (r, N, m1, bi).
-- "materialize":   build W once and do one dense matmul.
+- "materialize":   build W once and do one dense matmul (plain autograd: on small layers its
+                   backward, a few C++ nodes, beats a Python one).
 
 The factored paths run in a custom autograd function that saves only its inputs and recomputes
 the r-times-larger intermediate in backward, so training memory stays close to a dense layer's.
@@ -129,7 +130,9 @@ def _reorder(t: Tensor, grid: tuple[int, int, int, int], to_blocks: bool) -> Ten
 # activation-sized tensor except gyᵀ (and xᵀ on factors_first): the intermediates are laid out
 # feature-major, (features, N), so that an (i, q) or (p, i) contraction is a single GEMM and the
 # results come out as yᵀ and xᵀ, returned as transposed views. Only factor-sized tensors (r*m1*n1
-# or r*bo*bi elements) are ever permuted.
+# or r*bo*bi elements) are ever permuted. One exception: a leaf input's gradient must be row-major
+# (AccumulateGrad would copy a transposed one), so input_first then copies gx from (n1, N, bi),
+# whose bi-long runs copy faster than the transpose.
 
 
 def _rows_q_i(C: Tensor) -> Tensor:
@@ -191,11 +194,9 @@ def _input_first_backward(x2, C, B, gyt, need_x, row_major_gx):
     Xn = x2.view(N, n1, bi).transpose(0, 1)  # (n1, N, bi) view
     gB = torch.bmm(gZ, Xn).sum(0).view(r, bo, bi)
     gx = None
-    if need_x and row_major_gx and not torch.compiler.is_compiling():  # (dynamo refuses a strided out=)
-        # the batched GEMM writes each q's (N, bi) columns of gx in place
-        gx = torch.empty(N, n1 * bi, dtype=gZ.dtype, device=gZ.device)
+    if need_x and row_major_gx:  # (q, N, bi) from the batched GEMM, then one copy with bi-long runs
         Bq = B.reshape(1, r * bo, bi).expand(n1, -1, -1)
-        torch.bmm(gZ.transpose(1, 2), Bq, out=gx.view(N, n1, bi).transpose(0, 1))
+        gx = torch.bmm(gZ.transpose(1, 2), Bq).transpose(0, 1).reshape(N, n1 * bi)
     elif need_x:
         gx = torch.bmm(B.reshape(1, r * bo, bi).transpose(1, 2).expand(n1, -1, -1), gZ).view(n1 * bi, N).t()
     return gx, gC, gB

@@ -1,0 +1,105 @@
+"""Whole-model training steps: the method (KronLinear layers + its proximal step) against dense.
+
+A script, not a test. One step is what `kronsparse train` runs per batch (`Run.train_step`):
+forward, cross-entropy, backward, the optimizer step and the method's after-step work (for kron:
+the scale pin, the l1 proximal step on S with lambda steering and the sparsity cap). The runs are
+built as `kronsparse train` builds them, sparsifying (--target-sparsity), and stepped on the same
+fixed MNIST batches, variants interleaved round-robin; the result is the median step time of each
+and its ratio to dense in the same round.
+
+    KRONSPARSE_DATA=../shared/data python benchmarks/bench_model_step.py --repeats 200
+
+Prints a markdown table and writes benchmarks/results/model-step-<device>-<date>.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout
+
+from kronsparse.config import TrainConfig, parse_block  # noqa: E402
+from kronsparse.metrics import training_costs  # noqa: E402
+from kronsparse.train import Run, load_data  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_run(method: str, model: str, block, rank: int, batch: int, device: str, ds) -> Run:
+    target = None if method == "dense" else 0.6
+    cfg = TrainConfig(method=method, model=model, block_shape=block, rank=rank, target_sparsity=target,
+                      batch_size=batch, epochs=100, device=device, standardize=True)  # 100: all sparsifying
+    return Run(cfg, ds, torch.device(device))
+
+
+def time_steps(runs: dict[str, Run], batches, repeats: int, warmup: int, device: str) -> dict[str, list[float]]:
+    times = {k: [] for k in runs}
+    for i in range(warmup + repeats):
+        xb, yb = batches[i % len(batches)]
+        for name, run in runs.items():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run.train_step(xb, yb)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="linear,mlp")
+    p.add_argument("--blocks", default="2x2,2x16")
+    p.add_argument("--rank", type=int, default=2)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ds = load_data(TrainConfig(standardize=True), torch.device(args.device))
+    batches = [(ds.x_train[i * args.batch:(i + 1) * args.batch], ds.y_train[i * args.batch:(i + 1) * args.batch])
+               for i in range(50)]
+    rows = []
+    for model in args.models.split(","):
+        for block in [parse_block(b) for b in args.blocks.split(",")]:
+            runs = {m: make_run(m, model, block, args.rank, args.batch, args.device, ds) for m in ("dense", "kron")}
+            times = time_steps(runs, batches, args.repeats, args.warmup, args.device)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            paths = training_costs(runs["kron"].model, args.batch)["train_paths"]
+            rows.append({"model": model, "block_shape": list(block), "rank": args.rank, "batch": args.batch,
+                         "dense_ms": med["dense"], "kron_ms": med["kron"], "kron_over_dense": med["kron"] / med["dense"],
+                         "kron_paths": paths, "scale_pin": runs["kron"].method.pin,
+                         "times_ms": {k: [round(t, 4) for t in v] for k, v in times.items()}})
+            print(f"{model} {block}: dense {med['dense']:.3f} ms, kron {med['kron']:.3f} ms "
+                  f"({med['kron'] / med['dense']:.2f}x, paths {paths})", flush=True)
+    meta = {"date": dt.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+            "device": args.device, "threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(), "repeats": args.repeats,
+            "warmup": args.warmup, "command": " ".join(sys.argv)}
+    out = args.out or RESULTS / f"model-step-{args.device.split(':')[0]}-{dt.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print("\n| model | block | rank | batch | dense step | kron step | ratio | kron paths |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['block_shape'][0]}x{r['block_shape'][1]} | {r['rank']} | {r['batch']} | "
+              f"{r['dense_ms']:.3f} ms | {r['kron_ms']:.3f} ms | {r['kron_over_dense']:.2f}x | {', '.join(r['kron_paths'])} |")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

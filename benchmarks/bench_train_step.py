@@ -191,13 +191,14 @@ def state_bytes(module, opt) -> int:
     return total
 
 
-def resolved_path(variant: str, case: Case, training: bool) -> str:
+def resolved_path(variant: str, case: Case, training: bool, need_x: bool) -> str:
     if not variant.startswith("kron:"):
         return "dense"
     path = variant.split(":", 1)[1]
     if path != "auto":
         return path
-    return choose_path(case.out_features, case.in_features, case.block_shape, case.rank, case.tokens, training)
+    return choose_path(case.out_features, case.in_features, case.block_shape, case.rank, case.tokens, training,
+                       need_x)
 
 
 def train_macs(case: Case, path: str, need_x: bool) -> int:
@@ -289,7 +290,7 @@ def run_case(case: Case, args, device, dtype) -> list[Record]:
         times = time_round_robin(steps, args.repeats, args.warmup, device)
         dense_ms = statistics.median(times["dense"])
         for v, (module, _) in built.items():
-            path = resolved_path(v, case, training=True)
+            path = resolved_path(v, case, training=True, need_x=need_x)
             med = statistics.median(times[v])
             macs = train_macs(case, path, need_x)
             records.append(Record(

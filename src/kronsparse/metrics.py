@@ -82,15 +82,15 @@ def training_costs(model: nn.Module, batch_size: int) -> dict:
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     positions = getattr(model, "positions", [1] * len(model.layers))
     macs, paths = 0, []
-    for layer, at in zip(model.layers, positions):
+    for k, (layer, at) in enumerate(zip(model.layers, positions)):
         if isinstance(layer, KRON_LAYERS) and not isinstance(layer, KronLinear):  # KronConv2d: materialises W
             per_position = layer_weight(layer).numel()
             macs += per_position * at + layer.rank * per_position // batch_size
             paths.append("materialize")
         elif isinstance(layer, KronLinear):
             c = layer_costs(layer.out_features, layer.in_features, layer.block_shape, layer.rank)
-            path = layer.path if layer.path != "auto" else choose_path(
-                layer.out_features, layer.in_features, layer.block_shape, layer.rank, batch_size)
+            path = layer.path if layer.path != "auto" else choose_path(  # the model's input needs no grad
+                layer.out_features, layer.in_features, layer.block_shape, layer.rank, batch_size, True, k > 0)
             per_sample = getattr(c.macs, path)
             if path == "materialize":
                 per_sample += c.macs.materialize_build // batch_size

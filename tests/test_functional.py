@@ -87,9 +87,11 @@ def test_gradcheck_every_path(path):
     assert torch.autograd.gradcheck(lambda *t: F.kron_linear(*t, path=path), (x, S, A, B, b))
 
 
-@pytest.mark.parametrize("gather_max", [0, 1 << 30])  # the strided copy and the cached-index gather
-def test_materialize_reorders_blocks_both_ways(monkeypatch, gather_max):
+@pytest.mark.parametrize("gather_max,short_runs_max", [(1 << 30, 0), (0, 1 << 30), (0, 0)])
+def test_materialize_reorders_blocks_both_ways(monkeypatch, gather_max, short_runs_max):
+    """The cached-index gather, the gather with a gather backward and the strided copy."""
     monkeypatch.setattr(F, "_GATHER_MAX", gather_max)
+    monkeypatch.setattr(F, "_GATHER_MAX_SHORT_RUNS", short_runs_max)
     S, A, B = factors(6, 8, (3, 2), 2, torch.float64)
     x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: F.kron_linear(*t, path="materialize"), (x, S, A, B))

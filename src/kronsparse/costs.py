@@ -20,7 +20,8 @@ from .functional import check_block_shape, divisors
 # on the 2-core x86_64 VM (torch 2.13 + MKL, fp32, 2 threads): noisy, so only the ordering they
 # induce is meant. Refitted after materialize moved to plain autograd (no Python backward): with the
 # previous constants (launch 20000, no Function term) the summed slowdown was 7.6, now 5.0, and
-# every MNIST-sized case at batch 64 picks materialize, the fastest there.
+# the 784x10 layer at batch 64 picks materialize at 2x2 and 2x16, the fastest there. Still missed:
+# 784x300 at 2x2, batch 64 (materialize 5.1 ms where factors_first takes 3.6), outside the grid.
 _BMM_COST = 2.0  # a MAC in a batched GEMM of small per-block matrices
 _COPY_COST = 32.0  # one element written by a permuted copy or an elementwise pass (strided copies are slow)
 _LAUNCH_COST = 200_000.0  # one extra kernel call with its autograd overhead (~7 us at ~30 GMAC/s)

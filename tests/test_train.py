@@ -68,11 +68,24 @@ def test_mlp_sparsifies_the_layers_that_tile_and_reports_the_rest():
     (["--model", "resnet"], "valid models"),
 ])
 def test_cli_user_errors_are_one_line(tmp_path, capsys, argv, message):
+    """Errors found by kronsparse and by argparse (below) alike: one line, exit code 2."""
     code = main(["train", "--out", str(tmp_path / "run"), "--no-progress", "--epochs", "1", *argv])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--scale-pin", "bogus"], "invalid choice: 'bogus'"),
+    (["train", "--epochs", "ten"], "invalid int value"),
+    (["nonsense"], "invalid choice"),
+])
+def test_cli_argument_errors_are_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1
 
 
 def test_cli_train_prints_the_row(tmp_path, capsys):

@@ -18,15 +18,17 @@ import argparse
 import datetime as dt
 import json
 import platform
+import itertools
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_train_step import time_round_robin  # noqa: E402
 from kronsparse.config import TrainConfig, parse_block  # noqa: E402
 from kronsparse.metrics import training_costs  # noqa: E402
 from kronsparse.train import Run, load_data  # noqa: E402
@@ -41,20 +43,10 @@ def make_run(method: str, model: str, block, rank: int, batch: int, device: str,
     return Run(cfg, ds, torch.device(device))
 
 
-def time_steps(runs: dict[str, Run], batches, repeats: int, warmup: int, device: str) -> dict[str, list[float]]:
-    times = {k: [] for k in runs}
-    for i in range(warmup + repeats):
-        xb, yb = batches[i % len(batches)]
-        for name, run in runs.items():
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            run.train_step(xb, yb)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    return times
+def train_step(run: Run, batches):
+    """One `Run.train_step` per call, on the next of the fixed batches."""
+    cycle = itertools.cycle(batches)
+    return lambda: run.train_step(*next(cycle))
 
 
 def main(argv=None) -> None:
@@ -78,7 +70,8 @@ def main(argv=None) -> None:
     for model in args.models.split(","):
         for block in [parse_block(b) for b in args.blocks.split(",")]:
             runs = {m: make_run(m, model, block, args.rank, args.batch, args.device, ds) for m in ("dense", "kron")}
-            times = time_steps(runs, batches, args.repeats, args.warmup, args.device)
+            steps = {name: train_step(run, batches) for name, run in runs.items()}
+            times = time_round_robin(steps, args.repeats, args.warmup, args.device)
             med = {k: statistics.median(v) for k, v in times.items()}
             paths = training_costs(runs["kron"].model, args.batch)["train_paths"]
             rows.append({"model": model, "block_shape": list(block), "rank": args.rank, "batch": args.batch,

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from kronsparse.config import TrainConfig
 from kronsparse.functional import block_mask_of, kron_weight
 from kronsparse.layers import KronLinear
-from kronsparse.methods.kron import KronMethod
-from kronsparse.models import FeedForward
+from kronsparse.methods.kron import KronMethod, KronOptions
+from kronsparse.models import FeedForward, build_model, kron_factory
+from kronsparse.sparsifier import Sparsifier
 
 
 def fit(lam: float | None, weight_decay: float, target=None, steps: int = 400, scale_pin: str = "decay"):
@@ -17,19 +17,18 @@ def fit(lam: float | None, weight_decay: float, target=None, steps: int = 400, s
     teacher = kron_weight(planted.float(), torch.randn(2, 4, 8), torch.randn(2, 2, 4))
     x = torch.randn(256, 32)
     y = x @ teacher.t()
-    cfg = TrainConfig(block_shape=(2, 4), rank=2, lam=lam, target_sparsity=target, weight_decay=weight_decay,
-                      sparsify_fraction=1.0 if target is None else 0.8, lr=0.02, scale_pin=scale_pin)
-    method = KronMethod(cfg, steps)
     model = FeedForward([KronLinear(32, 8, (2, 4), 2, bias=False)])
-    method.prepare(model)
-    opt = torch.optim.SGD(method.param_groups(model), lr=0.02, momentum=0.9)
+    sp = Sparsifier(model, "kron", block_shape=(2, 4), rank=2, lam=lam, target_sparsity=target,
+                    weight_decay=weight_decay, sparsify_fraction=1.0 if target is None else 0.8, scale_pin=scale_pin,
+                    total_steps=steps)
+    opt = torch.optim.SGD(sp.param_groups(), lr=0.02, momentum=0.9)
     for step in range(steps):
         loss = (model(x) - y).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        method.after_step(model, opt, step, 0.02)
-    return model.layers[0], planted, method
+        sp.step(opt)
+    return model.layers[0], planted, sp.method
 
 
 def test_block_sparsity_grows_with_lambda_and_recovers_the_planted_mask():
@@ -59,13 +58,14 @@ def test_target_sparsity_is_reached_exactly_and_pruned_blocks_stay_pruned():
 
 def test_state_dict_round_trip():
     _, _, method = fit(0.1, 1e-2, steps=50)
-    fresh = KronMethod(method.cfg, 50)
+    fresh = KronMethod(method.options, 50)
+    fresh.prepare(FeedForward([KronLinear(32, 8, (2, 4), 2, bias=False)]))
     fresh.load_state_dict(method.state_dict())
     assert fresh.lam == method.lam and all(torch.equal(a, b) for a, b in zip(fresh.masks, method.masks))
 
 
 def test_norm_scale_pin_keeps_the_weight_and_puts_each_block_size_in_S():
-    cfg = TrainConfig(block_shape=(2, 4), rank=2, target_sparsity=0.5, scale_pin="norm")
+    cfg = KronOptions(block_shape=(2, 4), rank=2, target_sparsity=0.5, scale_pin="norm")
     model = FeedForward([KronLinear(32, 8, (2, 4), 2, bias=False)])
     layer = model.layers[0]
     before = layer.dense_weight().detach().clone()
@@ -84,7 +84,7 @@ def test_norm_scale_pin_reaches_the_target_and_prunes_only_planted_blocks():
 
 def test_each_layer_steers_its_own_lambda():
     """A layer whose prox zeroes too much gets a smaller lambda, one that zeroes too little a larger one."""
-    cfg = TrainConfig(model="mlp", block_shape=(2, 2), rank=2, target_sparsity=0.5, scale_pin="decay")
+    cfg = KronOptions(block_shape=(2, 2), rank=2, target_sparsity=0.5, scale_pin="decay")
     model = FeedForward([KronLinear(16, 8, (2, 2), 2), KronLinear(8, 4, (2, 2), 2)])
     method = KronMethod(cfg, 1000)
     method.prepare(model)
@@ -92,10 +92,11 @@ def test_each_layer_steers_its_own_lambda():
         model.layers[0].S.fill_(1e-9)  # every block would be zeroed: more than the ramp allows
         model.layers[1].S.fill_(1e3)  # no block would be zeroed
     start = method.lams[0]
-    method.after_step(model, None, 100, 0.01)
+    method.step(None, 100, 0.01)
     assert method.lams[0] < start < method.lams[1]
     assert not (model.layers[0].S == 0).all()  # the cap kept the blocks the ramp does not yet allow
     fresh = KronMethod(cfg, 1000)
+    fresh.prepare(FeedForward([KronLinear(16, 8, (2, 2), 2), KronLinear(8, 4, (2, 2), 2)]))
     fresh.load_state_dict(method.state_dict())
     assert fresh.lams == method.lams
 
@@ -104,7 +105,9 @@ def test_each_layer_steers_its_own_lambda():
                                                 ("lenet5", "auto", "norm"), ("linear", "norm", "norm"),
                                                 ("mlp", "decay", "decay")])
 def test_auto_scale_pin_is_decay_only_for_the_one_layer_model(model, pin, expected):
-    method = KronMethod(TrainConfig(model=model, scale_pin=pin, target_sparsity=0.5), 100)
+    net = build_model(model, kron_factory((2, 2), 2))
+    method = KronMethod(KronOptions(scale_pin=pin, target_sparsity=0.5), 100)
+    method.prepare(net)
     assert method.pin == expected and method.summary()["scale_pin"] == expected
     # with "norm" the ramp waits for the block sizes to mean something (a quarter of the phase)
     assert (method.steering.schedule.start > 0) == (expected == "norm")

@@ -29,6 +29,11 @@ def blocks_of(values, block_shape):
     return expand_block_mask(torch.tensor(values, dtype=torch.float32), block_shape)
 
 
+def options(method, **kw):
+    """The options of `method` (what a Sparsifier builds from its keyword arguments)."""
+    return get_method(method).Options(**kw)
+
+
 def prepared(method_cls, cfg, sizes, total_steps=10):
     """A method prepared on FeedForward([Linear(sizes[0], sizes[1]), ...]) with fixed weights."""
     torch.manual_seed(0)
@@ -44,7 +49,7 @@ def prepared(method_cls, cfg, sizes, total_steps=10):
 
 
 def test_group_lasso_prox_exact_mask_and_values():
-    method = GroupLassoMethod(TrainConfig(method="group-lasso", block_shape=(2, 2), lam=1.0), 10)
+    method = GroupLassoMethod(options("group-lasso", block_shape=(2, 2), lam=1.0), 10)
     # block norms 2 * value; group threshold = t * sqrt(4) = 2t = 1 for t = 0.5
     W = blocks_of([[0.25, 0.5], [1.0, -2.0]], (2, 2))
     out = method.prox(W, 0.5)
@@ -53,7 +58,7 @@ def test_group_lasso_prox_exact_mask_and_values():
 
 
 def test_elastic_group_lasso_prox_soft_thresholds_then_shrinks():
-    method = ElasticGroupLassoMethod(TrainConfig(method="elastic-group-lasso", block_shape=(2, 2), lam=1.0), 10)
+    method = ElasticGroupLassoMethod(options("elastic-group-lasso", block_shape=(2, 2), lam=1.0), 10)
     method.l1_ratio = 32.0  # l1 threshold t * 32 / 16 = 2t = 1, group threshold 2t = 1 (t = 0.5)
     W = torch.tensor([[4.0, 1.0, 1.5, -1.5],
                       [0.5, 0.0, 0.5, 0.0],
@@ -73,38 +78,38 @@ def test_elastic_group_lasso_prox_soft_thresholds_then_shrinks():
 
 
 def test_group_lasso_cap_keeps_the_largest_excess_block_and_top_up_prunes_the_smallest():
-    cfg = TrainConfig(method="group-lasso", block_shape=(2, 2), target_sparsity=0.5, lam=2.0, sparsify_fraction=1.0)
+    cfg = options("group-lasso", block_shape=(2, 2), target_sparsity=0.5, lam=2.0, sparsify_fraction=1.0)
     method, model = prepared(GroupLassoMethod, cfg, (4, 4), total_steps=1)  # ramp 0 steps: cap = 2 of 4
     W = blocks_of([[0.05, 0.1], [0.15, 2.5]], (2, 2))  # block norms 0.1, 0.2, 0.3, 5
     model.layers[0].weight.data.copy_(W)
-    method.after_step(model, None, 0, lr=0.1)  # threshold 0.1 * 2 * 2 = 0.4 would zero three blocks
+    method.step(None, 0, 0.1)  # threshold 0.1 * 2 * 2 = 0.4 would zero three blocks
     out = model.layers[0].weight.detach()
     assert torch.equal(block_mask_of(out, (2, 2)), torch.tensor([[False, False], [True, True]]))
     assert torch.equal(out[2:, :2], W[2:, :2])  # the largest of the three kept its value this step
     torch.testing.assert_close(out[2:, 2:], W[2:, 2:] * (1 - 0.4 / 5))
     assert torch.equal(method.masks[0], block_mask_of(out, (2, 2)))  # frozen at the phase's end
 
-    cfg = TrainConfig(method="group-lasso", block_shape=(2, 2), target_sparsity=0.5, lam=1e-6, sparsify_fraction=1.0)
+    cfg = options("group-lasso", block_shape=(2, 2), target_sparsity=0.5, lam=1e-6, sparsify_fraction=1.0)
     method, model = prepared(GroupLassoMethod, cfg, (4, 4), total_steps=1)
     model.layers[0].weight.data.copy_(blocks_of([[0.3, 0.1], [2.0, 0.2]], (2, 2)))
-    method.after_step(model, None, 0, lr=0.1)
+    method.step(None, 0, 0.1)
     assert method.topped_up == 2
     assert torch.equal(method.masks[0], torch.tensor([[True, False], [True, False]]))
 
 
 def test_group_lasso_blocks_may_revive_while_sparsifying_but_not_after_the_freeze():
-    cfg = TrainConfig(method="group-lasso", block_shape=(2, 2), lam=1.0, sparsify_fraction=0.5)
+    cfg = options("group-lasso", block_shape=(2, 2), lam=1.0, sparsify_fraction=0.5)
     method, model = prepared(GroupLassoMethod, cfg, (4, 4), total_steps=4)  # sparsify steps 0, 1
     layer = model.layers[0]
     layer.weight.data.copy_(blocks_of([[0.005, 1.0], [1.0, 1.0]], (2, 2)))
-    method.after_step(model, None, 0, lr=0.01)  # threshold 0.02: block (0, 0) (norm 0.01) -> 0
+    method.step(None, 0, 0.01)  # threshold 0.02: block (0, 0) (norm 0.01) -> 0
     assert not block_mask_of(layer.weight, (2, 2))[0, 0]
     layer.weight.data[0, 0] = 0.5  # a gradient step revives it
-    method.after_step(model, None, 1, lr=0.01)  # the prox keeps it (norm 0.5 > 0.02); the mask freezes
+    method.step(None, 1, 0.01)  # the prox keeps it (norm 0.5 > 0.02); the mask freezes
     assert block_mask_of(layer.weight, (2, 2)).all()
     layer.weight.data.copy_(blocks_of([[0.5, 1.0], [1.0, 1.0]], (2, 2)))
     method.masks[0][1, 1] = False
-    method.after_step(model, None, 2, lr=0.01)  # frozen: masked blocks re-zeroed, no prox
+    method.step(None, 2, 0.01)  # frozen: masked blocks re-zeroed, no prox
     assert torch.equal(layer.weight, blocks_of([[0.5, 1.0], [1.0, 0.0]], (2, 2)))
 
 
@@ -134,7 +139,7 @@ def test_rigl_schedules_and_layer_split():
 
 
 def test_rigl_active_block_counts_stay_exact_over_many_updates():
-    cfg = TrainConfig(method="rigl", block_shape=(2, 2), target_sparsity=0.5)
+    cfg = options("rigl", block_shape=(2, 2), target_sparsity=0.5)
     method, model = prepared(RigLMethod, cfg, (8, 6, 4), total_steps=120)
     method.is_update = Every(2, 90)
     opt = torch.optim.SGD(method.param_groups(model), lr=0.1, momentum=0.9)
@@ -146,9 +151,8 @@ def test_rigl_active_block_counts_stay_exact_over_many_updates():
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
-        method.before_step(model, step)
         opt.step()
-        method.after_step(model, opt, step, 0.1)
+        method.step(opt, step, 0.1)
         for layer, mask in zip(method.layers, method.masks):
             assert int(mask.sum()) == mask.numel() // 2
             assert torch.equal(block_mask_of(layer.weight, (2, 2)) & ~mask, torch.zeros_like(mask))
@@ -158,7 +162,7 @@ def test_rigl_active_block_counts_stay_exact_over_many_updates():
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_rigl_grown_blocks_start_at_zero_with_zero_optimizer_state(optimizer):
-    cfg = TrainConfig(method="rigl", block_shape=(2, 2), target_sparsity=0.5)
+    cfg = options("rigl", block_shape=(2, 2), target_sparsity=0.5)
     method, model = prepared(RigLMethod, cfg, (4, 4))
     layer = model.layers[0]
     method.masks = [torch.tensor([[True, True], [False, False]])]
@@ -166,24 +170,25 @@ def test_rigl_grown_blocks_start_at_zero_with_zero_optimizer_state(optimizer):
     layer.weight.data.copy_(blocks_of([[0.1, 2.0], [7.0, 7.0]], (2, 2)))
     opt = (torch.optim.SGD(method.param_groups(model), lr=0.1, momentum=0.9) if optimizer == "sgd"
            else torch.optim.Adam(method.param_groups(model), lr=0.1))
+    G = blocks_of([[1.0, 1.0], [2.0, 3.0]], (2, 2))
     for step in range(3):  # a few ordinary steps fill the optimizer state of the active blocks
-        layer.weight.grad = blocks_of([[1.0, 1.0], [2.0, 3.0]], (2, 2))
-        method.before_step(model, step)
+        opt.zero_grad()
+        (layer.weight * G).sum().backward()  # gradient G, through the method's gradient hook
         opt.step()
-        method.after_step(model, opt, step, 0.1)
+        method.step(opt, step, 0.1)
     state = [v for v in opt.state[layer.weight].values() if v.shape == layer.weight.shape]
     assert all(s[:2].ne(0).all() and not s[2:].any() for s in state)
     assert not layer.weight[2:].any()
-    method.grow_scores = [torch.tensor([[0.0, 0.0], [1.0, 3.0]])]
+    method.grads = [blocks_of([[0.0, 0.0], [1.0, 3.0]], (2, 2))]  # the dense gradient of an update step
     method.update_masks(opt, 0.5)  # drop 1 of 2 active: (0, 0), the smaller; grow (1, 1), the larger grad
     assert torch.equal(method.masks[0], torch.tensor([[False, True], [False, True]]))
     assert not layer.weight[:2, :2].any() and not layer.weight[2:].any()
     for s in state:
         assert not s[:2, :2].any() and not s[2:, 2:].any() and s[:2, 2:].ne(0).all()
-    layer.weight.grad = blocks_of([[1.0, 1.0], [2.0, 3.0]], (2, 2))
-    method.before_step(model, 3)
+    opt.zero_grad()
+    (layer.weight * G).sum().backward()
     opt.step()
-    method.after_step(model, opt, 3, 0.1)
+    method.step(opt, 3, 0.1)
     assert layer.weight[2:, 2:].ne(0).all() and not layer.weight[:2, :2].any()
 
 
@@ -195,13 +200,14 @@ def test_rigl_grown_blocks_start_at_zero_with_zero_optimizer_state(optimizer):
 @pytest.mark.parametrize("block_shape", [(2, 4), (4, 2), (1, 1)])
 def test_block_magnitude_zero_blocks_are_our_grid(block_shape):
     bo, bi = block_shape
-    cfg = TrainConfig(method="block-magnitude", block_shape=block_shape, target_sparsity=0.5, sparsify_fraction=1.0)
+    cfg = options("block-magnitude", block_shape=block_shape, target_sparsity=0.5, sparsify_fraction=1.0)
     method, model = prepared(BlockMagnitudeMethod, cfg, (8, 8), total_steps=1)
     m1, n1 = 8 // bo, 8 // bi
     norms = torch.randperm(m1 * n1, generator=torch.Generator().manual_seed(0)).float().add(1).view(m1, n1)
     with torch.no_grad():
         model.layers[0].parametrizations.weight.original.copy_(blocks_of(norms.tolist(), block_shape))
-    method.after_step(model, None, 0, lr=0.1)  # the last step: level = target, then squash
+    method.step(None, 0, 0.1)  # the last sparsifying step: level = target
+    method.finalize()  # squash: plain weights with exact zero blocks
     W = model.layers[0].weight
     assert isinstance(W, nn.Parameter) and not hasattr(model.layers[0], "parametrizations")
     expected = norms > norms.flatten().kthvalue(m1 * n1 // 2).values
@@ -231,17 +237,19 @@ def test_state_dict_round_trip_resumes_bit_identically(method, monkeypatch):
     a = Run(cfg, ds, torch.device("cpu"))
     for xb, yb in batches[:k]:
         a.train_step(xb, yb)
-    saved = copy.deepcopy({"method": a.method.state_dict(), "model": a.model.state_dict(),
+    saved = copy.deepcopy({"sparsifier": a.sparsifier.state_dict(), "model": a.model.state_dict(),
                            "optimizer": a.optimizer.state_dict(), "step": a.step})
     for xb, yb in batches[k:]:
         a.train_step(xb, yb)
+    a.sparsifier.finalize(a.optimizer)
     b = Run(cfg, ds, torch.device("cpu"))
-    b.method.load_state_dict(saved["method"])
+    b.sparsifier.load_state_dict(saved["sparsifier"], b.optimizer)
     b.model.load_state_dict(saved["model"])
     b.optimizer.load_state_dict(saved["optimizer"])
     b.step = saved["step"]
     for xb, yb in batches[k:]:
         b.train_step(xb, yb)
+    b.sparsifier.finalize(b.optimizer)
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert set(sa) == {"layers.0.weight", "layers.0.bias"} == set(sb)  # reparametrisations removed
     for key in sa:
@@ -314,15 +322,15 @@ def test_unknown_method_lists_the_valid_ones():
 
 @pytest.mark.parametrize("method", ["rigl", "iterative-pruning", "block-magnitude"])
 def test_methods_that_need_a_target_say_so(method):
-    with pytest.raises(ValueError, match=f"method '{method}' needs --target-sparsity"):
-        get_method(method)(TrainConfig(method=method), 100)
+    with pytest.raises(ValueError, match=f"method '{method}' needs a target sparsity"):
+        get_method(method)(options(method), 100)
 
 
 @pytest.mark.parametrize("method", ["group-lasso", "elastic-group-lasso"])
 def test_proximal_methods_need_a_target_or_a_lambda(method):
-    with pytest.raises(ValueError, match="needs --target-sparsity or --lambda"):
-        get_method(method)(TrainConfig(method=method), 100)
-    get_method(method)(TrainConfig(method=method, lam=0.01), 100)
+    with pytest.raises(ValueError, match="needs a target sparsity or a lambda"):
+        get_method(method)(options(method), 100)
+    get_method(method)(options(method, lam=0.01), 100)
 
 
 @pytest.mark.parametrize("method", BASELINES)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kronsparse.config import TrainConfig
+from kronsparse.methods import get_method
 from kronsparse.methods.block_magnitude import BlockMagnitudeMethod
 from kronsparse.methods.group_lasso import GroupLassoMethod
 from kronsparse.methods.rigl import RigLMethod
@@ -54,44 +55,44 @@ def conv_prepared(method_cls, cfg, values, total_steps=10):
 
 
 def test_group_lasso_prox_on_a_conv_zeroes_whole_channel_blocks():
-    cfg = TrainConfig(method="group-lasso", block_shape=(2, 2), lam=1.0)
+    cfg = get_method("group-lasso").Options(block_shape=(2, 2), lam=1.0)
     method, model = conv_prepared(GroupLassoMethod, cfg, [[0.25, 1.0], [-0.5, 2.0]])
     # block norms 6|v|; group threshold t * sqrt(36) = 6t, t = lr * lam = 0.5: |v| <= 0.5 goes
-    method.after_step(model, None, 0, lr=0.5)
+    method.step(None, 0, 0.5)
     W = model.layers[0].weight
     torch.testing.assert_close(W, expand_channels(torch.tensor([[0.0, 0.5], [0.0, 1.5]]), (2, 2)))
     assert method.num_blocks == 4
 
 
 def test_group_lasso_top_up_on_a_conv_prunes_the_smallest_channel_blocks():
-    cfg = TrainConfig(method="group-lasso", block_shape=(2, 2), target_sparsity=0.75)
+    cfg = get_method("group-lasso").Options(block_shape=(2, 2), target_sparsity=0.75)
     method, model = conv_prepared(GroupLassoMethod, cfg, [[0.3, 1.0], [-0.2, 2.0]])
     with torch.no_grad():
-        method._freeze()
+        method.finalize()
     assert method.topped_up == 3
     assert torch.equal(model.layers[0].weight != 0, expand_channels(torch.tensor([[False, False], [False, True]]),
                                                                     (2, 2)))
 
 
 def test_block_magnitude_on_a_conv_zeroes_the_smallest_channel_blocks():
-    cfg = TrainConfig(method="block-magnitude", block_shape=(2, 2), target_sparsity=0.5, sparsify_fraction=1.0)
+    cfg = get_method("block-magnitude").Options(block_shape=(2, 2), target_sparsity=0.5, sparsify_fraction=1.0)
     method, model = conv_prepared(BlockMagnitudeMethod, cfg, [[3.0, 1.0], [-4.0, 2.0]], total_steps=1)
-    method.after_step(model, None, 0, lr=0.1)  # the last step: level = target, then squash
+    method.step(None, 0, 0.1)  # the last sparsifying step: level = target
+    method.finalize()  # squash
     W = model.layers[0].weight
     assert isinstance(W, nn.Parameter) and W.shape == (4, 4, 3, 3)
     assert torch.equal(W != 0, expand_channels(torch.tensor([[True, False], [True, False]]), (2, 2)))
 
 
 def test_rigl_masks_a_conv_by_whole_channel_blocks():
-    cfg = TrainConfig(method="rigl", block_shape=(2, 2), target_sparsity=0.5)
+    cfg = get_method("rigl").Options(block_shape=(2, 2), target_sparsity=0.5)
     method, model = conv_prepared(RigLMethod, cfg, [[1.0, 1.0], [1.0, 1.0]])
     with torch.no_grad():
         method._apply_masks()
     mask = method.masks[0]
     assert mask.shape == (2, 2) and int(mask.sum()) == 2
     assert torch.equal(model.layers[0].weight != 0, expand_channels(mask, (2, 2)))
-    model.layers[0].weight.grad = torch.randn(4, 4, 3, 3)
-    method.grow_scores = [torch.tensor([[5.0, 6.0], [7.0, 8.0]])]
+    method.grads = [expand_channels(torch.tensor([[5.0, 6.0], [7.0, 8.0]]), (2, 2))]  # an update step's gradient
     optimizer = torch.optim.Adam(model.parameters())
     method.update_masks(optimizer, 0.5)  # drops one active block, grows the inactive one of largest score
     assert int(method.masks[0].sum()) == 2 and not torch.equal(method.masks[0], mask)

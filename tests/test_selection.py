@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from kronsparse.cli import main
 from kronsparse.config import TrainConfig
@@ -14,8 +15,8 @@ from kronsparse.functional import kron_weight
 from kronsparse.layers import KronLinear
 from kronsparse.methods import get_method
 from kronsparse.methods.select import SelectMethod, sparse_group_prox
-from kronsparse.models import build_model
 from kronsparse.selection import KronSelectLinear
+from kronsparse.sparsifier import Sparsifier
 from kronsparse.train import Run
 
 
@@ -54,8 +55,10 @@ def test_a_candidate_that_does_not_tile_is_an_error_listing_the_valid_sides():
     with pytest.raises(ValueError, match=r"candidate block shape \(2, 16\) does not fit layer 100 -> 10.*"
                                          r"bi must divide in \(\[1, 2, 4, 5, 10, 20, 25, 50, 100\]\)"):
         KronSelectLinear(100, 10, [(2, 2), (2, 16)])
-    with pytest.raises(ValueError, match="needs --candidates"):
-        SelectMethod(TrainConfig(method="select"), 10)
+    with pytest.raises(ValueError, match="needs --candidates"):  # the CLI's config
+        Run(TrainConfig(method="select"), tiny_dataset(), torch.device("cpu"))
+    with pytest.raises(ValueError, match="needs candidate block shapes"):  # the Sparsifier's options
+        SelectMethod.Options(candidates=())
 
 
 def test_sparse_group_prox_soft_thresholds_then_shrinks_the_whole_group():
@@ -93,27 +96,23 @@ def planted_fit(planted_shape, steps=1000, seed=0):
     x = torch.randn(256, inp, generator=g)
     y = x @ teacher.t()
     torch.manual_seed(seed)
-    cfg = TrainConfig(method="select", candidates=[(2, 2), (2, 8), (2, 16)], rank=2, lr=0.02)
-    method = SelectMethod(cfg, steps)
-    model = build_model("linear", method.layer_factory(), inp, out)
-    method.prepare(model)
-    opt = torch.optim.SGD(method.param_groups(model), lr=0.02, momentum=0.9)
+    model = nn.Sequential(nn.Linear(inp, out))
+    sp = Sparsifier(model, "select", candidates=[(2, 2), (2, 8), (2, 16)], rank=2, total_steps=steps)
+    opt = torch.optim.SGD(sp.param_groups(), lr=0.02, momentum=0.9)
     for step in range(steps):
         loss = (model(x) - y).square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        method.after_step(model, opt, step, 0.02)
-        if method.structure_changed():
-            opt = torch.optim.SGD(method.param_groups(model), lr=0.02, momentum=0.9)
-    return method, model, (model(x) - y).square().mean().item()
+        sp.step(opt)  # removes the parameters of dropped candidates from opt itself
+    return sp.method, model, (model(x) - y).square().mean().item()
 
 
 @pytest.mark.parametrize("planted", [(2, 8), (2, 2), (2, 16)])
 def test_selection_recovers_the_planted_block_shape(planted):
     method, model, loss = planted_fit(planted)
     assert method.selected is not None and method.block_shape == planted
-    assert type(model.layers[0]) is KronLinear and model.layers[0].block_shape == planted
+    assert type(model[0]) is KronLinear and model[0].block_shape == planted
     assert loss < 1e-2  # and the survivor fits the teacher
 
 

@@ -3,11 +3,13 @@
 from .costs import LayerCosts, choose_path, layer_costs, plan_block_shapes
 from .functional import kron_linear, kron_weight
 from .layers import KronConv2d, KronLinear, SwapReport, swap_linear_
+from .sparsifier import Sparsifier
 
 __all__ = [
     "KronConv2d",
     "KronLinear",
     "LayerCosts",
+    "Sparsifier",
     "SwapReport",
     "choose_path",
     "kron_linear",

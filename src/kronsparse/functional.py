@@ -343,13 +343,11 @@ def block_sparsity(W: Tensor, block_shape) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def l1_penalty(S: Tensor) -> Tensor:
-    """||S||_1, the method's block-sparsity penalty."""
-    return S.abs().sum()
-
-
-def soft_threshold(x: Tensor, threshold: float) -> Tensor:
-    """Proximal map of threshold * ||x||_1: sign(x) * max(|x| - threshold, 0), in one kernel."""
+def soft_threshold(x: Tensor, threshold: float | Tensor) -> Tensor:
+    """Proximal map of threshold * ||x||_1: sign(x) * max(|x| - threshold, 0), in one kernel for a
+    float threshold; a tensor threshold (broadcast to x) gives each entry its own."""
+    if torch.is_tensor(threshold):
+        return x.sign() * (x.abs() - threshold).clamp_min(0)
     return torch.nn.functional.softshrink(x, threshold)
 
 
@@ -359,8 +357,9 @@ def group_lasso_penalty(W: Tensor, block_shape) -> Tensor:
     return math.sqrt(bo * bi) * block_norms(W, block_shape).sum()
 
 
-def group_shrink(W: Tensor, block_shape, threshold: float) -> Tensor:
-    """Proximal map of threshold * sum_g ||W_g||_F: every block scaled by max(1 - t/||W_g||, 0)."""
+def group_shrink(W: Tensor, block_shape, threshold: float | Tensor) -> Tensor:
+    """Proximal map of threshold * sum_g ||W_g||_F: every block scaled by max(1 - t/||W_g||, 0)
+    (threshold: one float, or one per block (m1, n1))."""
     norms = block_norms(W, block_shape)
     scale = torch.clamp(1 - threshold / norms.clamp_min(torch.finfo(W.dtype).tiny), min=0)
     bo, bi = block_shape

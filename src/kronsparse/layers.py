@@ -130,8 +130,39 @@ class SwapReport:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def swap_linear_(model: nn.Module, block_shape, rank: int = 1, filter_fn=None) -> SwapReport:
-    """Replace, in place, every nn.Linear that `block_shape` tiles by KronLinear.from_linear.
+INITS = ("svd", "fresh")
+
+
+def kron_like(module: nn.Module, block_shape, rank: int = 1, init: str = "svd", path: str = "auto") -> nn.Module:
+    """The Kronecker layer (KronLinear or KronConv2d) for a dense nn.Linear or nn.Conv2d.
+
+    init="svd": the nearest Kronecker sum of its weight (converting a trained layer: same function
+    as far as rank allows). init="fresh": the Kronecker layer's own initialisation, scaled so W has
+    the dense weight's variance (training from scratch: the dense layer's init, e.g. a transformer's
+    std 0.02, is kept in distribution; an SVD of a random matrix keeps only part of its variance).
+    The bias is copied either way."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+    if isinstance(module, nn.Conv2d):
+        layer = KronConv2d.from_conv2d(module, block_shape, rank)
+    else:
+        layer = KronLinear.from_linear(module, block_shape, rank)
+        layer.path = path
+    if init == "fresh":
+        with torch.no_grad():
+            layer.reset_parameters()
+            if module.bias is not None:
+                layer.bias.copy_(module.bias)
+            ratio = float(module.weight.detach().float().std() / layer.dense_weight().float().std())
+            if math.isfinite(ratio) and ratio > 0:
+                layer.A.mul_(math.sqrt(ratio))
+                layer.B.mul_(math.sqrt(ratio))
+    return layer
+
+
+def swap_linear_(model: nn.Module, block_shape, rank: int = 1, filter_fn=None, init: str = "svd") -> SwapReport:
+    """Replace, in place, every nn.Linear that `block_shape` tiles by its KronLinear (see kron_like
+    for `init`: "svd" to convert a trained model, "fresh" to train from scratch).
 
     filter_fn(name, module) -> bool may exclude layers. Returns a SwapReport.
     """
@@ -149,7 +180,7 @@ def swap_linear_(model: nn.Module, block_shape, rank: int = 1, filter_fn=None) -
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, KronLinear.from_linear(module, block_shape, rank))
+        setattr(parent, child, kron_like(module, block_shape, rank, init))
         report.swapped.append(name)
     return report
 

@@ -10,7 +10,10 @@ import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 from .functional import check_block_shape
-from .layers import KRON_LAYERS, KronConv2d, KronLinear
+from .layers import KronConv2d, KronLinear
+from .model_tree import layer_dims  # noqa: F401  (re-exported: metrics reads it from here)
+from .selection import KronSelectLinear
+from .sparsifier import layer_weight  # noqa: F401
 
 LayerFactory = Callable[[int, int], nn.Module]
 
@@ -80,25 +83,27 @@ def dense_factory(i: int, o: int) -> nn.Module:
 dense_factory.conv = lambda i, o, kernel_size, padding=0: nn.Conv2d(i, o, kernel_size, padding=padding)
 
 
-def layer_weight(layer: nn.Module) -> Tensor:
-    """The dense weight (out, in) or (out, in, kh, kw) of a weight layer of any kind."""
-    return layer.dense_weight() if isinstance(layer, KRON_LAYERS) else layer.weight
+def layer_factory(cfg) -> LayerFactory:
+    """The layers a run's model is built from: Kronecker layers for the methods that train factors
+    (built with their own init, so the Sparsifier takes them as they are), dense ones otherwise."""
+    if cfg.method == "kron":
+        return kron_factory(cfg.block_shape, cfg.rank, cfg.path)
+    if cfg.method == "select":
+        return select_factory(cfg.candidates, cfg.rank, cfg.path)
+    return dense_factory
 
 
-def layer_dims(layer: nn.Module) -> tuple[int, int]:
-    """(in, out): features of a linear layer, channels of a conv layer."""
-    if hasattr(layer, "in_channels"):
-        return layer.in_channels, layer.out_channels
-    return layer.in_features, layer.out_features
+def select_factory(candidates, rank: int, path: str = "auto") -> LayerFactory:
+    """KronSelectLinear where every candidate tiles the layer, a dense nn.Linear otherwise (no conv)."""
+    if not candidates:
+        raise ValueError("method 'select' needs --candidates, e.g. --candidates 2x2,2x8,2x16")
 
+    def make(i: int, o: int) -> nn.Module:
+        if all(tiles(i, o, c) for c in candidates):
+            return KronSelectLinear(i, o, candidates, rank, path=path)
+        return nn.Linear(i, o)
 
-def check_tiles_some_layer(model: FeedForward, block_shape) -> list[int]:
-    """Indices of the layers that block_shape tiles; an error when none does."""
-    tiled = [k for k, l in enumerate(model.layers) if tiles(*layer_dims(l), block_shape)]
-    if not tiled:
-        i, o = layer_dims(model.layers[0])
-        check_block_shape(o, i, block_shape)  # raises the full message
-    return tiled
+    return make
 
 
 class LeNet5(nn.Module):

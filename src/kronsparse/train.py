@@ -17,9 +17,10 @@ from . import data as datamod
 from .config import TrainConfig
 from .checkpoint import list_checkpoints, load_latest, save_checkpoint
 from .io import write_json, write_safetensors
-from .methods import get_method
 from .metrics import accuracy, dense_state, factor_state, sparsity_metrics, training_costs
-from .models import build_model, layer_weight
+from .models import build_model, layer_factory, layer_weight
+from .methods import get_method
+from .sparsifier import Sparsifier
 
 
 def resolve_device(name: str) -> torch.device:
@@ -43,15 +44,13 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimize
         return classes[cfg.optimizer](groups, foreach=True, **kw)
 
 
-def rebuild_optimizer(cfg: TrainConfig, method, model, old: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """A new optimizer over the model's current parameters, keeping the state of those that survive."""
-    new = make_optimizer(cfg, method.param_groups(model))
-    for group, old_group in zip(new.param_groups, old.param_groups):
-        group["lr"] = old_group["lr"]
-    for p in (p for g in new.param_groups for p in g["params"]):
-        if p in old.state:
-            new.state[p] = old.state[p]
-    return new
+def method_options(cfg: TrainConfig, steps_per_epoch: int) -> dict:
+    """The Sparsifier options a config means (each method takes the ones its Options know)."""
+    values = {"target_sparsity": cfg.target_sparsity, "lam": cfg.lam, "sparsify_fraction": cfg.sparsify_fraction,
+              "weight_decay": cfg.weight_decay, "seed": cfg.seed, "rank": cfg.rank, "scale_pin": cfg.scale_pin,
+              "path": cfg.path, "candidates": cfg.candidates, "steps_per_epoch": steps_per_epoch}
+    known = {f.name for f in dataclasses.fields(get_method(cfg.method).Options)}
+    return {k: v for k, v in values.items() if k in known and v is not None}
 
 
 def lr_factor(step: int, sparsify_steps: int, total_steps: int) -> float:
@@ -83,11 +82,12 @@ class Run:
         torch.manual_seed(cfg.seed)
         self.steps_per_epoch = math.ceil(len(ds.x_train) / cfg.batch_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.method = get_method(cfg.method)(cfg, self.total_steps)
-        self.model = build_model(cfg.model, self.method.layer_factory(), ds.num_features, ds.num_classes)
+        self.model = build_model(cfg.model, layer_factory(cfg), ds.num_features, ds.num_classes)
         self.model.to(device)
-        self.method.prepare(self.model)
-        self.optimizer = make_optimizer(cfg, self.method.param_groups(self.model))
+        self.sparsifier = Sparsifier(self.model, cfg.method, block_shape=cfg.block_shape, total_steps=self.total_steps,
+                                     **method_options(cfg, self.steps_per_epoch))
+        self.method = self.sparsifier.method
+        self.optimizer = make_optimizer(cfg, self.sparsifier.param_groups())
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
@@ -103,15 +103,10 @@ class Run:
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the loss became {loss.item()} at step {self.step + 1}; "
                                      "lower the learning rate (the last checkpoint is kept)")
-        penalty = self.method.penalty(self.model)
-        total = loss if penalty is None else loss + penalty
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.method.before_step(self.model, self.step)
+        loss.backward()
         self.optimizer.step()
-        self.method.after_step(self.model, self.optimizer, self.step, self.cfg.lr * factor)
-        if self.method.structure_changed():
-            self.optimizer = rebuild_optimizer(self.cfg, self.method, self.model, self.optimizer)
+        self.sparsifier.step(self.optimizer)
         self.step += 1
         return loss.item()
 
@@ -146,7 +141,7 @@ class Run:
         """Everything needed to continue bit-identically on CPU."""
         return {"step": self.step, "order": self.order, "epoch_loss": self.epoch_loss,
                 "history": self.history, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "sparsifier": self.sparsifier.state_dict(),
                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
                 "config": self.cfg.to_dict()}
 
@@ -154,9 +149,8 @@ class Run:
         if state["config"] != self.cfg.to_dict():
             diff = sorted(k for k in state["config"] if state["config"][k] != self.cfg.to_dict().get(k))
             raise ValueError(f"the checkpoint was made with a different config (differs in: {', '.join(diff)})")
-        self.method.load_state_dict(state["method"])
-        if self.method.structure_changed():  # e.g. pattern selection removed candidates before the checkpoint
-            self.optimizer = make_optimizer(self.cfg, self.method.param_groups(self.model))
+        # first: pattern selection may have removed candidates before the checkpoint
+        self.sparsifier.load_state_dict(state["sparsifier"], self.optimizer)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.order, self.epoch_loss = state["step"], state["order"], state["epoch_loss"]
@@ -220,6 +214,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
         epochs.set_postfix(acc=f"{record['test_accuracy']:.4f}", sparsity=f"{record['block_sparsity']:.3f}")
         if checkpoint_every:
             checkpoint(run)
+    run.sparsifier.finalize(run.optimizer)
     metrics = final_metrics(run, time.perf_counter() - start)
     if out is not None:
         save_run(run, metrics, Path(out))

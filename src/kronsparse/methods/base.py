@@ -1,23 +1,66 @@
-"""The contract every training method follows, and the small schedules they share.
+"""The contract every training method follows, its options, and the schedules they share.
 
-A method builds its model's layers (`layer_factory`), says how the optimizer treats each parameter
-(`param_groups`), may add a penalty to the loss, and acts on the model around `optimizer.step()`:
-`before_step` sees the gradients, `after_step` applies proximal maps or masks. Exact zeros always
-come from those explicit calls. Every method ends as plain dense weights with exact zero blocks,
-and metrics read only those.
+A method is driven by a `kronsparse.Sparsifier` (or by `kronsparse train`, which uses one):
+
+- `prepare(model, layers)`: the layers it sparsifies, by name (found through `named_modules()`);
+  methods that train Kronecker factors get them already swapped in.
+- `param_groups(model, weight_decay)`: how the optimizer treats each parameter.
+- `step(optimizer, step)`: after every `optimizer.step()`: proximal maps, masks, RigL updates. The
+  learning rate (and Adam's per-entry step) is read from the optimizer.
+- `finalize(optimizer)`: exact zero blocks everywhere (the last top-up, pruning folded into plain
+  weights); afterwards the Sparsifier keeps those blocks at zero.
+
+Exact zeros always come from those explicit calls. Every method ends as plain dense weights with
+exact zero blocks, and metrics read only those.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
 
-from ..config import TrainConfig
 from ..layers import matrix_view
-from ..models import LayerFactory, check_tiles_some_layer, dense_factory
+
+SCOPES = ("layer", "global")
+
+
+@dataclass
+class MethodOptions:
+    """What every method understands. A target is per layer by default (`scope="layer"`, as
+    torch.ao.pruning's sparsity_level); `scope="global"` reaches it over all layers together."""
+
+    block_shape: tuple[int, int] = (2, 2)  # (bo, bi) in nn.Linear's (out, in) order
+    target_sparsity: float | None = None  # fraction of zero blocks to reach (weights for iterative-pruning)
+    lam: float | None = None  # penalty strength; with a target, where steering starts
+    sparsify_fraction: float = 0.7  # share of training that sparsifies; then the mask is frozen
+    weight_decay: float | None = None  # None: the method's default (see param_groups)
+    scope: str = "layer"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.block_shape = tuple(int(v) for v in self.block_shape)
+        if len(self.block_shape) != 2 or min(self.block_shape) < 1:
+            raise ValueError(f"block_shape must be two positive sides (bo, bi), got {self.block_shape}")
+        if self.target_sparsity is not None and not 0.0 <= self.target_sparsity < 1.0:
+            raise ValueError(f"target sparsity must be in [0, 1), got {self.target_sparsity}")
+        if self.lam is not None and not (self.lam >= 0 and math.isfinite(self.lam)):
+            raise ValueError(f"lambda must be finite and >= 0, got {self.lam}")
+        if not 0.0 < self.sparsify_fraction <= 1.0:
+            raise ValueError(f"sparsify fraction must be in (0, 1], got {self.sparsify_fraction}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"unknown scope {self.scope!r}; valid: {', '.join(SCOPES)}")
+
+    @classmethod
+    def from_kwargs(cls, method: str, kwargs: dict) -> "MethodOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"method {method!r} has no option {', '.join(unknown)}; its options: "
+                            f"{', '.join(sorted(known))}")
+        return cls(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -45,53 +88,112 @@ class DelayedCubic:
         return CubicSchedule(self.final, self.ramp_steps)(step - self.start) if step >= self.start else 0.0
 
 
+def step_size(optimizer: torch.optim.Optimizer | None, param: Tensor, lr: float | None = None) -> float | Tensor:
+    """The optimizer's step size for `param`: its group's lr, divided entry by entry by Adam's
+    sqrt(v_hat) + eps for the Adam family. A proximal threshold lr * lambda / (sqrt(v_hat) + eps)
+    is the prox in Adam's own metric, so the same lambda means the same thing under SGD and Adam
+    (lambda is in units of the gradient either way). `lr` overrides the group's (tests)."""
+    if optimizer is None:
+        if lr is None:
+            raise ValueError("step_size needs an optimizer or an lr")
+        return lr
+    group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+    lr = group["lr"] if lr is None else lr
+    state = optimizer.state.get(param, {})
+    if "exp_avg_sq" in state and "betas" in group:
+        t = float(state["step"])
+        v_hat = state["exp_avg_sq"] / (1.0 - group["betas"][1] ** t)
+        return lr / (v_hat.sqrt() + group["eps"])
+    return lr
+
+
+def set_grad_hook(param: Tensor, fn=None) -> None:
+    """From now on param's gradient passes through fn(grad) -> grad (None: unchanged). One hook per
+    parameter, whose function lives on the parameter: a later method on the same model replaces it."""
+    if not getattr(param, "_kronsparse_hooked", False):
+        param.register_hook(lambda grad: grad if param._kronsparse_grad_fn is None else param._kronsparse_grad_fn(grad))
+        param._kronsparse_hooked = True
+    param._kronsparse_grad_fn = fn
+
+
+def mask_grad(param: Tensor, mask: Tensor | None) -> None:
+    """From now on param's gradient is zero where `mask` (shaped like param) is False, so no
+    optimizer (momentum, Adam's moments) moves a pruned entry."""
+    set_grad_hook(param, None if mask is None else lambda grad: grad * mask)
+
+
 class Method:
     """Base: a dense model trained without sparsity (the accuracy ceiling)."""
 
     name = "dense"
-    needs_target = False  # True: --target-sparsity is required
+    Options = MethodOptions
+    needs_target = False  # True: a target sparsity is required
     default_weight_decay = 0.0
+    trains_factors = False  # True: the layers become Kronecker layers (kron, select)
+    layer_kinds: tuple = (nn.Linear, nn.Conv2d)  # the modules it works on (model_tree.find_layers)
 
-    def __init__(self, cfg: TrainConfig, total_steps: int) -> None:
-        if self.needs_target and cfg.target_sparsity is None:
-            raise ValueError(f"method {self.name!r} needs --target-sparsity")
-        self.cfg = cfg
+    def __init__(self, options: MethodOptions, total_steps: int) -> None:
+        if self.needs_target and options.target_sparsity is None:
+            raise ValueError(f"method {self.name!r} needs a target sparsity")
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        self.options = options
         self.total_steps = total_steps
-        self.sparsify_steps = max(1, int(cfg.sparsify_fraction * total_steps))
+        self.sparsify_steps = max(1, int(options.sparsify_fraction * total_steps))
         self.layers: list[nn.Module] = []  # the layers on the block grid
+        self.names: list[str] = []
+        self.finalized = False
 
-    def layer_factory(self) -> LayerFactory:
-        return dense_factory
+    def swap(self, module: nn.Module) -> nn.Module:
+        """The layer this method trains in place of `module` (itself for dense-weight methods)."""
+        return module
 
-    def prepare(self, model: nn.Module) -> None:
-        """Record the layers on the block grid (all that block_shape tiles)."""
-        self.layers = [model.layers[k] for k in check_tiles_some_layer(model, self.cfg.block_shape)]
+    def prepare(self, model: nn.Module, layers: dict[str, nn.Module] | None = None) -> None:
+        """Record the layers to sparsify (default: every layer of layer_kinds the block shape tiles)."""
+        if layers is None:
+            from ..model_tree import find_layers
+
+            layers = find_layers(model, self.options.block_shape, kinds=self.layer_kinds)
+        self.names, self.layers = list(layers), list(layers.values())
 
     def grid(self, W: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """A weight (or its gradient) as the matrix the block grid tiles, and that grid's block shape:
         a conv's (bo, bi) channel blocks are the (bo, bi*kh*kw) blocks of its (out, in*kh*kw) view.
         The matrix is a view, so in-place changes reach W."""
-        return matrix_view(W, self.cfg.block_shape)
+        return matrix_view(W, self.options.block_shape)
 
-    def param_groups(self, model: nn.Module) -> list[dict]:
-        """Weight decay on weights (never on biases)."""
-        wd = self.weight_decay()
-        decay = [p for n, p in model.named_parameters() if not n.endswith("bias")]
-        rest = [p for n, p in model.named_parameters() if n.endswith("bias")]
-        return [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}]
+    def param_groups(self, model: nn.Module, weight_decay: float | None = None) -> list[dict]:
+        """Weight decay on weights, never on biases or other vectors (norms)."""
+        wd = self.weight_decay(weight_decay)
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return [{"params": [p for n, p in params if p.dim() > 1], "weight_decay": wd},
+                {"params": [p for n, p in params if p.dim() <= 1], "weight_decay": 0.0}]
 
-    def weight_decay(self) -> float:
-        return self.default_weight_decay if self.cfg.weight_decay is None else self.cfg.weight_decay
+    def weight_decay(self, override: float | None = None) -> float:
+        for value in (override, self.options.weight_decay):
+            if value is not None:
+                return value
+        return self.default_weight_decay
 
-    def penalty(self, model: nn.Module) -> Tensor | None:
-        """A term added to the task loss (None: no term)."""
-        return None
+    def step(self, optimizer: torch.optim.Optimizer | None, step: int, lr: float | None = None) -> None:
+        """Called after optimizer.step() (`lr` overrides the optimizer's: tests without one)."""
 
-    def before_step(self, model: nn.Module, step: int) -> None:
-        """Called after backward, before optimizer.step()."""
+    def finalize(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Exact zero blocks everywhere; masks frozen from here on."""
+        self.finalized = True
 
-    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, lr: float) -> None:
-        """Called after optimizer.step(): proximal maps, masks, pruning."""
+    @torch.no_grad()
+    def freeze_zeros(self) -> None:
+        """Record every layer's zero weights as frozen (dense-weight methods, at finalize)."""
+        self.frozen = [l.weight != 0 for l in self.layers]
+        self.apply_frozen()
+
+    @torch.no_grad()
+    def apply_frozen(self) -> None:
+        """Frozen zeros stay zero: weights re-zeroed, their gradients masked."""
+        for layer, keep in zip(self.layers, getattr(self, "frozen", [])):
+            layer.weight.masked_fill_(~keep, 0)
+            mask_grad(layer.weight, keep)
 
     def summary(self) -> dict:
         """Method-specific numbers for metrics.json."""
@@ -100,17 +202,19 @@ class Method:
     @property
     def block_shape(self) -> tuple[int, int]:
         """The block grid the final weights are measured on (pattern selection may change it)."""
-        return self.cfg.block_shape
+        return self.options.block_shape
 
     def structure_changed(self) -> bool:
-        """True once after the method added or removed parameters: the loop rebuilds the optimizer."""
+        """True once after the method added or removed parameters (the Sparsifier updates the optimizer)."""
         return False
 
     def state_dict(self) -> dict:
-        return {}
+        return {"finalized": self.finalized, "frozen": [m.clone() for m in getattr(self, "frozen", [])]}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self.finalized = state.get("finalized", False)
+        self.frozen = [m.clone() for m in state.get("frozen", [])]
+        self.apply_frozen()
 
 
 def log_step(value: float, error: float, gain: float, max_factor: float = 1.05, lo: float = 1e-6,

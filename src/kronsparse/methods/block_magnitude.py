@@ -9,10 +9,10 @@ BlockSparsifier hands it every weight as its matrix view (out, in*kh*kw) with ea
 Its level follows a cubic ramp (Zhu & Gupta 2017) over the sparsifying phase (70% of training by
 default), updated every `interval` steps and set exactly to the target's block count (rounded up)
 at the phase's last step; then the mask is frozen. The weight is parametrised as original * mask,
-so pruned blocks get no gradient, and at the last step of training `squash_mask()` leaves a plain
-`weight` with exact zero blocks (same Parameter object, so the optimizer is unaffected).
+so pruned blocks get no gradient, and `finalize` calls `squash_mask()`, which leaves a plain
+`weight` with exact zero blocks (same Parameter object, so the optimizer is unaffected), kept zero.
 
-The sparsity is per layer (WeightNormSparsifier has no global level). The masks are saved by this
+The sparsity is per layer (WeightNormSparsifier has no global level, so scope "global" is refused). The masks are saved by this
 method's state_dict, not the model's (see BlockMask).
 """
 
@@ -53,19 +53,20 @@ class BlockMagnitudeMethod(Method):
     needs_target = True
     interval = 10  # steps between mask updates
 
-    def __init__(self, cfg, total_steps: int) -> None:
-        super().__init__(cfg, total_steps)
-        self.schedule = CubicSchedule(cfg.target_sparsity, self.sparsify_steps)
+    def __init__(self, options, total_steps: int) -> None:
+        super().__init__(options, total_steps)
+        if options.scope != "layer":
+            raise ValueError("method 'block-magnitude' reaches its target per layer only (scope='layer')")
+        self.schedule = CubicSchedule(options.target_sparsity, self.sparsify_steps)
         self.sparsifier = BlockSparsifier()
         self.squashed = False
 
-    def prepare(self, model: nn.Module) -> None:
-        super().prepare(model)
-        fqns = {id(m): name for name, m in model.named_modules()}
+    def prepare(self, model: nn.Module, layers: dict[str, nn.Module] | None = None) -> None:
+        super().prepare(model, layers)
         blocks = [self.grid(l.weight)[1] for l in self.layers]
-        self.sparsifier.prepare(model, config=[{"tensor_fqn": fqns[id(l)] + ".weight", "parametrization": BlockMask,
+        self.sparsifier.prepare(model, config=[{"tensor_fqn": f"{name}.weight", "parametrization": BlockMask,
                                                 "sparse_block_shape": (bo, bi), "zeros_per_block": bo * bi}
-                                               for l, (bo, bi) in zip(self.layers, blocks)])
+                                               for name, (bo, bi) in zip(self.names, blocks)])
 
     def _masks(self) -> list[Tensor]:
         return [l.parametrizations.weight[0].mask for l in self.layers]
@@ -80,13 +81,24 @@ class BlockMagnitudeMethod(Method):
             group["sparsity_level"] = level
 
     @torch.no_grad()
-    def after_step(self, model: nn.Module, optimizer, step: int, lr: float) -> None:
+    def step(self, optimizer, step: int, lr: float | None = None) -> None:
+        if self.finalized:
+            self.apply_frozen()
+            return
         last = step == self.sparsify_steps - 1
         if step < self.sparsify_steps and (step % self.interval == 0 or last):
             self.set_level(step)
             self.sparsifier.step()
-        if step == self.total_steps - 1:
+
+    @torch.no_grad()
+    def finalize(self, optimizer=None) -> None:
+        if not self.finalized:
+            if self.sparsifier.groups and self.sparsifier.groups[0]["sparsity_level"] < self.schedule.final:
+                self.set_level(self.sparsify_steps - 1)  # a run stopped early still ends at its target
+                self.sparsifier.step()
             self.squash()
+            self.freeze_zeros()
+        self.finalized = True
 
     def squash(self) -> None:
         if not self.squashed:
@@ -98,7 +110,7 @@ class BlockMagnitudeMethod(Method):
 
     def state_dict(self) -> dict:
         masks = [] if self.squashed else [m.clone() for m in self._masks()]
-        return {"masks": masks, "levels": [g["sparsity_level"] for g in self.sparsifier.groups],
+        return {**super().state_dict(), "masks": masks, "levels": [g["sparsity_level"] for g in self.sparsifier.groups],
                 "squashed": self.squashed}
 
     def load_state_dict(self, state: dict) -> None:
@@ -106,6 +118,7 @@ class BlockMagnitudeMethod(Method):
             group["sparsity_level"] = level
         if state["squashed"]:
             self.squash()
+            super().load_state_dict(state)
             return
         for mask, saved in zip(self._masks(), state["masks"]):
             mask.data = saved.clone()

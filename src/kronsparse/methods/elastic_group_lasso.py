@@ -1,4 +1,4 @@
-"""Elastic Group LASSO: Group LASSO plus an element-wise l1 term (METHOD.md §5).
+"""Elastic Group LASSO: Group LASSO plus an element-wise l1 term .
 
 Penalty per layer, as the authors weighted it (0.1 * GL + 0.05 * mean|W| is lambda = 0.1 here):
 
@@ -12,9 +12,10 @@ revival and freezing are Group LASSO's (group_lasso.py).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from ..functional import group_lasso_penalty, soft_threshold
+from ..functional import expand_block_mask, group_lasso_penalty, soft_threshold
 from .group_lasso import GroupLassoMethod
 
 
@@ -29,8 +30,11 @@ class ElasticGroupLassoMethod(GroupLassoMethod):
 
     def prox(self, W: Tensor, threshold: float, block_shape=None) -> Tensor:
         """Soft-threshold each entry (the l1 part), then shrink each block (the group part)."""
-        return super().prox(soft_threshold(W, threshold * self.l1_ratio / W.numel()), threshold, block_shape)
+        bs = block_shape or self.options.block_shape
+        t = threshold * self.l1_ratio / W.numel()
+        t = expand_block_mask(t, bs) if torch.is_tensor(t) else t  # one per block -> one per entry
+        return super().prox(soft_threshold(W, t), threshold, block_shape)
 
     def penalty_value(self) -> float:
-        return self.lam * sum(elastic_group_lasso_penalty(*self.grid(l.weight), self.l1_ratio).item()
-                              for l in self.layers)
+        return sum(lam * elastic_group_lasso_penalty(*self.grid(l.weight), self.l1_ratio).item()
+                   for lam, l in zip(self.lams(), self.layers))

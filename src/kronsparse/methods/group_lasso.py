@@ -1,4 +1,4 @@
-"""Group LASSO on the dense weight over the (bo, bi) block grid (METHOD.md §5).
+"""Group LASSO on the dense weight over the (bo, bi) block grid .
 
 Penalty lambda * sum_g sqrt(bo*bi) * ||W_g||_F, applied by its exact proximal map after every
 optimizer step while sparsifying: W_g <- W_g * max(1 - lr*lambda*sqrt(bo*bi) / ||W_g||, 0), so
@@ -10,10 +10,13 @@ gradient step outgrows the threshold (keeping pruned blocks pruned would turn th
 greedy pruning). At the end of the sparsifying phase the mask is frozen, as kron does: the zero
 blocks are re-zeroed after every later step.
 
-With --target-sparsity, lambda is steered toward a cubic ramp (reached at 60% of the sparsifying
-phase), the number of zero blocks never exceeds the ramp (the excess blocks of largest norm skip
-the shrink for that step), and the smallest active blocks are pruned at the end of the phase if
-the target is not reached, so the final block sparsity is the target (methods/steering.py).
+With a target sparsity, lambda is steered toward a cubic ramp (reached at 60% of the sparsifying
+phase), per layer by default (scope "global": one lambda for the model), the number of zero blocks
+never exceeds the ramp (the excess blocks of largest norm skip the shrink for that step), and the
+smallest active blocks are pruned at the end of the phase if the target is not reached, so the
+final block sparsity is the target (methods/steering.py). The step size of the prox is the
+optimizer's (methods/base.step_size); for the Adam family, whose step differs entry by entry, each
+block uses the mean of its entries' steps (the group prox has no closed form in a diagonal metric).
 """
 
 from __future__ import annotations
@@ -24,36 +27,53 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import block_mask_of, block_norms, expand_block_mask, group_lasso_penalty, group_shrink
-from .base import CubicSchedule, Method
-from .steering import LambdaSteering, SteeredState, count_for, select
+from .base import CubicSchedule, Method, mask_grad, step_size
+from .steering import TargetSteering
 
 
-class GroupLassoMethod(SteeredState, Method):
+def block_step(step, W: Tensor, block_shape) -> float | Tensor:
+    """A per-entry step size (float or tensor like W) as one value per block (its mean)."""
+    if not torch.is_tensor(step):
+        return step
+    bo, bi = block_shape
+    m1, n1 = W.shape[0] // bo, W.shape[1] // bi
+    return step.reshape(m1, bo, n1, bi).mean(dim=(1, 3))
+
+
+class GroupLassoMethod(Method):
     name = "group-lasso"
     initial_lambda = 1e-3  # where steering starts when only a target is given
 
-    def __init__(self, cfg, total_steps: int) -> None:
-        super().__init__(cfg, total_steps)
-        if cfg.target_sparsity is None and cfg.lam is None:
-            raise ValueError(f"method {self.name!r} needs --target-sparsity or --lambda")
-        self.lam = cfg.lam if cfg.lam is not None else self.initial_lambda
-        self.steering = None
-        if cfg.target_sparsity is not None:
-            self.steering = LambdaSteering(CubicSchedule(cfg.target_sparsity, int(0.6 * self.sparsify_steps)),
-                                           self.lam)
+    def __init__(self, options, total_steps: int) -> None:
+        super().__init__(options, total_steps)
+        if options.target_sparsity is None and options.lam is None:
+            raise ValueError(f"method {self.name!r} needs a target sparsity or a lambda")
+        self.lam = options.lam if options.lam is not None else self.initial_lambda
+        self.steering: TargetSteering | None = None
         self.masks: list[Tensor] = []  # empty while sparsifying; the frozen block masks afterwards
         self.topped_up = 0
 
+    def prepare(self, model: nn.Module, layers: dict[str, nn.Module] | None = None) -> None:
+        super().prepare(model, layers)
+        if self.options.target_sparsity is not None:
+            sizes = [block_mask_of(*self.grid(l.weight)).numel() for l in self.layers]
+            self.steering = TargetSteering(CubicSchedule(self.options.target_sparsity, int(0.6 * self.sparsify_steps)),
+                                           sizes, self.lam, self.options.scope)
+
     # -- the penalty and its proximal map --------------------------------------------------
 
-    def prox(self, W: Tensor, threshold: float, block_shape=None) -> Tensor:
-        """Proximal map of threshold * sum_g sqrt(bo*bi) * ||W_g||_F (blocks: block_shape or the config's)."""
-        bo, bi = block_shape or self.cfg.block_shape
+    def prox(self, W: Tensor, threshold, block_shape=None) -> Tensor:
+        """Proximal map of threshold * sum_g sqrt(bo*bi) * ||W_g||_F (threshold: a float or one per
+        block; blocks: block_shape or the options')."""
+        bo, bi = block_shape or self.options.block_shape
         return group_shrink(W, (bo, bi), threshold * math.sqrt(bo * bi))
+
+    def lams(self) -> list[float]:
+        return self.steering.lams if self.steering is not None else [self.lam] * len(self.layers)
 
     def penalty_value(self) -> float:
         """lambda * the penalty on the current weights (for metrics; the loss never sees it)."""
-        return self.lam * sum(group_lasso_penalty(*self.grid(l.weight)).item() for l in self.layers)
+        return sum(lam * group_lasso_penalty(*self.grid(l.weight)).item() for lam, l in zip(self.lams(), self.layers))
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -62,51 +82,64 @@ class GroupLassoMethod(SteeredState, Method):
         return sum(block_mask_of(*self.grid(l.weight)).numel() for l in self.layers)
 
     @torch.no_grad()
-    def after_step(self, model: nn.Module, optimizer, step: int, lr: float) -> None:
-        if self.masks:
+    def step(self, optimizer, step: int, lr: float | None = None) -> None:
+        if self.finalized or step >= self.sparsify_steps:
             self._apply_masks()
             return
-        self._prox(lr * self.lam, step)
+        steps = [block_step(step_size(optimizer, l.weight, lr), *self.grid(l.weight)) for l in self.layers]
+        self._prox(steps, step)
         if step >= self.sparsify_steps - 1:
-            self._freeze()
+            self.finalize(optimizer)
 
-    def _prox(self, threshold: float, step: int) -> None:
+    def _prox(self, steps: list, step: int) -> None:
         grids = [self.grid(l.weight) for l in self.layers]
-        bss = [bs for _, bs in grids]
         old = [w.detach().clone() for w, _ in grids]
-        new = [self.prox(w, threshold, bs) for w, bs in zip(old, bss)]
-        zero = [~block_mask_of(w, bs) for w, bs in zip(new, bss)]
-        wanted = sum(int(z.sum()) for z in zero)
+        new = [self.prox(w, s * lam, bs) for w, s, lam, (_, bs) in zip(old, steps, self.lams(), grids)]
+        zero = [~block_mask_of(w, bs) for w, (_, bs) in zip(new, grids)]
         if self.steering is not None:
-            excess = wanted - self.steering.allowed(step, self.num_blocks)
-            if excess > 0:  # keep the newly zeroed blocks of largest norm as they were
-                scores = [torch.where(z & block_mask_of(w, bs), block_norms(w, bs), -1.0)
-                          for z, w, bs in zip(zero, old, bss)]
-                keep = select(scores, excess, largest=True)
-                new = [torch.where(expand_block_mask(k, bs), o, n) for k, o, n, bs in zip(keep, old, new, bss)]
-            self.steering.update(step, wanted, self.num_blocks)
-            self.lam = self.steering.lam
+            self.steering.update(step, [int(z.sum()) for z in zero])
+            scores = [torch.where(block_mask_of(w, bs), block_norms(w, bs), -1.0) for w, (_, bs) in zip(old, grids)]
+            keep = self.steering.keep_excess(step, zero, scores)
+            if keep is not None:  # the newly zeroed blocks of largest norm keep their value this step
+                new = [torch.where(expand_block_mask(k, bs), o, n) for k, o, n, (_, bs) in zip(keep, old, new, grids)]
+            self.lam = self.steering.lams[0]
         for (w, _), n in zip(grids, new):
             w.copy_(n)
 
-    def _freeze(self) -> None:
+    @torch.no_grad()
+    def finalize(self, optimizer=None) -> None:
         """Freeze the block mask; with a target, prune the smallest active blocks to reach it."""
-        grids = [self.grid(l.weight) for l in self.layers]
-        self.masks = [block_mask_of(w, bs) for w, bs in grids]
-        if self.steering is not None:
-            zeros = sum(int((~m).sum()) for m in self.masks)
-            missing = count_for(self.steering.schedule.final, self.num_blocks) - zeros
-            if missing > 0:
-                norms = [torch.where(m, block_norms(w, bs), math.inf) for (w, bs), m in zip(grids, self.masks)]
-                drop = select(norms, missing, largest=False)
+        if not self.finalized:
+            grids = [self.grid(l.weight) for l in self.layers]
+            self.masks = [block_mask_of(w, bs) for w, bs in grids]
+            if self.steering is not None:
+                drop = self.steering.top_up(self.masks, [block_norms(w, bs) for w, bs in grids])
                 self.masks = [m & ~d for m, d in zip(self.masks, drop)]
-                self.topped_up = missing
+                self.topped_up = sum(int(d.sum()) for d in drop)
+            self.finalized = True
         self._apply_masks()
 
     def _apply_masks(self) -> None:
         for layer, mask in zip(self.layers, self.masks):
             W, bs = self.grid(layer.weight)
-            W.masked_fill_(~expand_block_mask(mask, bs), 0)
+            zero = ~expand_block_mask(mask, bs)
+            W.masked_fill_(zero, 0)
+            mask_grad(layer.weight, (~zero).view_as(layer.weight))
 
     def summary(self) -> dict:
-        return {"final_lambda": self.lam, "final_penalty": self.penalty_value(), "topped_up_blocks": self.topped_up}
+        lams = self.lams()
+        return {"final_lambda": lams[0] if len(set(lams)) <= 1 else list(lams), "final_penalty": self.penalty_value(),
+                "topped_up_blocks": self.topped_up}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "lam": self.lam, "masks": [m.clone() for m in self.masks],
+                "topped_up": self.topped_up, "steering": self.steering.state_dict() if self.steering else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.lam, self.topped_up = state["lam"], state["topped_up"]
+        self.masks = [m.clone() for m in state["masks"]]
+        if self.steering is not None:
+            self.steering.load_state_dict(state["steering"])
+        if self.masks:
+            self._apply_masks()

@@ -1,25 +1,27 @@
-"""The paper's method: W = sum_i kron(S * A_i, B_i), l1 on S with its proximal map (METHOD.md §3).
+"""The paper's method: W = sum_i kron(S * A_i, B_i), l1 on S with its proximal map.
 
-After every optimizer step S <- soft_threshold(S, lr * lambda), so blocks become exactly zero, and
-pruned blocks stay pruned. Weight decay on A and B (not on S) pins the scale so the penalty cannot
-be undone by growing A.
+After every optimizer step S <- soft_threshold(S, step * lambda), so blocks become exactly zero, and
+pruned blocks stay pruned (their gradient is masked too, so no optimizer state builds up on them).
+`step` is the optimizer's step size for S: the learning rate for SGD, lr / (sqrt(v_hat) + eps) per
+entry for the Adam family (the prox in Adam's metric), so lambda means the same under every
+optimizer. Weight decay on A and B (not on S) pins the scale so the penalty cannot be undone by
+growing A.
 
-With a target sparsity P, lambda is steered, for every layer separately: every `interval` steps the
-fraction of the layer's blocks the prox wants zero is compared with a cubic ramp toward P (reached
-at 60% of the sparsifying phase) and the layer's lambda is multiplied by exp(gain * error). The
-layers of a deep model need different lambdas (the MLP with the "norm" pin below ended at 0.010,
-0.016 and 0.065). The number of zero blocks never exceeds the
-ramp's current value, in every layer separately: when the prox would zero more, the blocks with the largest
-|S| keep their value for that step. If a layer has not reached P when the sparsifying phase ends,
-its active blocks with the smallest norm are pruned to reach it. Then the mask is frozen for the rest of training.
+With a target sparsity P, lambda is steered (per layer by default, methods/steering.py): every 10
+steps the fraction of the layer's blocks the prox wants zero is compared with a cubic ramp toward P
+(reached at 60% of the sparsifying phase) and the layer's lambda is multiplied by exp(4 * error),
+at most 1.05 either way. The layers of a deep model need different lambdas (the MLP with the "norm"
+pin below ended at 0.010, 0.016 and 0.065). The number of zero blocks never exceeds the ramp's
+current value: when the prox would zero more, the blocks with the largest |S| keep their value for
+that step. If a layer has not reached P when the sparsifying phase ends, its active blocks with the
+smallest norm are pruned to reach it. Then the mask is frozen for the rest of training.
 
-Two ways keep the scale from escaping into A (METHOD.md §3, the pitfall), chosen by cfg.scale_pin
-("auto", the default, picks "decay" for the one-layer linear model and "norm" for deeper ones:
-`config.resolve_scale_pin`):
+Two ways keep the scale from escaping into A (`scale_pin`; "auto", the default, picks "decay" when
+the model has a single weight layer and "norm" otherwise):
 
 - "decay": weight decay on A and B. S starts at 1 everywhere, so the prox shrinks every
   block alike and no block reaches zero until lambda is large; then many fall at once, with S near 0
-  (the "cliff" of METHOD.md). On the one-layer model this works (its argmax does not care that all
+  (a "cliff" in lambda). On the one-layer model this works (its argmax does not care that all
   logits shrink together; it is what the README's table uses, 0.2-0.5 points above "norm"); a deep
   ReLU model loses 8 points (MLP, 10 epochs, 2x2: 90.42% vs 98.15% with "norm").
 - "norm": while sparsifying, every block's A[:, p, q] is rescaled to unit norm after each step and
@@ -32,54 +34,118 @@ Two ways keep the scale from escaping into A (METHOD.md §3, the pitfall), chose
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ..config import resolve_scale_pin
 from ..functional import block_norms, soft_threshold
-from ..layers import KRON_LAYERS, matrix_view
-from ..models import LayerFactory, kron_factory
-from .base import DelayedCubic, Method
-from .steering import LambdaSteering, SteeredState, count_for, select
+from ..layers import KRON_LAYERS, KronConv2d, KronLinear, kron_like, matrix_view
+from .base import DelayedCubic, Method, MethodOptions, mask_grad, step_size
+from .steering import TargetSteering
+
+SCALE_PINS = ("auto", "decay", "norm")
+INITS = ("fresh", "svd")
 
 
-class KronMethod(SteeredState, Method):
+@dataclass
+class KronOptions(MethodOptions):
+    """The kron method's options on top of MethodOptions.
+
+    rank: Kronecker terms per layer. scale_pin: see the module doc. path: KronLinear's contraction
+    ("auto" = cost model). init: how a swapped nn.Linear/Conv2d starts: "fresh" = the layer's own
+    init with the dense layer's weight variance (training from scratch), "svd" = the nearest
+    Kronecker sum of its current weight (converting a trained model)."""
+
+    rank: int = 2
+    scale_pin: str = "auto"
+    path: str = "auto"
+    init: str = "fresh"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.scale_pin not in SCALE_PINS:
+            raise ValueError(f"unknown scale pin {self.scale_pin!r}; valid: {', '.join(SCALE_PINS)}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; valid: {', '.join(INITS)}")
+
+
+def resolve_scale_pin(pin: str, model: nn.Module) -> str:
+    """"auto" is "decay" for a model with one weight layer (logistic regression) and "norm" for any
+    deeper one, where "decay" loses 8 points (MLP, 10 epochs, 2x2: 90.42% vs 98.15%)."""
+    if pin != "auto":
+        return pin
+    from ..model_tree import weight_layers
+
+    return "decay" if len(weight_layers(model)) == 1 else "norm"
+
+
+class KronMethod(Method):
     name = "kron"
-    default_weight_decay = 1e-3  # on A and B only; see METHOD.md §3 for why 1e-4 fails
+    Options = KronOptions
+    default_weight_decay = 1e-3  # on A and B only; 1e-4 lets the scale escape into A
     initial_lambda = 1e-3  # where steering starts when only a target is given
+    trains_factors = True
+    layer_kinds = (nn.Linear, nn.Conv2d, KronLinear, KronConv2d)
 
-    def __init__(self, cfg, total_steps: int) -> None:
-        super().__init__(cfg, total_steps)
+    def __init__(self, options: KronOptions, total_steps: int) -> None:
+        super().__init__(options, total_steps)
         # a target steers lambda from the given value (or a small start); without one lambda is fixed
-        self.lam = (cfg.lam or self.initial_lambda) if cfg.target_sparsity is not None else (cfg.lam or 0.0)
-        self.pin = resolve_scale_pin(cfg.scale_pin, cfg.model)
-        self.steering = None
-        if cfg.target_sparsity is not None:
-            ramp_end = int(0.6 * self.sparsify_steps)
-            start = int(0.25 * self.sparsify_steps) if self.pin == "norm" else 0
-            self.steering = LambdaSteering(DelayedCubic(cfg.target_sparsity, start, ramp_end - start), self.lam)
+        target = options.target_sparsity
+        self.lam = (options.lam or self.initial_lambda) if target is not None else (options.lam or 0.0)
+        self.pin = options.scale_pin if options.scale_pin != "auto" else None  # resolved in prepare
+        self.steering: TargetSteering | None = None
         self.masks: list[Tensor] = []
-        self.lams: list[float] = []  # one lambda per layer, steered separately
+        self.lams: list[float] = []  # one lambda per layer (the steering's, with a target)
         self.topped_up = 0
 
-    def layer_factory(self) -> LayerFactory:
-        return kron_factory(self.cfg.block_shape, self.cfg.rank, self.cfg.path)
+    def schedule(self) -> DelayedCubic:
+        """The ramp toward the target; with the "norm" pin it waits a quarter of the sparsifying
+        phase, so the block sizes mean something."""
+        start = int(0.25 * self.sparsify_steps) if self.pin == "norm" else 0
+        return DelayedCubic(self.options.target_sparsity, start, int(0.6 * self.sparsify_steps) - start)
 
-    def prepare(self, model: nn.Module) -> None:
-        super().prepare(model)
-        self.layers = [l for l in self.layers if isinstance(l, KRON_LAYERS)]
-        self.masks = [torch.ones_like(l.S, dtype=torch.bool) for l in self.layers]
-        self.lams = [self.lam] * len(self.layers)
+    def swap(self, module: nn.Module) -> nn.Module:
+        if isinstance(module, KRON_LAYERS):
+            return module
+        o = self.options
+        return kron_like(module, o.block_shape, o.rank, o.init, o.path)
+
+    def prepare(self, model: nn.Module, layers: dict[str, nn.Module] | None = None) -> None:
+        super().prepare(model, layers)
+        if self.pin is None:
+            self.pin = resolve_scale_pin(self.options.scale_pin, model)
+        kept = [(n, l) for n, l in zip(self.names, self.layers) if isinstance(l, KRON_LAYERS)]
+        self.names, self.layers = [n for n, _ in kept], [l for _, l in kept]
+        self._start_layers()
+
+    def _start_layers(self, schedule=None) -> None:
+        self.masks = [l.S.detach() != 0 for l in self.layers]
+        if self.options.target_sparsity is not None:
+            self.steering = TargetSteering(schedule or self.schedule(), [m.numel() for m in self.masks], self.lam,
+                                           self.options.scope)
+            self.lams = self.steering.lams
+        else:
+            self.lams = [self.lam] * len(self.layers)
+        self._mask_grads()
         self._pin_scale()
 
-    def param_groups(self, model: nn.Module) -> list[dict]:
-        """Weight decay on A, B (and on the weights of layers left dense), never on S or biases."""
+    def _mask_grads(self) -> None:
+        """S's gradient is zero on pruned blocks, so no optimizer (momentum, Adam) moves them."""
+        for layer, mask in zip(self.layers, self.masks):
+            mask_grad(layer.S, mask)
+
+    def param_groups(self, model: nn.Module, weight_decay: float | None = None) -> list[dict]:
+        """Weight decay on A, B (and the weights of layers left dense); never on S, biases or norms."""
         groups = {"decay": [], "rest": []}
         for name, p in model.named_parameters():
-            decay = name.endswith((".A", ".B", "weight"))
+            if not p.requires_grad:
+                continue
+            decay = name.endswith((".A", ".B")) or (p.dim() > 1 and not name.endswith(".S"))
             groups["decay" if decay else "rest"].append(p)
-        return [{"params": groups["decay"], "weight_decay": self.weight_decay()},
+        return [{"params": groups["decay"], "weight_decay": self.weight_decay(weight_decay)},
                 {"params": groups["rest"], "weight_decay": 0.0}]
 
     @property
@@ -90,14 +156,22 @@ class KronMethod(SteeredState, Method):
         return sum(int((~m).sum()) for m in self.masks) / self.num_blocks
 
     @torch.no_grad()
-    def after_step(self, model, optimizer, step: int, lr: float) -> None:
-        if step >= self.sparsify_steps or (self.lam == 0 and self.steering is None):
+    def step(self, optimizer, step: int, lr: float | None = None) -> None:
+        if self.finalized or step >= self.sparsify_steps or (self.lam == 0 and self.steering is None):
             self._apply_masks()
             return
         self._pin_scale()
-        self._prox(lr, step)
-        if step == self.sparsify_steps - 1 and self.steering is not None:
-            self._top_up(self.steering.schedule.final)
+        self._prox([step_size(optimizer, l.S, lr) for l in self.layers], step)
+        if step == self.sparsify_steps - 1:
+            self.finalize(optimizer)
+
+    @torch.no_grad()
+    def finalize(self, optimizer=None) -> None:
+        """Top up to the target where a layer has not reached it; freeze the masks."""
+        if not self.finalized and self.steering is not None:
+            self._top_up()
+        self._apply_masks()
+        self.finalized = True
 
     @torch.no_grad()
     def _pin_scale(self) -> None:
@@ -111,49 +185,47 @@ class KronMethod(SteeredState, Method):
             layer.A.div_(n)
             layer.S.mul_(n)
 
+    @torch.no_grad()
     def _apply_masks(self) -> None:
         for layer, mask in zip(self.layers, self.masks):
             layer.S.masked_fill_(~mask, 0.0)
 
-    def _prox(self, lr: float, step: int) -> None:
-        """S <- soft_threshold(S * mask, lr * lambda_l); zero blocks join the mask. Few kernels: it
-        runs every step.
-
-        With a target, every layer is capped at the ramp's fraction of its own blocks (|S| is not
-        comparable across layers, and a global cap could switch a whole small layer off)."""
-        new = [soft_threshold(l.S.mul_(m), lr * lam) for l, m, lam in zip(self.layers, self.masks, self.lams)]
+    def _prox(self, steps: list, step: int) -> None:
+        """S <- soft_threshold(S * mask, step * lambda_l); zero blocks join the mask. Few kernels: it
+        runs every step. With a target, the zeros are capped at the ramp (methods/steering.py)."""
+        new = [soft_threshold(l.S.mul_(m), s * lam) for l, m, s, lam in zip(self.layers, self.masks, steps, self.lams)]
         if self.steering is not None:
-            zeros = [n.numel() - int(torch.count_nonzero(n)) for n in new]
-            for k, (layer, mask) in enumerate(zip(self.layers, self.masks)):
-                self.lams[k] = self.steering.next_lambda(step, self.lams[k], zeros[k], mask.numel())
-                excess = zeros[k] - self.steering.allowed(step, mask.numel())
-                if excess > 0:  # the newly zeroed entries of largest |S| keep their value this step
-                    S = layer.S.view(-1)  # already masked: pruned entries are 0 and never candidates
-                    score = torch.where(new[k].view(-1) == 0, S.abs(), -1.0)
-                    keep = torch.topk(score, excess, sorted=False).indices
-                    new[k].view(-1)[keep] = S[keep]
+            zero = [n == 0 for n in new]
+            self.steering.update(step, [int(z.sum()) for z in zero])
+            keep = self.steering.keep_excess(step, zero, [l.S.abs() for l in self.layers])
+            if keep is not None:  # the newly zeroed entries of largest |S| keep their value this step
+                new = [torch.where(k, l.S, n) for k, l, n in zip(keep, self.layers, new)]
         for k, (layer, n) in enumerate(zip(self.layers, new)):
             layer.S.copy_(n)
             self.masks[k] = n != 0
+        self._mask_grads()
 
-    def _top_up(self, target: float) -> None:
-        """Prune each layer's active blocks of smallest dense-weight norm until it reaches `target`."""
-        for k, (layer, mask) in enumerate(zip(self.layers, self.masks)):
-            missing = count_for(target, mask.numel()) - int((~mask).sum())
-            if missing > 0:
-                norms = torch.where(mask, block_norms(*matrix_view(layer.dense_weight(), layer.block_shape)),
-                                    math.inf)
-                (drop,) = select([norms], missing, largest=False)
-                self.masks[k] = mask & ~drop
-                self.topped_up += missing
-        self._apply_masks()
+    @torch.no_grad()
+    def _top_up(self) -> None:
+        """Prune the active blocks of smallest dense-weight norm until the target is reached."""
+        norms = [block_norms(*matrix_view(l.dense_weight(), l.block_shape)) for l in self.layers]
+        drop = self.steering.top_up(self.masks, norms)
+        for k, d in enumerate(drop):
+            self.masks[k] = self.masks[k] & ~d
+            self.topped_up += int(d.sum())
+        self._mask_grads()
 
     def summary(self) -> dict:
         return {"final_lambda": list(self.lams), "topped_up_blocks": self.topped_up, "scale_pin": self.pin}
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "lams": list(self.lams)}
+        return {**super().state_dict(), "lam": self.lam, "lams": list(self.lams),
+                "masks": [m.clone() for m in self.masks], "topped_up": self.topped_up}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.lams = list(state["lams"])
+        self.lam = state["lam"]
+        self.lams[:] = list(state["lams"])  # in place: the steering holds the same list
+        self.masks = [m.clone() for m in state["masks"]]
+        self.topped_up = state["topped_up"]
+        self._mask_grads()

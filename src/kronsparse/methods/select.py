@@ -1,4 +1,4 @@
-"""Pattern selection (METHOD.md §4): train every candidate block shape at once and keep one.
+"""Pattern selection: train every candidate block shape at once and keep one.
 
 Every weight layer is a KronSelectLinear, W = sum_k W_k, one Kronecker term per candidate k.
 After every optimizer step the exact proximal map of the sparse group lasso
@@ -43,12 +43,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dataclasses import dataclass
+
 from ..functional import group_norm_shrink, soft_threshold
-from ..models import LayerFactory
 from ..selection import KronSelectLinear, block_name
 from .base import DelayedCubic, log_step
-from .kron import KronMethod
-from .steering import LambdaSteering
+from ..model_tree import replace_module
+from .kron import KronMethod, KronOptions, resolve_scale_pin
 
 SELECTION_RULE = ("the candidate left when the group lasso has zeroed all others; if several survive the "
                   "selection phase, the one carrying the most weight (largest ||W_k||_F)")
@@ -61,8 +62,25 @@ def sparse_group_prox(S: list[torch.Tensor], t_l1: float, t_group: float) -> lis
     return [part.view_as(s) for part, s in zip(flat.split([s.numel() for s in S]), S)]
 
 
+@dataclass
+class SelectOptions(KronOptions):
+    """KronOptions plus the candidate block shapes (block_shape is ignored: the run picks one) and
+    the steps of an epoch (for the per-epoch norms in the summary; default: a tenth of training)."""
+
+    candidates: tuple[tuple[int, int], ...] = ((2, 2), (2, 8), (2, 16))
+    steps_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.candidates = tuple(tuple(int(v) for v in c) for c in self.candidates)
+        if not self.candidates:
+            raise ValueError("method 'select' needs candidate block shapes, e.g. [(2, 2), (2, 8)]")
+
+
 class SelectMethod(KronMethod):
     name = "select"
+    Options = SelectOptions
+    layer_kinds = (nn.Linear, KronSelectLinear)
     select_share = 4 / 7  # of the sparsifying phase
     plan_share = 0.75  # of the selection phase: where the plan reaches one survivor
     initial_group_lambda = 1e-2
@@ -70,21 +88,19 @@ class SelectMethod(KronMethod):
     group_gain = 4.0
     group = "gated"  # "gated": g_k = S_k repeated over the weights it gates; "S": g_k = S_k (biased, see doc)
 
-    def __init__(self, cfg, total_steps: int) -> None:
-        if not cfg.candidates:
-            raise ValueError("method 'select' needs --candidates, e.g. --candidates 2x2,2x8,2x16")
-        super().__init__(cfg, total_steps)
+    def __init__(self, options: SelectOptions, total_steps: int) -> None:
+        super().__init__(options, total_steps)
         self.steering = None  # the survivor's ramp starts at the collapse
         self.select_steps = max(1, round(self.select_share * self.sparsify_steps))
         updates = max(1.0, self.select_steps / (2 * self.interval))
         self.group_max_factor = max(1.05, 10 ** (4 / updates))  # 4 decades in half the phase
         self.group_lam = self.initial_group_lambda
-        self.shapes = {block_name(c): tuple(c) for c in cfg.candidates}
+        self.shapes = {block_name(c): tuple(c) for c in options.candidates}
         self.removed_at: dict[str, int] = {}
         self.selected: str | None = None
         self.selected_at: int | None = None
         self.forced = False
-        self.steps_per_epoch = max(1, total_steps // cfg.epochs)
+        self.steps_per_epoch = options.steps_per_epoch or max(1, total_steps // 10)
         self.trace_every = max(1, self.steps_per_epoch // 20)
         self.epoch_norms: dict[str, list[float]] = {n: [] for n in self.shapes}  # ||S_k||_2
         self.epoch_weight_norms: dict[str, list[float]] = {n: [] for n in self.shapes}  # ||W_k||_F
@@ -96,17 +112,28 @@ class SelectMethod(KronMethod):
 
     # ---------------------------------------------------------------- structure
 
-    def layer_factory(self) -> LayerFactory:
-        def make(i: int, o: int) -> nn.Module:
-            return KronSelectLinear(i, o, self.cfg.candidates, self.cfg.rank, path=self.cfg.path)
+    def swap(self, module: nn.Module) -> nn.Module:
+        if isinstance(module, KronSelectLinear):
+            return module
+        if self.options.init != "fresh":
+            raise ValueError("method 'select' trains its candidates from scratch (init='fresh')")
+        W = module.weight
+        layer = KronSelectLinear(module.in_features, module.out_features, self.options.candidates, self.options.rank,
+                                 module.bias is not None, device=W.device, dtype=W.dtype, path=self.options.path)
+        if module.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(module.bias)
+        return layer
 
-        return make
-
-    def prepare(self, model: nn.Module) -> None:
+    def prepare(self, model: nn.Module, layers: dict[str, nn.Module] | None = None) -> None:
+        if layers is None:
+            layers = {n: m for n, m in model.named_modules() if isinstance(m, KronSelectLinear)}
         self.model = model
-        self.layers = [l for l in model.layers if isinstance(l, KronSelectLinear)]
+        self.pin = self.pin or resolve_scale_pin(self.options.scale_pin, model)
+        self.names = [n for n, l in layers.items() if isinstance(l, KronSelectLinear)]
+        self.layers = [layers[n] for n in self.names]
         if not self.layers:
-            raise ValueError("method 'select' found no KronSelectLinear layer in the model")
+            raise ValueError("method 'select' found no layer that every candidate block shape tiles")
         self.sizes = {n: sum(l.terms[n].S.numel() for l in self.layers) for n in self.shapes}
         self.start_norms = self.group_norms()
         self.selection_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -131,17 +158,10 @@ class SelectMethod(KronMethod):
         for other in self.alive():
             if other != name:
                 self._remove(other, step)
-        idx = [k for k, l in enumerate(self.model.layers) if isinstance(l, KronSelectLinear)]
-        for k in idx:
-            self.model.layers[k] = self.model.layers[k].collapse(name)
-        self.layers = [self.model.layers[k] for k in idx]
+        self.layers = [replace_module(self.model, n, l.collapse(name)) for n, l in zip(self.names, self.layers)]
         self.selected, self.selected_at = name, step
-        self.masks = [l.S != 0 for l in self.layers]
-        if self.cfg.target_sparsity is not None:
-            ramp = int(0.6 * (self.sparsify_steps - step - 1))
-            self.steering = LambdaSteering(DelayedCubic(self.cfg.target_sparsity, step + 1, ramp), self.lam)
-        self.lams = [self.lam] * len(self.layers)
-        self._pin_scale()
+        ramp = int(0.6 * (self.sparsify_steps - step - 1))
+        self._start_layers(DelayedCubic(self.options.target_sparsity or 0.0, step + 1, ramp))
         self._changed = True
 
     def structure_changed(self) -> bool:
@@ -196,15 +216,23 @@ class SelectMethod(KronMethod):
     # ---------------------------------------------------------------- the step
 
     @torch.no_grad()
-    def after_step(self, model, optimizer, step: int, lr: float) -> None:
+    def step(self, optimizer, step: int, lr: float | None = None) -> None:
         if self.selected is None:
+            lr = lr if lr is not None else next(g["lr"] for g in optimizer.param_groups if g["params"])
             self._select_step(step, lr)
         else:
-            super().after_step(model, optimizer, step, lr)
+            super().step(optimizer, step, lr)
         self._record(step)
 
+    @torch.no_grad()
+    def finalize(self, optimizer=None) -> None:
+        if self.selected is None:  # stopped while selecting: keep the leader
+            self.forced = True
+            self._collapse(self.leader(), self.sparsify_steps - 1)
+        super().finalize(optimizer)
+
     def _select_step(self, step: int, lr: float) -> None:
-        lam2 = 0.0 if self.cfg.target_sparsity is not None else self.lam
+        lam2 = 0.0 if self.options.target_sparsity is not None else self.lam
         zeroed = []
         for n in self.alive():
             S = [l.terms[n].S for l in self.layers]
@@ -225,8 +253,8 @@ class SelectMethod(KronMethod):
         if len(self.alive()) == 1 or step >= self.select_steps - 1:
             self.forced = len(self.alive()) > 1
             self._collapse(self.leader(), step)
-            if step >= self.sparsify_steps - 1 and self.steering is not None:
-                self._top_up(self.steering.schedule.final)
+            if step >= self.sparsify_steps - 1:
+                self.finalize()
 
     def _record(self, step: int) -> None:
         end_of_epoch = (step + 1) % self.steps_per_epoch == 0

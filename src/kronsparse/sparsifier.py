@@ -1,0 +1,147 @@
+"""Sparsifier: every method of kronsparse on any PyTorch model, in the user's own training loop.
+
+    sp = Sparsifier(model, method="kron", block_shape=(4, 4), rank=4, target_sparsity=0.5, total_steps=N)
+    opt = torch.optim.AdamW(sp.param_groups(weight_decay=0.05), lr=1e-3)
+    for step in range(N):
+        ...; loss.backward(); opt.step(); sp.step(opt)
+    sp.finalize()
+
+Shaped like torch.ao.pruning's sparsifiers (prepare on a model, step, squash, state_dict). The layers
+come from `named_modules()`: by default every nn.Linear and nn.Conv2d that the block shape tiles.
+Methods that train Kronecker factors (kron, select) swap those layers in place when the Sparsifier
+is built, so build it before the optimizer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .functional import block_mask_of
+from .layers import matrix_view
+from .methods import get_method
+from .model_tree import LayerFilter, find_layers, replace_module
+
+
+def layer_weight(layer: nn.Module) -> Tensor:
+    """The dense weight (out, in) or (out, in, kh, kw) of a weight layer of any kind."""
+    return layer.dense_weight() if hasattr(layer, "dense_weight") else layer.weight
+
+
+class Sparsifier:
+    """Drive one sparsity method on `model`.
+
+    Args:
+        model: any nn.Module; changed in place for methods that train Kronecker factors.
+        method: a registered name: kron, select, group-lasso, elastic-group-lasso, rigl,
+            iterative-pruning, block-magnitude, dense.
+        block_shape: (bo, bi) in nn.Linear's (out, in) order (a conv: over its channels).
+        total_steps: optimizer steps of the whole run (schedules are fractions of it).
+        target_sparsity: fraction of zero blocks to reach in every sparsified layer (scope="global":
+            over all of them together); for iterative-pruning, a fraction of weights.
+        layers: None (every Linear/Conv2d the block tiles), a list of module names, or a callable
+            (name, module) -> bool.
+        **options: the method's own options (`get_method(name).Options`), e.g. rank, scale_pin,
+            init ("fresh" or "svd"), lam, sparsify_fraction, weight_decay, scope, candidates.
+    """
+
+    def __init__(self, model: nn.Module, method: str = "kron", *, block_shape=(4, 4), total_steps: int,
+                 target_sparsity: float | None = None, layers: list[str] | LayerFilter | None = None,
+                 **options) -> None:
+        cls = get_method(method)
+        self.options = cls.Options.from_kwargs(method, {"block_shape": block_shape,
+                                                        "target_sparsity": target_sparsity, **options})
+        self.method = cls(self.options, total_steps)
+        self.model = model
+        found = find_layers(model, self.options.block_shape, layers, getattr(self.options, "candidates", None),
+                            kinds=cls.layer_kinds)
+        if "" in found and cls.trains_factors:
+            raise ValueError("the model is itself the layer to swap: wrap it, e.g. nn.Sequential(layer)")
+        self.layers = {name: self._swapped(name, m) for name, m in found.items()}
+        self.method.prepare(model, self.layers)
+        self.steps = 0
+
+    def _swapped(self, name: str, module: nn.Module) -> nn.Module:
+        new = self.method.swap(module)
+        return module if new is module else replace_module(self.model, name, new)
+
+    @property
+    def total_steps(self) -> int:
+        return self.method.total_steps
+
+    def param_groups(self, weight_decay: float | None = None) -> list[dict]:
+        """Parameter groups for the optimizer: weight decay (the method's default if None) on
+        weights and Kronecker factors A, B; never on S, biases or norms."""
+        return self.method.param_groups(self.model, weight_decay)
+
+    @torch.no_grad()
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Call after every optimizer.step(): proximal maps, masks, mask updates. When the method
+        removed parameters (select), they leave the optimizer's groups and state here."""
+        self.method.step(optimizer, self.steps)
+        if self.method.structure_changed():
+            drop_missing_params(optimizer, self.model)
+        self.steps += 1
+
+    @torch.no_grad()
+    def finalize(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Exact zero blocks everywhere, at the target (topped up if the run ended early); masks
+        frozen: later `step` calls keep the zero blocks zero."""
+        self.method.finalize(optimizer)
+        if optimizer is not None and self.method.structure_changed():
+            drop_missing_params(optimizer, self.model)
+
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        return self.method.block_shape
+
+    def sparsified_layers(self) -> dict[str, nn.Module]:
+        """The sparsified layers by name, as they are in the model now."""
+        return {name: self.model.get_submodule(name) for name in self.layers}
+
+    @torch.no_grad()
+    def _counts(self, kind: str) -> dict[str, tuple[int, int]]:
+        counts = {}
+        for name, layer in self.sparsified_layers().items():
+            W = layer_weight(layer)
+            if kind == "weight":
+                counts[name] = (int((W == 0).sum()), W.numel())
+            else:
+                mask = block_mask_of(*matrix_view(W, self.block_shape))
+                counts[name] = (int((~mask).sum()), mask.numel())
+        return counts
+
+    def layer_sparsity(self, kind: str = "block") -> dict[str, float]:
+        """{layer name: fraction of zero blocks (kind="weight": zero weights)}, from the dense weights."""
+        return {n: z / t for n, (z, t) in self._counts(kind).items()}
+
+    def block_sparsity(self, kind: str = "block") -> float:
+        """Zero blocks / blocks over all sparsified layers (kind="weight": zero weights / weights)."""
+        counts = self._counts(kind).values()
+        return sum(z for z, _ in counts) / sum(t for _, t in counts)
+
+    def summary(self) -> dict:
+        return self.method.summary()
+
+    def state_dict(self) -> dict:
+        """Everything of the Sparsifier's to resume mid-run (the model and optimizer have their own)."""
+        return {"steps": self.steps, "method": self.method.state_dict()}
+
+    def load_state_dict(self, state: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Restore; a method that restructures the model (select) does so first, so the model's
+        state_dict loads after this. Pass the optimizer to drop parameters that no longer exist
+        (before loading its state_dict)."""
+        self.method.load_state_dict(state["method"])
+        self.steps = state["steps"]
+        if self.method.structure_changed() and optimizer is not None:
+            drop_missing_params(optimizer, self.model)
+
+
+def drop_missing_params(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Remove from the optimizer's groups and state every parameter that left the model."""
+    alive = {id(p) for p in model.parameters()}
+    for group in optimizer.param_groups:
+        gone = [p for p in group["params"] if id(p) not in alive]
+        group["params"] = [p for p in group["params"] if id(p) in alive]
+        for p in gone:
+            optimizer.state.pop(p, None)

@@ -197,7 +197,7 @@ def resolved_path(variant: str, case: Case, training: bool, need_x: bool) -> str
     path = variant.split(":", 1)[1]
     if path != "auto":
         return path
-    return choose_path(case.out_features, case.in_features, case.block_shape, case.rank, case.tokens, training,
+    return choose_path(case.in_features, case.out_features, case.block_shape, case.rank, case.tokens, training,
                        need_x)
 
 
@@ -353,7 +353,7 @@ def markdown(meta: dict, records: list[Record]) -> str:
 def fwd_macs(c: dict, path: str) -> int:
     if path == "dense":
         return c["in_features"] * c["out_features"]
-    return getattr(path_macs(c["out_features"], c["in_features"], tuple(c["block_shape"]), c["rank"]), path)
+    return getattr(path_macs(c["in_features"], c["out_features"], tuple(c["block_shape"]), c["rank"]), path)
 
 
 def parse_args(argv=None):

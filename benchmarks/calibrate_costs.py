@@ -65,7 +65,7 @@ def slowdown(rows: list[dict]) -> tuple[float, list[str]]:
     """Sum over cases of time(chosen)/time(fastest) - 1 under the current constants, and the misses."""
     total, misses = 0.0, []
     for row in rows:
-        chosen = costs.choose_path(row["out"], row["in"], tuple(row["block"]), row["rank"], row["batch"],
+        chosen = costs.choose_path(row["in"], row["out"], tuple(row["block"]), row["rank"], row["batch"],
                                    True, row["need_x"])
         best = min(PATHS, key=row.get)
         total += row[chosen] / row[best] - 1

@@ -89,8 +89,8 @@ def print_row(metrics: dict) -> None:
 def cmd_shapes(args: argparse.Namespace) -> int:
     from .costs import layer_costs, plan_block_shapes
 
-    rows = plan_block_shapes(args.out_features, args.in_features, args.rank, bias=not args.no_bias)
-    dense = layer_costs(args.out_features, args.in_features, (1, 1), 1, bias=not args.no_bias)
+    rows = plan_block_shapes(args.in_features, args.out_features, args.rank, bias=not args.no_bias)
+    dense = layer_costs(args.in_features, args.out_features, (1, 1), 1, bias=not args.no_bias)
     print(f"layer {args.in_features} -> {args.out_features} (weight {args.out_features}x{args.in_features}), "
           f"rank {args.rank}; dense: {dense.dense_params} params, {dense.dense_macs} MACs/sample")
     print("| block (out x in) | paper name (in x out) | train params | MACs/sample | |")

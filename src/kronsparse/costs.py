@@ -41,8 +41,8 @@ class PathMacs:
 class LayerCosts:
     """Training and inference costs of one KronLinear and of the dense nn.Linear it replaces."""
 
-    out_features: int
     in_features: int
+    out_features: int
     block_shape: tuple[int, int]
     rank: int
     bias: bool
@@ -59,7 +59,7 @@ class LayerCosts:
         return asdict(self)
 
 
-def path_macs(out_features: int, in_features: int, block_shape, rank: int) -> PathMacs:
+def path_macs(in_features: int, out_features: int, block_shape, rank: int) -> PathMacs:
     """Forward multiply-adds per sample of each path (METHOD.md §2)."""
     bo, bi = check_block_shape(out_features, in_features, block_shape)
     m1, n1 = out_features // bo, in_features // bi
@@ -71,26 +71,26 @@ def path_macs(out_features: int, in_features: int, block_shape, rank: int) -> Pa
     )
 
 
-def train_params(out_features: int, in_features: int, block_shape, rank: int, bias: bool = True) -> int:
+def train_params(in_features: int, out_features: int, block_shape, rank: int, bias: bool = True) -> int:
     """Trainable scalars: r*(m1*n1 + bo*bi) + m1*n1 (+ out for the bias)."""
     bo, bi = check_block_shape(out_features, in_features, block_shape)
     m1n1 = (out_features // bo) * (in_features // bi)
     return rank * (m1n1 + bo * bi) + m1n1 + (out_features if bias else 0)
 
 
-def layer_costs(out_features: int, in_features: int, block_shape, rank: int, bias: bool = True,
+def layer_costs(in_features: int, out_features: int, block_shape, rank: int, bias: bool = True,
                 bytes_per_element: int = 4) -> LayerCosts:
     """All counts for one layer; used by every report."""
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     bo, bi = check_block_shape(out_features, in_features, block_shape)
-    macs = path_macs(out_features, in_features, (bo, bi), rank)
-    n_train = train_params(out_features, in_features, (bo, bi), rank, bias)
+    macs = path_macs(in_features, out_features, (bo, bi), rank)
+    n_train = train_params(in_features, out_features, (bo, bi), rank, bias)
     n_dense = out_features * in_features + (out_features if bias else 0)
     best = min(macs.input_first, macs.factors_first, macs.materialize)
     bias_adds = out_features if bias else 0
     return LayerCosts(
-        out_features, in_features, (bo, bi), rank, bias,
+        in_features, out_features, (bo, bi), rank, bias,
         train_params=n_train,
         dense_params=n_dense,
         macs=macs,
@@ -102,7 +102,7 @@ def layer_costs(out_features: int, in_features: int, block_shape, rank: int, bia
     )
 
 
-def step_cost(out_features: int, in_features: int, block_shape, rank: int, batch: int,
+def step_cost(in_features: int, out_features: int, block_shape, rank: int, batch: int,
               path: str, training: bool = True, input_grad: bool = True) -> float:
     """Estimated cost of one call (forward, or forward + backward when training) in MAC units.
 
@@ -136,16 +136,16 @@ def step_cost(out_features: int, in_features: int, block_shape, rank: int, batch
     raise ValueError(f"unknown path {path!r}")
 
 
-def choose_path(out_features: int, in_features: int, block_shape, rank: int, batch: int,
+def choose_path(in_features: int, out_features: int, block_shape, rank: int, batch: int,
                 training: bool = True, input_grad: bool = True) -> str:
     """The cheapest path for this layer and batch by `step_cost` (memoised: called every forward)."""
-    return _choose_path(out_features, in_features, tuple(block_shape), rank, batch, training, input_grad)
+    return _choose_path(in_features, out_features, tuple(block_shape), rank, batch, training, input_grad)
 
 
 @lru_cache(maxsize=4096)
-def _choose_path(out_features, in_features, block_shape, rank, batch, training, input_grad) -> str:
+def _choose_path(in_features, out_features, block_shape, rank, batch, training, input_grad) -> str:
     paths = ("input_first", "factors_first", "materialize")
-    return min(paths, key=lambda p: step_cost(out_features, in_features, block_shape, rank, batch, p,
+    return min(paths, key=lambda p: step_cost(in_features, out_features, block_shape, rank, batch, p,
                                               training, input_grad))
 
 
@@ -158,13 +158,13 @@ class ShapeRow:
     best: bool  # minimises trainable parameters
 
 
-def plan_block_shapes(out_features: int, in_features: int, rank: int, bias: bool = True) -> list[ShapeRow]:
+def plan_block_shapes(in_features: int, out_features: int, rank: int, bias: bool = True) -> list[ShapeRow]:
     """Every block shape that tiles the layer with its training cost; `best` marks the fewest params."""
     rows = []
     for bo in divisors(out_features):
         for bi in divisors(in_features):
-            m = path_macs(out_features, in_features, (bo, bi), rank)
-            rows.append(ShapeRow((bo, bi), f"{bi}x{bo}", train_params(out_features, in_features, (bo, bi), rank, bias),
+            m = path_macs(in_features, out_features, (bo, bi), rank)
+            rows.append(ShapeRow((bo, bi), f"{bi}x{bo}", train_params(in_features, out_features, (bo, bi), rank, bias),
                                  min(m.input_first, m.factors_first, m.materialize), False))
     fewest = min(r.train_params for r in rows)
     return [ShapeRow(r.block_shape, r.paper_name, r.train_params, r.macs, r.train_params == fewest) for r in rows]

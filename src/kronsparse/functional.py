@@ -296,7 +296,7 @@ def _kron_linear(x: Tensor, S: Tensor, A: Tensor, B: Tensor, bias: Tensor | None
         grad = torch.is_grad_enabled()
         training = grad and any(t is not None and t.requires_grad for t in (x, S, A, B, bias))
         tokens = x.numel() // in_features
-        path = choose_path(m1 * bo, in_features, (bo, bi), r, tokens, training, grad and x.requires_grad)
+        path = choose_path(in_features, m1 * bo, (bo, bi), r, tokens, training, grad and x.requires_grad)
     if path == "materialize":  # plain autograd: its backward is a few C++ nodes, no Python
         return torch.nn.functional.linear(x, _build_weight(S * A, B), bias)
     x2 = x.reshape(-1, in_features).contiguous()
@@ -343,11 +343,8 @@ def block_sparsity(W: Tensor, block_shape) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def soft_threshold(x: Tensor, threshold: float | Tensor) -> Tensor:
-    """Proximal map of threshold * ||x||_1: sign(x) * max(|x| - threshold, 0), in one kernel for a
-    float threshold; a tensor threshold (broadcast to x) gives each entry its own."""
-    if torch.is_tensor(threshold):
-        return x.sign() * (x.abs() - threshold).clamp_min(0)
+def soft_threshold(x: Tensor, threshold: float) -> Tensor:
+    """Proximal map of threshold * ||x||_1: sign(x) * max(|x| - threshold, 0), in one kernel."""
     return torch.nn.functional.softshrink(x, threshold)
 
 
@@ -357,9 +354,8 @@ def group_lasso_penalty(W: Tensor, block_shape) -> Tensor:
     return math.sqrt(bo * bi) * block_norms(W, block_shape).sum()
 
 
-def group_shrink(W: Tensor, block_shape, threshold: float | Tensor) -> Tensor:
-    """Proximal map of threshold * sum_g ||W_g||_F: every block scaled by max(1 - t/||W_g||, 0)
-    (threshold: one float, or one per block (m1, n1))."""
+def group_shrink(W: Tensor, block_shape, threshold: float) -> Tensor:
+    """Proximal map of threshold * sum_g ||W_g||_F: every block scaled by max(1 - t/||W_g||, 0)."""
     norms = block_norms(W, block_shape)
     scale = torch.clamp(1 - threshold / norms.clamp_min(torch.finfo(W.dtype).tiny), min=0)
     bo, bi = block_shape

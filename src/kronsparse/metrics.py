@@ -88,9 +88,9 @@ def training_costs(model: nn.Module, batch_size: int) -> dict:
             macs += per_position * at + layer.rank * per_position // batch_size
             paths.append("materialize")
         elif isinstance(layer, KronLinear):
-            c = layer_costs(layer.out_features, layer.in_features, layer.block_shape, layer.rank)
+            c = layer_costs(layer.in_features, layer.out_features, layer.block_shape, layer.rank)
             path = layer.path if layer.path != "auto" else choose_path(  # the model's input needs no grad
-                layer.out_features, layer.in_features, layer.block_shape, layer.rank, batch_size, True, k > 0)
+                layer.in_features, layer.out_features, layer.block_shape, layer.rank, batch_size, True, k > 0)
             per_sample = getattr(c.macs, path)
             if path == "materialize":
                 per_sample += c.macs.materialize_build // batch_size

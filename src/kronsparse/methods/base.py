@@ -88,23 +88,19 @@ class DelayedCubic:
         return CubicSchedule(self.final, self.ramp_steps)(step - self.start) if step >= self.start else 0.0
 
 
-def step_size(optimizer: torch.optim.Optimizer | None, param: Tensor, lr: float | None = None) -> float | Tensor:
-    """The optimizer's step size for `param`: its group's lr, divided entry by entry by Adam's
-    sqrt(v_hat) + eps for the Adam family. A proximal threshold lr * lambda / (sqrt(v_hat) + eps)
-    is the prox in Adam's own metric, so the same lambda means the same thing under SGD and Adam
-    (lambda is in units of the gradient either way). `lr` overrides the group's (tests)."""
-    if optimizer is None:
-        if lr is None:
-            raise ValueError("step_size needs an optimizer or an lr")
+def step_size(optimizer: torch.optim.Optimizer | None, param: Tensor, lr: float | None = None) -> float:
+    """The learning rate of param's group (the proximal threshold is lr * lambda); `lr` overrides it.
+
+    Under the Adam family this is not the step an entry takes (lr / sqrt(v_hat) per entry); the
+    prox in Adam's metric was tried (threshold lr * lambda / sqrt(v_hat)) and collapsed LeNet-5 under
+    Adam (13.4% against 87.2%, 2 epochs on 3,000 MNIST images): with lambda then in gradient units,
+    the steering's start (1e-3) is far above a conv net's S gradients. So lambda is steered in
+    threshold units under every optimizer, and the final top-up guarantees the target."""
+    if lr is not None:
         return lr
-    group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
-    lr = group["lr"] if lr is None else lr
-    state = optimizer.state.get(param, {})
-    if "exp_avg_sq" in state and "betas" in group:
-        t = float(state["step"])
-        v_hat = state["exp_avg_sq"] / (1.0 - group["betas"][1] ** t)
-        return lr / (v_hat.sqrt() + group["eps"])
-    return lr
+    if optimizer is None:
+        raise ValueError("step_size needs an optimizer or an lr")
+    return next(g["lr"] for g in optimizer.param_groups if any(p is param for p in g["params"]))
 
 
 def set_grad_hook(param: Tensor, fn=None) -> None:

@@ -12,10 +12,9 @@ revival and freezing are Group LASSO's (group_lasso.py).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from ..functional import expand_block_mask, group_lasso_penalty, soft_threshold
+from ..functional import group_lasso_penalty, soft_threshold
 from .group_lasso import GroupLassoMethod
 
 
@@ -30,10 +29,7 @@ class ElasticGroupLassoMethod(GroupLassoMethod):
 
     def prox(self, W: Tensor, threshold: float, block_shape=None) -> Tensor:
         """Soft-threshold each entry (the l1 part), then shrink each block (the group part)."""
-        bs = block_shape or self.options.block_shape
-        t = threshold * self.l1_ratio / W.numel()
-        t = expand_block_mask(t, bs) if torch.is_tensor(t) else t  # one per block -> one per entry
-        return super().prox(soft_threshold(W, t), threshold, block_shape)
+        return super().prox(soft_threshold(W, threshold * self.l1_ratio / W.numel()), threshold, block_shape)
 
     def penalty_value(self) -> float:
         return sum(lam * elastic_group_lasso_penalty(*self.grid(l.weight), self.l1_ratio).item()

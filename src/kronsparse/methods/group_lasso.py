@@ -14,9 +14,8 @@ With a target sparsity, lambda is steered toward a cubic ramp (reached at 60% of
 phase), per layer by default (scope "global": one lambda for the model), the number of zero blocks
 never exceeds the ramp (the excess blocks of largest norm skip the shrink for that step), and the
 smallest active blocks are pruned at the end of the phase if the target is not reached, so the
-final block sparsity is the target (methods/steering.py). The step size of the prox is the
-optimizer's (methods/base.step_size); for the Adam family, whose step differs entry by entry, each
-block uses the mean of its entries' steps (the group prox has no closed form in a diagonal metric).
+final block sparsity is the target (methods/steering.py). The threshold is lr * lambda with the
+optimizer's lr (methods/base.step_size).
 """
 
 from __future__ import annotations
@@ -29,15 +28,6 @@ from torch import Tensor, nn
 from ..functional import block_mask_of, block_norms, expand_block_mask, group_lasso_penalty, group_shrink
 from .base import CubicSchedule, Method, mask_grad, step_size
 from .steering import TargetSteering
-
-
-def block_step(step, W: Tensor, block_shape) -> float | Tensor:
-    """A per-entry step size (float or tensor like W) as one value per block (its mean)."""
-    if not torch.is_tensor(step):
-        return step
-    bo, bi = block_shape
-    m1, n1 = W.shape[0] // bo, W.shape[1] // bi
-    return step.reshape(m1, bo, n1, bi).mean(dim=(1, 3))
 
 
 class GroupLassoMethod(Method):
@@ -63,8 +53,7 @@ class GroupLassoMethod(Method):
     # -- the penalty and its proximal map --------------------------------------------------
 
     def prox(self, W: Tensor, threshold, block_shape=None) -> Tensor:
-        """Proximal map of threshold * sum_g sqrt(bo*bi) * ||W_g||_F (threshold: a float or one per
-        block; blocks: block_shape or the options')."""
+        """Proximal map of threshold * sum_g sqrt(bo*bi) * ||W_g||_F (blocks: block_shape or the options')."""
         bo, bi = block_shape or self.options.block_shape
         return group_shrink(W, (bo, bi), threshold * math.sqrt(bo * bi))
 
@@ -86,7 +75,7 @@ class GroupLassoMethod(Method):
         if self.finalized or step >= self.sparsify_steps:
             self._apply_masks()
             return
-        steps = [block_step(step_size(optimizer, l.weight, lr), *self.grid(l.weight)) for l in self.layers]
+        steps = [step_size(optimizer, l.weight, lr) for l in self.layers]
         self._prox(steps, step)
         if step >= self.sparsify_steps - 1:
             self.finalize(optimizer)

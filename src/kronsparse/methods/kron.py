@@ -1,11 +1,9 @@
 """The paper's method: W = sum_i kron(S * A_i, B_i), l1 on S with its proximal map.
 
-After every optimizer step S <- soft_threshold(S, step * lambda), so blocks become exactly zero, and
-pruned blocks stay pruned (their gradient is masked too, so no optimizer state builds up on them).
-`step` is the optimizer's step size for S: the learning rate for SGD, lr / (sqrt(v_hat) + eps) per
-entry for the Adam family (the prox in Adam's metric), so lambda means the same under every
-optimizer. Weight decay on A and B (not on S) pins the scale so the penalty cannot be undone by
-growing A.
+After every optimizer step S <- soft_threshold(S, lr * lambda) (lr: the optimizer's, read from its
+param group), so blocks become exactly zero, and pruned blocks stay pruned (their gradient is masked
+too, so no optimizer state builds up on them). Weight decay on A and B (not on S) pins the scale
+so the penalty cannot be undone by growing A.
 
 With a target sparsity P, lambda is steered (per layer by default, methods/steering.py): every 10
 steps the fraction of the layer's blocks the prox wants zero is compared with a cubic ramp toward P

@@ -1,0 +1,51 @@
+"""Drive a kronsparse Sparsifier from a Hugging Face `transformers.Trainer` (extra: kronsparse[hf]).
+
+    sp = Sparsifier(model, "kron", block_shape=(4, 4), rank=4, target_sparsity=0.5, total_steps=max_steps)
+    opt = torch.optim.AdamW(sp.param_groups(weight_decay=0.05), lr=1e-3)
+    trainer = Trainer(model=model, args=TrainingArguments(..., max_steps=max_steps), optimizers=(opt, None),
+                      callbacks=[SparsifierCallback(sp)], ...)
+    trainer.train()   # sp.step after every optimizer step, sp.finalize at the end
+
+Build the Sparsifier before the Trainer (it swaps layers) and give the Trainer an optimizer over
+`sp.param_groups()`, so S, biases and norms get no weight decay. Each checkpoint folder gets the
+Sparsifier's state as `sparsifier.pt`; to resume, `sp.load_state_dict(torch.load(path))` before
+`trainer.train(resume_from_checkpoint=...)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from ..io import atomic_write
+from ..sparsifier import Sparsifier
+
+STATE_FILE = "sparsifier.pt"
+
+
+class SparsifierCallback(TrainerCallback):
+    """Calls `sparsifier.step(optimizer)` after every optimizer step and `finalize` when training ends."""
+
+    def __init__(self, sparsifier: Sparsifier) -> None:
+        self.sparsifier = sparsifier
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps and state.max_steps != self.sparsifier.total_steps:
+            raise ValueError(f"the Trainer will take {state.max_steps} optimizer steps but the Sparsifier was built "
+                             f"for total_steps={self.sparsifier.total_steps}; set TrainingArguments(max_steps=...) "
+                             "or build the Sparsifier with the Trainer's number of steps")
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if optimizer is None:
+            raise ValueError("SparsifierCallback needs the Trainer's optimizer (transformers >= 4.40 passes it)")
+        self.sparsifier.step(optimizer)
+
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+        self.sparsifier.finalize(optimizer)
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            atomic_write(folder / STATE_FILE, lambda tmp: torch.save(self.sparsifier.state_dict(), tmp))

@@ -160,6 +160,15 @@ class ShapeRow:
 
 def plan_block_shapes(out_features: int, in_features: int, rank: int, bias: bool = True) -> list[ShapeRow]:
     """Every block shape that tiles the layer with its training cost; `best` marks the fewest params."""
+    from .limits import check_at_most
+
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    check_at_most("rank", rank)
+    for name, n in (("out_features", out_features), ("in_features", in_features)):
+        if n < 1:
+            raise ValueError(f"{name} must be >= 1, got {n}")
+        check_at_most("features", n, name)
     rows = []
     for bo in divisors(out_features):
         for bi in divisors(in_features):

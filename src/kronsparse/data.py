@@ -25,6 +25,7 @@ import gzip
 import hashlib
 import math
 import os
+import stat
 import struct
 import tempfile
 import urllib.request
@@ -374,8 +375,27 @@ def _not_found(name: str, data_dir: Optional[PathLike], reason: str) -> DataErro
     return DataError(f"{name}: data files not found; put {files} in one of: {folders} ({reason})")
 
 
+def _check_data_dir(path: Path) -> None:
+    """A data_dir given explicitly must be a readable folder (or absent): a symlink loop, a file or
+    an unreadable folder is an error, not a silent fall back to the next place searched."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise DataError(f"{path}: the data folder is a dangling symbolic link") from None
+        return  # absent: the other places are searched, and the error lists them all
+    except OSError as exc:  # ELOOP, EACCES on a parent, ...
+        raise DataError(f"{path}: cannot use the data folder ({_one_line(exc)})") from exc
+    if not stat.S_ISDIR(info.st_mode):
+        raise DataError(f"{path}: the data folder is not a folder")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise DataError(f"{path}: the data folder is not readable")
+
+
 def locate_dataset(name: str, data_dir: Optional[PathLike] = None, download: bool = True) -> Path:
     """The folder holding the files of ``name``, downloading them into the cache if allowed."""
+    if data_dir is not None:
+        _check_data_dir(Path(data_dir))
     folder = find_dataset_dir(name, data_dir)
     if folder is not None:
         return folder
@@ -443,11 +463,50 @@ def _read_npz_arrays(path: Path) -> dict[str, np.ndarray]:
             if missing:
                 need = ", ".join(NPZ_KEYS)
                 raise DataError(f"{path}: missing arrays {', '.join(missing)} (need {need})")
+            _check_npz_sizes(path, archive.zip)
             return {key: archive[key] for key in NPZ_KEYS}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error, MemoryError) as exc:
         if isinstance(exc, DataError):
             raise
         raise DataError(f"{path}: unreadable .npz ({_one_line(exc)})") from exc
+
+
+def _npy_header(zf: zipfile.ZipFile, key: str) -> Optional[tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) from the .npy header of member ``key``, reading no payload; None if unparsable."""
+    name = key + ".npy" if key + ".npy" in zf.namelist() else key
+    with zf.open(name) as member:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+        else:
+            return None  # numpy's own reader decides (and bounds the header size)
+    return tuple(int(d) for d in shape), dtype
+
+
+def _check_npz_sizes(path: Path, zf: zipfile.ZipFile) -> None:
+    """Refuse, from the headers alone, arrays whose size would exceed the memory bound once loaded.
+
+    A few compressed bytes can claim a (10**6, 1000) array: numpy allocates what the header claims
+    before reading, and the inputs are then cast to float32 (4 bytes per value).
+    """
+    from .limits import env_name, limit
+
+    bound, input_bytes = limit("data_bytes"), 0
+    for key in NPZ_KEYS:
+        header = _npy_header(zf, key)
+        if header is None:
+            continue
+        shape, dtype = header
+        n = math.prod(shape)
+        sizes = [n * dtype.itemsize] + ([n * 4] if key.startswith("x_") else [])
+        input_bytes += sizes[-1] if key.startswith("x_") else 0
+        if max(sizes) > bound or input_bytes > bound:
+            raise DataError(
+                f"{path}: {key} claims shape {shape} of {dtype}, over the {bound}-byte bound on the data "
+                f"held in memory (set {env_name('data_bytes')} to allow more)"
+            )
 
 
 def _npz_inputs(path: Path, key: str, x: np.ndarray) -> np.ndarray:
@@ -459,7 +518,7 @@ def _npz_inputs(path: Path, key: str, x: np.ndarray) -> np.ndarray:
     if len(x) == 0:
         raise DataError(f"{path}: {key} is empty")
     with np.errstate(over="ignore"):  # values beyond float32 become inf, rejected just below
-        x = x.reshape(len(x), -1).astype(np.float32)  # (N, F)
+        x = x.reshape(len(x), -1).astype(np.float32, copy=False)  # (N, F)
     finite_rows = np.isfinite(x).all(axis=1)  # (N,)
     if not finite_rows.all():
         row = int(np.argmin(finite_rows))
@@ -488,6 +547,8 @@ def load_npz(path: PathLike) -> Dataset:
     given; y must hold integer labels >= 0 (integral floats are accepted). num_classes is the
     largest label in either split plus one. Pickled (object) arrays are refused.
     """
+    from .limits import env_name, limit
+
     path = Path(path)
     arrays = _read_npz_arrays(path)
     x_train = _npz_inputs(path, "x_train", arrays["x_train"])
@@ -498,6 +559,9 @@ def load_npz(path: PathLike) -> Dataset:
     y_train = _npz_labels(path, "y_train", arrays["y_train"], len(x_train))
     y_test = _npz_labels(path, "y_test", arrays["y_test"], len(x_test))
     num_classes = int(max(y_train.max(), y_test.max())) + 1
+    if num_classes > limit("classes"):
+        raise DataError(f"{path}: the largest label, {num_classes - 1}, makes {num_classes} classes, over the "
+                        f"limit of {limit('classes')} (set {env_name('classes')} to allow more)")
     tensors = [torch.from_numpy(a) for a in (x_train, y_train, x_test, y_test)]
     return Dataset(f"npz:{path}", *tensors, num_classes=num_classes)
 
@@ -522,8 +586,8 @@ def standardized(dataset: Dataset) -> Dataset:
         raise DataError(f"{dataset.name}: the train inputs are constant; cannot standardise")
     return dataclasses.replace(
         dataset,
-        x_train=(dataset.x_train - mean) / std,
-        x_test=(dataset.x_test - mean) / std,
+        x_train=(dataset.x_train - mean).div_(std),  # one new tensor per split, not two
+        x_test=(dataset.x_test - mean).div_(std),
         input_mean=mean,
         input_std=std,
     )

@@ -13,7 +13,7 @@ DEFAULTS = {
     "jobs": None,  # parallel runs of `reproduce`; None: the CPU cores this process may use
     "threads": 1024,  # torch threads
     "classes": 100_000,  # classes of an npz dataset (largest label + 1)
-    "data_bytes": 2**31,  # float32 bytes of all inputs of a dataset, and bytes of any one array of a file
+    "data_bytes": 2**28,  # float32 bytes of all inputs of a dataset (MNIST: 2.2e8), and of any one array
     "tensor_elements": 2**28,  # elements of one tensor built from an export file (1 GiB in float32)
     "features": 2**24,  # layer sizes for `kronsparse shapes`
     "epochs": 100_000,

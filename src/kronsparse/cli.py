@@ -164,12 +164,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, DataError, ValueError, FileNotFoundError, PermissionError) as err:
-        print(f"kronsparse: error: {err}", file=sys.stderr)
-        return 2
     except FloatingPointError as err:
         print(f"kronsparse: training diverged: {err}", file=sys.stderr)
         return 3
+    except (UserError, DataError, ValueError, OSError, MemoryError) as err:  # OSError: disk full, read-only, ...
+        print(f"kronsparse: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, MemoryError):
+        return "out of memory (lower the sizes asked for)"
+    if isinstance(err, OSError) and err.strerror:
+        where = " ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        return f"{err.strerror}{': ' + where if where else ''}"
+    text = " ".join(str(err).split())
+    return text if len(text) <= 1000 else text[:1000] + "..."
 
 
 if __name__ == "__main__":

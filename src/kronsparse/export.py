@@ -186,9 +186,23 @@ def run_entries(run_dir) -> tuple[list[LayerEntry], str, tuple[int, int]]:
     metrics_path, weights_path = run_dir / "metrics.json", run_dir / "model.safetensors"
     if not metrics_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"{run_dir} holds no finished run (metrics.json and model.safetensors are needed)")
-    metrics = json.loads(metrics_path.read_text())
+    from .rundir import verify
+
+    verify(run_dir)  # every file of one complete run: a torn or mixed folder is refused
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ExportError(f"{metrics_path} is not JSON ({_first_line(err)})") from None
+    if not (isinstance(metrics, dict) and isinstance(metrics.get("model"), str) and _is_ints(metrics.get("block_shape"), 2)
+            and isinstance(metrics.get("sparsified_layers", []), list)):
+        raise ExportError(f"{metrics_path}: needs 'model' and 'block_shape' (a metrics.json of `kronsparse train`)")
     model, block_shape = metrics["model"], tuple(metrics["block_shape"])
-    t = load_file(str(weights_path))
+    try:
+        t = load_file(str(weights_path))
+    except Exception as err:
+        raise ExportError(f"{weights_path}: not a readable safetensors file ({_first_line(err)})") from None
+    if model not in ("linear", "mlp", "lenet5") or not any(k in t for k in ("weight", "layers.0.weight")):
+        raise ExportError(f"{run_dir}: model {model!r} with tensors {sorted(t)[:4]} is not a run of `kronsparse train`")
     names = [""] if model == "linear" else sorted({k.split(".")[1] for k in t if k.startswith("layers.")}, key=int)
     padding = _conv_padding(model)
     entries = []
@@ -219,6 +233,11 @@ def export_run(run_dir, fmt: str = "dense", out=None) -> Path:
     check_format(fmt)
     entries, model, block_shape = run_entries(run_dir)
     out = Path(out) if out is not None else Path(run_dir) / f"model.{fmt}.safetensors"
+    if out.is_dir() or not out.name:
+        raise ExportError(f"--out {out} is a folder; give the file to write, e.g. {out / f'model.{fmt}.safetensors'}")
+    if out.resolve().parent == Path(run_dir).resolve() and out.name in ("model.safetensors", "metrics.json",
+                                                                          "config.json", "manifest.json"):
+        raise ExportError(f"--out {out} would overwrite the run's own {out.name}")
     return write_export(out, entries, {}, fmt, model, block_shape)
 
 

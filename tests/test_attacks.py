@@ -127,3 +127,353 @@ def test_divisors_is_fast_and_exact():
     assert divisors(1_000_000_007) == [1, 1_000_000_007]  # a prime: counted to n one by one, this never returned
     assert len(divisors(2**40)) == 41
     assert time.perf_counter() - start < 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# The command line: every mistake is one line and exit 2, before data is read or compute spent
+# --------------------------------------------------------------------------------------------
+
+from kronsparse import rundir  # noqa: E402
+from kronsparse.checkpoint import list_checkpoints, load_latest, save_checkpoint  # noqa: E402
+from kronsparse.cli import main  # noqa: E402
+from kronsparse.config import TrainConfig  # noqa: E402
+from kronsparse.train import train  # noqa: E402
+
+TINY = ["--n-train", "300", "--n-test", "100", "--epochs", "1", "--no-progress", "--threads", "1"]
+
+
+def one_line_error(capsys, argv, code=2) -> str:
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--lambda", "nan"], "--lambda must be a finite number"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--threads", "-1"], "--threads must be >= 1"),
+    (["--device", "meta"], "unknown device 'meta'"),
+    (["--rank", "100000"], "over the limit of 256 .*KRONSPARSE_MAX_RANK"),
+    (["--n-train", "0"], "--n-train must be >= 1"),
+    (["--epochs", "1000000000"], "epochs 1000000000 is over the limit"),
+    (["--batch-size", "0"], "batch_size must be an integer >= 1"),
+    (["--seed", "-1"], "seed must be an integer"),
+    (["--momentum", "1.5"], "momentum must be in"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be >= 1"),
+])
+def test_bad_train_options_are_one_line_and_exit_2(capsys, tmp_path, extra, match):
+    import re
+
+    err = one_line_error(capsys, ["train", *TINY, "--out", str(tmp_path / "o"), *extra])
+    assert re.search(match, err), err
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_bad_output_folders_are_refused_before_training(capsys, tmp_path, monkeypatch):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert "must name a folder" in one_line_error(capsys, ["train", *TINY, "--out", ""])
+    assert "is a file, not a folder" in one_line_error(capsys, ["train", *TINY, "--out", str(a_file)])
+    assert "cannot create" in one_line_error(capsys, ["train", *TINY, "--out", str(a_file / "sub")])
+    calls = []
+    monkeypatch.setattr("kronsparse.train.Run.__init__", lambda *a: calls.append(a))
+    with rundir.open_folder(tmp_path / "busy"):  # another process holds it
+        assert "in use by another kronsparse process (pid" in one_line_error(
+            capsys, ["train", *TINY, "--out", str(tmp_path / "busy")])
+    assert calls == []  # nothing was built
+
+
+def test_read_only_and_full_disks_are_one_line(capsys, tmp_path, monkeypatch):
+    import errno
+
+    def read_only(self, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "mkdir", read_only)
+        assert "Read-only file system" in one_line_error(capsys, ["train", *TINY, "--out", str(tmp_path / "ro")])
+
+    class Full:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("kronsparse.io.open", Full, raising=False)
+    err = one_line_error(capsys, ["train", *TINY, "--out", str(tmp_path / "full")])
+    assert "No space left on device" in err
+    assert not [p for p in (tmp_path / "full").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_shapes_and_reproduce_bounds(capsys, tmp_path):
+    assert "rank must be >= 1" in one_line_error(capsys, ["shapes", "784", "10", "--rank", "-3"])
+    assert "over the limit" in one_line_error(capsys, ["shapes", "1000000007", "10"])
+    assert "--jobs 1000 is over the limit" in one_line_error(
+        capsys, ["reproduce", "mnist-linear", "--quick", "--jobs", "1000", "--out", str(tmp_path / "r")])
+    assert "--jobs must be >= 1" in one_line_error(
+        capsys, ["reproduce", "mnist-linear", "--quick", "--jobs", "0", "--out", str(tmp_path / "r")])
+
+
+def test_shapes_of_a_large_prime_returns_at_once(capsys, monkeypatch):
+    monkeypatch.setenv("KRONSPARSE_MAX_FEATURES", str(2**31))
+    start = time.perf_counter()
+    assert main(["shapes", "1000000007", "10"]) == 0  # counted divisors to n one by one: never returned
+    assert time.perf_counter() - start < 5
+    assert "| 1x1000000007 |" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# Data files
+# --------------------------------------------------------------------------------------------
+
+
+def npz(path, x_train=None, y_train=None, compressed=False, **more):
+    x_train = np.ones((4, 3)) if x_train is None else x_train
+    y_train = np.array([0, 1, 2, 1]) if y_train is None else y_train
+    arrays = dict(x_train=x_train, y_train=y_train, x_test=np.ones((2, x_train.shape[1])), y_test=np.array([0, 1]))
+    arrays.update(more)
+    (np.savez_compressed if compressed else np.savez)(path, **arrays)
+    return path
+
+
+def test_npz_sizes_and_labels_are_checked_before_loading(capsys, tmp_path):
+    big = npz(tmp_path / "big.npz", np.zeros((10**6, 1000), np.uint8), np.zeros(10**6, np.int64), compressed=True)
+    assert big.stat().st_size < 2 * 10**6  # 1 GB of zeros, 4 GB as float32: it peaked at 5.9 GB
+    start = time.perf_counter()
+    assert "over the 268435456-byte bound" in one_line_error(capsys, ["train", *TINY, "--dataset", f"npz:{big}",
+                                                                       "--out", str(tmp_path / "o")])
+    assert time.perf_counter() - start < 5
+    for label in (10**6, 10**9):  # 10**9 classes: the "does not tile" message counted to 10**9
+        path = npz(tmp_path / f"l{label}.npz", y_train=np.array([0, 1, 2, label]))
+        assert f"makes {label + 1} classes, over the limit" in one_line_error(
+            capsys, ["train", *TINY, "--dataset", f"npz:{path}", "--out", str(tmp_path / "o")])
+
+
+def test_a_data_dir_that_is_a_symlink_loop_is_an_error(capsys, tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert "cannot use the data folder" in one_line_error(capsys, ["train", *TINY, "--data-dir", str(loop),
+                                                                    "--out", str(tmp_path / "o")])
+
+
+def test_huge_finite_inputs_are_blamed_on_the_inputs_not_the_lr(capsys, tmp_path):
+    x = np.ones((64, 4), np.float32)
+    x[:, 0] = 3e38
+    path = npz(tmp_path / "huge.npz", x, np.arange(64) % 2)
+    err = one_line_error(capsys, ["train", *TINY, "--dataset", f"npz:{path}", "--out", str(tmp_path / "o")], code=3)
+    assert "|x| = 3e+38" in err and "learning rate" not in err
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and run folders
+# --------------------------------------------------------------------------------------------
+
+CFG = TrainConfig(n_train=400, n_test=100, epochs=1, target_sparsity=0.3, threads=1)
+TIMING = {"wall_seconds", "mean_epoch_seconds", "epoch_seconds"}
+
+
+def comparable(metrics: dict) -> dict:
+    out = {k: v for k, v in metrics.items() if k not in TIMING}
+    out["history"] = [{k: v for k, v in h.items() if k not in TIMING} for h in metrics["history"]]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run with checkpoints every 2 steps (7 steps: checkpoints at 6 and 7 kept)."""
+    out = tmp_path_factory.mktemp("ref")
+    return out, comparable(train(CFG, out=out, progress=False, checkpoint_every=2))
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / "metrics.json").unlink()  # an interrupted run: only its checkpoints remain
+    return dst
+
+
+@FUZZ
+@given(where=st.floats(0.0, 1.0), value=st.integers(0, 255))
+def test_any_changed_byte_of_the_newest_checkpoint_falls_back_to_the_previous(reference, where, value):
+    out, _ = reference
+    older, newest = list_checkpoints(out)
+    raw = newest.read_bytes()
+    i = min(int(where * len(raw)), len(raw) - 1)
+    if raw[i] == value:
+        return
+    try:
+        newest.write_bytes(raw[:i] + bytes([value]) + raw[i + 1:])
+        assert load_latest(out)["step"] == int(older.name[5:14])
+    finally:
+        newest.write_bytes(raw)
+
+
+def test_resume_after_a_flipped_byte_or_a_non_fitting_checkpoint_gives_the_uninterrupted_metrics(
+        reference, tmp_path, capsys):
+    out, expected = reference
+    flipped = copy_run(out, tmp_path / "flipped")
+    newest = list_checkpoints(flipped)[-1]
+    raw = bytearray(newest.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # inside a tensor: loaded and resumed with different metrics before
+    newest.write_bytes(bytes(raw))
+    assert comparable(train(CFG, out=flipped, progress=False, checkpoint_every=2, resume=True)) == expected
+    err = capsys.readouterr().err
+    assert "checksum mismatch" in err and "resumed from" in err and "step-000000006" in err
+
+    first = lambda s: next(iter(s["model"]))  # noqa: E731
+    for name, change in {"missing key": lambda s: s["model"].pop(first(s)),
+                         "wrong shape": lambda s: s["model"].__setitem__(first(s), torch.zeros(3, 3)),
+                         "not a dict": lambda s: s.__setitem__("model", [1, 2])}.items():
+        bad = copy_run(out, tmp_path / name.replace(" ", "-"))
+        state = load_latest(bad)
+        change(state)
+        save_checkpoint(bad, 8, state)  # valid checksum, newest, but does not fit the run
+        assert comparable(train(CFG, out=bad, progress=False, checkpoint_every=2, resume=True)) == expected, name
+        assert "does not fit this run" in capsys.readouterr().err
+
+
+def test_resume_says_when_there_is_no_checkpoint(tmp_path, capsys):
+    train(CFG, out=tmp_path, progress=False, resume=True)
+    err = capsys.readouterr().err
+    assert "--resume: no checkpoint in" in err and "starting a fresh run" in err
+
+
+def test_torn_or_mixed_folders_are_detected(reference, tmp_path, capsys, monkeypatch):
+    """Killed between the renames of model.safetensors and metrics.json in a reused folder: one run's
+    metrics beside another run's weights. Export refuses it; --resume does not return the stale metrics."""
+    import shutil
+
+    out, expected = reference
+    folder = tmp_path / "reused"
+    shutil.copytree(out, folder)
+    other = TrainConfig(**{**CFG.to_dict(), "block_shape": (2, 16), "seed": 1})
+    real = rundir.seal
+
+    def killed_before_sealing(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rundir, "seal", killed_before_sealing)
+    monkeypatch.setattr("kronsparse.train.write_json", lambda p, o: None if p.name == "metrics.json" else
+                        __import__("kronsparse.io", fromlist=["write_json"]).write_json(p, o))
+    with pytest.raises(KeyboardInterrupt):
+        train(other, out=folder, progress=False)  # its model.safetensors replaced, its metrics.json not
+    monkeypatch.setattr(rundir, "seal", real)
+    monkeypatch.undo()
+    assert json.loads((folder / "metrics.json").read_text())["config"] == CFG.to_dict()  # the stale metrics
+    assert "holds no complete run" in one_line_error(capsys, ["export", str(folder)])
+    resumed = train(CFG, out=folder, progress=False, checkpoint_every=2, resume=True)
+    assert comparable(resumed) == expected and "holds no complete result" in capsys.readouterr().err
+    rundir.verify(folder)  # whole again, and all of one run
+
+    (folder / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:-8] + b"\0" * 8)
+    assert "not the file its manifest lists" in one_line_error(capsys, ["export", str(folder)])
+    for bad in ("{}", "[1, 2]"):
+        (folder / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+        (folder / "metrics.json").write_text(bad)
+        assert "manifest" in one_line_error(capsys, ["export", str(folder)])
+        rundir.seal(folder)  # even sealed, a metrics.json that is not a run's is refused
+        assert "needs 'model' and 'block_shape'" in one_line_error(capsys, ["export", str(folder)])
+    assert "is a folder" in one_line_error(capsys, ["export", str(out), "--out", str(tmp_path)])
+
+
+def test_files_have_one_mode_and_stale_temporaries_go(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    stale = [tmp_path / ".model.safetensors.x1.tmp", tmp_path / "checkpoints" / ".step-000000001-ab.pt.y2.tmp"]
+    for p in stale:
+        p.write_bytes(b"left by a kill")
+    train(CFG, out=tmp_path, progress=False, checkpoint_every=4)
+    assert not any(p.exists() for p in stale)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    modes = {p.name: p.stat().st_mode & 0o777 for p in files}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # model.safetensors was 0600
+
+
+def test_two_train_processes_on_one_folder(tmp_path, capsys):
+    """Both exited 0 and one result was lost; now the second is refused at once, and a killed holder
+    leaves no stale lock behind."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "kronsparse", "train", "--n-train", "3000", "--epochs", "100",
+                              "--no-progress", "--threads", "1", "--out", str(tmp_path)],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / ".lock").exists() or not (tmp_path / ".lock").read_text().strip():
+            assert time.monotonic() < deadline and first.poll() is None, first.stderr.read().decode()
+            time.sleep(0.05)
+        err = one_line_error(capsys, ["train", *TINY, "--out", str(tmp_path)])
+        assert f"in use by another kronsparse process (pid {first.pid})" in err
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert main(["train", *TINY, "--out", str(tmp_path)]) == 0  # the kernel dropped the dead holder's lock
+    rundir.verify(tmp_path)
+
+
+def test_reproduce_never_reuses_runs_made_with_other_settings(tmp_path):
+    from kronsparse import reproduce as rep
+
+    base = TrainConfig(epochs=1, n_train=300, n_test=100, standardize=True)
+    specs = rep.plan(rep.EXPERIMENTS["mnist-linear"], [0], True, base)
+    spec = specs[0]
+    train(spec.cfg, out=tmp_path / "runs" / spec.name, progress=False)
+    rep.check_identity(specs, tmp_path)  # the same settings: reused
+    longer = rep.plan(rep.EXPERIMENTS["mnist-linear"], [0], True, TrainConfig(**{**base.to_dict(), "epochs": 2}))
+    with pytest.raises(rundir.RunFolderError, match="made with other settings .*epochs 1 there, 2 here"):
+        rep.check_identity(longer, tmp_path)
+    more = rep.plan(rep.EXPERIMENTS["mnist-linear"], [0], True, TrainConfig(**{**base.to_dict(), "n_train": 400}))
+    with pytest.raises(rundir.RunFolderError, match="n_train 300 there, 400 here"):
+        rep.check_identity(more, tmp_path)
+    (tmp_path / "runs" / spec.name / "manifest.json").unlink()  # torn: redone, not reused nor refused
+    rep.check_identity(longer, tmp_path)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            kids.append(int(d))
+    return kids
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_reproduce_workers_die_with_their_parent(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    parent = subprocess.Popen([sys.executable, "-m", "kronsparse", "reproduce", "mnist-linear", "--quick",
+                               "--n-train", "200", "--n-test", "100", "--jobs", "2", "--out", str(tmp_path)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(_children(parent.pid)) < 2:
+        assert time.monotonic() < deadline and parent.poll() is None
+        time.sleep(0.05)
+    workers = _children(parent.pid)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while any(map(_running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = [w for w in workers if _running(w)]
+    for w in alive:  # do not leave them behind if the test fails
+        os.kill(w, signal.SIGKILL)
+    assert alive == []

@@ -154,7 +154,7 @@ def one_line_error(capsys, argv, code=2) -> str:
     (["--lr", "inf"], "--lr must be a finite number"),
     (["--threads", "-1"], "--threads must be >= 1"),
     (["--device", "meta"], "unknown device 'meta'"),
-    (["--rank", "100000"], "over the limit of 256 .*KRONSPARSE_MAX_RANK"),
+    (["--rank", "100000"], "over the limit of 64 .*KRONSPARSE_MAX_RANK"),
     (["--n-train", "0"], "--n-train must be >= 1"),
     (["--epochs", "1000000000"], "epochs 1000000000 is over the limit"),
     (["--batch-size", "0"], "batch_size must be an integer >= 1"),
@@ -477,3 +477,55 @@ def test_reproduce_workers_die_with_their_parent(tmp_path):
     for w in alive:  # do not leave them behind if the test fails
         os.kill(w, signal.SIGKILL)
     assert alive == []
+
+
+# --------------------------------------------------------------------------------------------
+# Done means: under `ulimit -v 4000000`, no attack runs over 20 s, prints a traceback or crashes
+# --------------------------------------------------------------------------------------------
+
+DRIVER = r"""
+import contextlib, io, json, resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (4_000_000 * 1024, 4_000_000 * 1024))  # ulimit -v 4000000
+from kronsparse.cli import main
+from kronsparse.inference import load_model
+for argv in json.loads(sys.argv[1]):
+    err, start = io.StringIO(), time.perf_counter()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv) if argv[0] != "load_model" else (load_model(argv[1]), 0)[1]
+        except SystemExit as e:
+            code = e.code
+        except Exception as e:
+            code = f"{type(e).__name__}: {e}"
+    print(json.dumps([argv, code, time.perf_counter() - start, err.getvalue()]), flush=True)
+"""
+
+
+def test_every_attack_under_a_4_gb_address_space_limit(exports, tmp_path):
+    big = npz(tmp_path / "big.npz", np.zeros((10**6, 1000), np.uint8), np.zeros(10**6, np.int64), compressed=True)
+    label = npz(tmp_path / "label.npz", y_train=np.array([0, 1, 2, 10**9]))
+    segv = tampered(exports["bsr"], tmp_path / "segv.safetensors", ATTACKS["crow far past nnz (was a segfault)"])
+    out = str(tmp_path / "o")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    attacks = [["train", *TINY, "--dataset", f"npz:{big}", "--out", out],
+               ["train", *TINY, "--dataset", f"npz:{label}", "--out", out],
+               ["train", *TINY, "--rank", "100000", "--out", out],
+               ["train", *TINY, "--lambda", "nan", "--out", out],
+               ["train", *TINY, "--out", str(a_file)],
+               ["shapes", "1000000007", "10"],
+               ["shapes", "784", "10", "--rank", "-3"],
+               ["reproduce", "mnist-linear", "--quick", "--jobs", "1000", "--out", out],
+               ["export", str(tmp_path), "--format", "bsr"],
+               ["load_model", str(segv)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(attacks)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(results) == len(attacks)
+    for argv, code, seconds, err in results:
+        if argv[0] == "load_model":
+            assert code.startswith("ExportError:"), (argv, code)
+            continue
+        assert code == 2 and seconds < 20 and err.count("\n") == 1 and "Traceback" not in err, (argv, code, err)

@@ -123,6 +123,8 @@ class TrainConfig:
             check_at_most("threads", self.threads, "--threads")
         if self.data_dir is not None and not str(self.data_dir):
             raise ValueError("--data-dir must not be empty")
+        if self.candidates is not None:
+            check_at_most("candidates", len(self.candidates), "--candidates: the number of block shapes,")
         check_device_name(self.device)
 
     def to_dict(self) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 DEFAULTS = {
-    "rank": 256,  # Kronecker terms per layer (the paper uses 1-4; any block-sparse W needs <= min(m1*n1, bo*bi))
+    "rank": 64,  # Kronecker terms per layer (the paper uses 1-4; any block-sparse W needs <= min(m1*n1, bo*bi))
     "jobs": None,  # parallel runs of `reproduce`; None: the CPU cores this process may use
     "threads": 1024,  # torch threads
     "classes": 100_000,  # classes of an npz dataset (largest label + 1)
@@ -17,6 +17,7 @@ DEFAULTS = {
     "tensor_elements": 2**28,  # elements of one tensor built from an export file (1 GiB in float32)
     "features": 2**24,  # layer sizes for `kronsparse shapes`
     "epochs": 100_000,
+    "candidates": 16,  # block shapes trained at once by --method select
     "batch_size": 2**20,
 }
 

@@ -529,3 +529,74 @@ def test_every_attack_under_a_4_gb_address_space_limit(exports, tmp_path):
             assert code.startswith("ExportError:"), (argv, code)
             continue
         assert code == 2 and seconds < 20 and err.count("\n") == 1 and "Traceback" not in err, (argv, code, err)
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes a small file or a few options can ask for
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, extra, match", [
+    ((1, 10**7), ["--model", "mlp"], r"about 89\.\d GiB \(3000030501 parameters"),  # a 3e9-weight first layer
+    ((1, 10**7), ["--block", "1x1", "--rank", "64"], "rank 64"),
+    ((2, 2048 * 2048), ["--model", "lenet5", "--block", "1x1"], "activations per batch"),
+])
+def test_models_too_large_for_memory_are_refused_before_they_exist(capsys, tmp_path, shape, extra, match):
+    import re
+
+    x = np.zeros(shape, np.float32)
+    x[0, 0] = 1.0
+    path = npz(tmp_path / "wide.npz", x, np.arange(shape[0]) % 2, x_test=x[:1], y_test=np.array([0]))
+    err = one_line_error(capsys, ["train", *TINY, "--dataset", f"npz:{path}", *extra, "--out", str(tmp_path / "o")])
+    assert "over the limit" in err and "KRONSPARSE_MAX_TRAIN_BYTES" in err and re.search(match, err), err
+
+
+def test_unsigned_labels_past_int64_are_refused_before_the_cast(capsys, tmp_path):
+    path = npz(tmp_path / "u64.npz", y_train=np.array([2**63 + 5] * 4, dtype=np.uint64))
+    assert "classes, over the limit" in one_line_error(capsys, ["train", *TINY, "--dataset", f"npz:{path}",
+                                                                 "--out", str(tmp_path / "o")])
+
+
+def test_reproduce_seeds_that_are_not_integers(capsys, tmp_path):
+    assert "--seeds must be integers" in one_line_error(capsys, ["reproduce", "mnist-linear", "--seeds", "a,b",
+                                                                 "--out", str(tmp_path)])
+
+
+NUMBERS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2**70, 2**70), st.none())
+
+
+@FUZZ
+@given(st.fixed_dictionaries({}, optional={k: NUMBERS for k in (
+    "rank", "lam", "target_sparsity", "lr", "momentum", "weight_decay", "batch_size", "epochs",
+    "sparsify_fraction", "seed", "threads", "n_train", "n_test")}))
+def test_any_numbers_make_a_valid_config_or_a_value_error(values):
+    try:
+        cfg = TrainConfig(**values)
+    except (ValueError, TypeError):
+        return
+    import math
+
+    assert 1 <= cfg.rank <= 64 and 1 <= cfg.epochs and 1 <= cfg.batch_size and 0 <= cfg.seed < 2**63
+    assert math.isfinite(cfg.lr) and cfg.lr > 0 and 0 <= cfg.momentum < 1
+    assert cfg.n_train is None or cfg.n_train >= 1
+    assert cfg.threads is None or cfg.threads >= 1
+
+
+@FUZZ
+@given(n=st.integers(0, 5), f=st.integers(0, 4), dtype=st.sampled_from(["u1", "i8", "u8", "f2", "f4", "f8", "c8", "?"]),
+       labels=st.lists(st.integers(-3, 2**64 - 1), min_size=0, max_size=5),
+       label_dtype=st.sampled_from(["i8", "u8", "f8", "i1"]))
+def test_any_small_npz_loads_or_raises_data_error(tmp_path, n, f, dtype, labels, label_dtype):
+    from kronsparse.data import DataError, load_npz
+
+    try:
+        y = np.array(labels, dtype=label_dtype)
+    except (OverflowError, ValueError):
+        return
+    path = tmp_path / "h.npz"
+    np.savez(path, x_train=np.ones((n, f), dtype), y_train=y, x_test=np.ones((1, f), dtype), y_test=np.zeros(1, int))
+    try:
+        ds = load_npz(path)
+    except DataError:
+        return
+    assert ds.y_train.min() >= 0 and ds.num_classes <= 100_000 and torch.isfinite(ds.x_train).all()

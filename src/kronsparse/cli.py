@@ -104,7 +104,10 @@ def cmd_shapes(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import reproduce
 
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds must be integers separated by commas, got {args.seeds!r}") from None
     overrides = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test), ("epochs", args.epochs),
                                    ("device", args.device)) if v is not None}
     reproduce(args.experiment, args.out, seeds, quick=args.quick, jobs=args.jobs, overrides=overrides)
@@ -169,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except (UserError, DataError, ValueError, OSError, MemoryError) as err:  # OSError: disk full, read-only, ...
         print(f"kronsparse: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # torch's allocator: a size no check above foresaw
+        if "can't allocate memory" not in str(err) and "out of memory" not in str(err):
+            raise
+        print(f"kronsparse: error: out of memory ({_one_line(err)[-200:]})", file=sys.stderr)
         return 2
 
 

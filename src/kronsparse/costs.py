@@ -169,9 +169,11 @@ def plan_block_shapes(out_features: int, in_features: int, rank: int, bias: bool
         if n < 1:
             raise ValueError(f"{name} must be >= 1, got {n}")
         check_at_most("features", n, name)
+    out_divs, in_divs = divisors(out_features), divisors(in_features)
+    check_at_most("shape_rows", len(out_divs) * len(in_divs), "the number of block shapes to list,")
     rows = []
-    for bo in divisors(out_features):
-        for bi in divisors(in_features):
+    for bo in out_divs:
+        for bi in in_divs:
             m = path_macs(out_features, in_features, (bo, bi), rank)
             rows.append(ShapeRow((bo, bi), f"{bi}x{bo}", train_params(out_features, in_features, (bo, bi), rank, bias),
                                  min(m.input_first, m.factors_first, m.materialize), False))

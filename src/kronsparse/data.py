@@ -38,6 +38,8 @@ from typing import BinaryIO, Iterator, Mapping, Optional, Union
 import numpy as np
 import torch
 
+from .limits import env_name, limit
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 IMAGES_MAGIC = 2051  # 0x00000803: uint8, 3 dims (n, rows, cols)
@@ -491,7 +493,6 @@ def _check_npz_sizes(path: Path, zf: zipfile.ZipFile) -> None:
     A few compressed bytes can claim a (10**6, 1000) array: numpy allocates what the header claims
     before reading, and the inputs are then cast to float32 (4 bytes per value).
     """
-    from .limits import env_name, limit
 
     bound, input_bytes = limit("data_bytes"), 0
     for key in NPZ_KEYS:
@@ -537,6 +538,9 @@ def _npz_labels(path: Path, key: str, y: np.ndarray, n: int) -> np.ndarray:
         raise DataError(f"{path}: {key} has dtype {y.dtype}; expected integer labels")
     if (y < 0).any():
         raise DataError(f"{path}: {key} holds negative labels (min {y.min()})")
+    if y.max() >= limit("classes"):  # before the cast: a uint64 label >= 2**63 would turn negative
+        raise DataError(f"{path}: the largest label, {y.max()}, makes {int(y.max()) + 1} classes, over the "
+                        f"limit of {limit('classes')} (set {env_name('classes')} to allow more)")
     return y.astype(np.int64)
 
 
@@ -547,8 +551,6 @@ def load_npz(path: PathLike) -> Dataset:
     given; y must hold integer labels >= 0 (integral floats are accepted). num_classes is the
     largest label in either split plus one. Pickled (object) arrays are refused.
     """
-    from .limits import env_name, limit
-
     path = Path(path)
     arrays = _read_npz_arrays(path)
     x_train = _npz_inputs(path, "x_train", arrays["x_train"])
@@ -559,9 +561,6 @@ def load_npz(path: PathLike) -> Dataset:
     y_train = _npz_labels(path, "y_train", arrays["y_train"], len(x_train))
     y_test = _npz_labels(path, "y_test", arrays["y_test"], len(x_test))
     num_classes = int(max(y_train.max(), y_test.max())) + 1
-    if num_classes > limit("classes"):
-        raise DataError(f"{path}: the largest label, {num_classes - 1}, makes {num_classes} classes, over the "
-                        f"limit of {limit('classes')} (set {env_name('classes')} to allow more)")
     tensors = [torch.from_numpy(a) for a in (x_train, y_train, x_test, y_test)]
     return Dataset(f"npz:{path}", *tensors, num_classes=num_classes)
 

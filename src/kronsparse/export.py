@@ -182,7 +182,7 @@ def run_entries(run_dir) -> tuple[list[LayerEntry], str, tuple[int, int]]:
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {run_dir} does not exist")
+        raise FileNotFoundError(f"run folder {run_dir} {'is not a folder' if run_dir.exists() else 'does not exist'}")
     metrics_path, weights_path = run_dir / "metrics.json", run_dir / "model.safetensors"
     if not metrics_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"{run_dir} holds no finished run (metrics.json and model.safetensors are needed)")

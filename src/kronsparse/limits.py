@@ -11,11 +11,13 @@ import os
 DEFAULTS = {
     "rank": 64,  # Kronecker terms per layer (the paper uses 1-4; any block-sparse W needs <= min(m1*n1, bo*bi))
     "jobs": None,  # parallel runs of `reproduce`; None: the CPU cores this process may use
-    "threads": 1024,  # torch threads
+    "threads": None,  # torch threads; None: 4 x the usable cores (more only slows training down)
     "classes": 100_000,  # classes of an npz dataset (largest label + 1)
     "data_bytes": 2**28,  # float32 bytes of all inputs of a dataset (MNIST: 2.2e8), and of any one array
+    "train_bytes": 2**30,  # estimated memory of a training run (budget.py); MNIST MLP at rank 64: 0.3 GiB
     "tensor_elements": 2**28,  # elements of one tensor built from an export file (1 GiB in float32)
     "features": 2**24,  # layer sizes for `kronsparse shapes`
+    "shape_rows": 20_000,  # block shapes `kronsparse shapes` lists (784 x 10: 60)
     "epochs": 100_000,
     "candidates": 16,  # block shapes trained at once by --method select
     "batch_size": 2**20,
@@ -37,8 +39,9 @@ def limit(name: str) -> int:
         if value < 1:
             raise ValueError(f"{env_name(name)} must be >= 1, got {value}")
         return value
-    if name == "jobs":
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if name in ("jobs", "threads"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return cores if name == "jobs" else 4 * cores
     return DEFAULTS[name]
 
 

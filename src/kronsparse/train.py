@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from . import data as datamod
 from .config import TrainConfig
 from . import rundir
+from .budget import check_training_memory
 from .checkpoint import candidates as checkpoint_candidates, list_checkpoints, save_checkpoint
 from .io import write_json, write_safetensors
 from .methods import get_method
@@ -222,7 +223,9 @@ def _train(cfg: TrainConfig, out: Path | None, progress: bool, checkpoint_every:
     if resume and (done := finished_metrics(cfg, Path(out))) is not None:
         return done
     device = resolve_device(cfg.device)
-    run = Run(cfg, load_data(cfg, device), device)
+    ds = load_data(cfg, device)
+    check_training_memory(cfg, ds.num_features, ds.num_classes, len(ds.x_train))  # before the model exists
+    run = Run(cfg, ds, device)
     state = None
     if resume:
         run, state = resume_run(run, out)

@@ -600,3 +600,22 @@ def test_any_small_npz_loads_or_raises_data_error(tmp_path, n, f, dtype, labels,
     except DataError:
         return
     assert ds.y_train.min() >= 0 and ds.num_classes <= 100_000 and torch.isfinite(ds.x_train).all()
+
+
+def test_a_gzip_bomb_under_a_registered_name_stops_early(capsys, tmp_path):
+    import gzip
+
+    from kronsparse.data import DATASETS, TRAIN_IMAGES, search_dirs
+
+    real = next(d for d in search_dirs("mnist") if (d / TRAIN_IMAGES).is_file())
+    bomb = tmp_path / "mnist"
+    bomb.mkdir()
+    for name in DATASETS["mnist"].sha256:
+        (bomb / name).symlink_to((real / name).resolve())
+    (bomb / TRAIN_IMAGES).unlink()
+    with gzip.open(bomb / TRAIN_IMAGES, "wb", compresslevel=1) as f:
+        for _ in range(80):
+            f.write(bytes(2**20))  # 80 MiB of zeros in 80 KB; the checksum pass stops after 64 MiB
+    start = time.perf_counter()
+    err = one_line_error(capsys, ["train", *TINY, "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "decompresses to more than 67108864 bytes" in err and time.perf_counter() - start < 10

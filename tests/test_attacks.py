@@ -619,3 +619,11 @@ def test_a_gzip_bomb_under_a_registered_name_stops_early(capsys, tmp_path):
     start = time.perf_counter()
     err = one_line_error(capsys, ["train", *TINY, "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
     assert "decompresses to more than 67108864 bytes" in err and time.perf_counter() - start < 10
+
+
+def test_the_dense_weights_an_export_builds_are_bounded_in_total(exports, monkeypatch):
+    """A 66 KB BSR file of empty blocks may claim layers whose dense weights take gigabytes."""
+    load_model(exports["bsr"])  # 16*8 + 8*4 = 160 elements
+    monkeypatch.setenv("KRONSPARSE_MAX_TENSOR_ELEMENTS", "150")
+    with pytest.raises(ExportError, match="all layers together .* 160 elements, over the limit of 150"):
+        load_model(exports["bsr"])

@@ -320,6 +320,7 @@ def _parse_meta(path, text: str) -> dict:
             raise ExportError(f"{path}: layer {name!r}: bad metadata (kind, shape, stored, sparse, block_shape, "
                               f"stride, padding): {json.dumps(m)[:200]}")
         _check_size(path, f"{name or 'weight'} (its dense weight)", shape)
+    _check_size(path, "all layers together (their dense weights)", [sum(math.prod(m["shape"]) for m in layers.values())])
     return meta
 
 

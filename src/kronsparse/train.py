@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import sys
 import time
@@ -195,7 +194,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
     if (checkpoint_every or resume) and out is None:
         raise ValueError("checkpoints and --resume need an output folder")
     if checkpoint_every is not None and not 1 <= checkpoint_every < 2**40:
-        raise ValueError(f"--checkpoint-every must be >= 1, got {checkpoint_every}")
+        raise ValueError(f"--checkpoint-every must be in [1, 2**40), got {checkpoint_every}")
     try:
         if out is None:
             return _train(cfg, None, progress, checkpoint_every, resume)

@@ -627,3 +627,19 @@ def test_the_dense_weights_an_export_builds_are_bounded_in_total(exports, monkey
     monkeypatch.setenv("KRONSPARSE_MAX_TENSOR_ELEMENTS", "150")
     with pytest.raises(ExportError, match="all layers together .* 160 elements, over the limit of 150"):
         load_model(exports["bsr"])
+
+
+def test_a_fifo_never_blocks_a_loader(capsys, tmp_path, reference):
+    fifo = tmp_path / "d.npz"
+    os.mkfifo(fifo)
+    assert "not a regular file" in one_line_error(capsys, ["train", *TINY, "--dataset", f"npz:{fifo}",
+                                                            "--out", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match="not a regular file"):
+        load_model(fifo)
+    out, _ = reference
+    trap = out / "checkpoints" / ("step-999999999-" + "0" * 64 + ".pt")
+    os.mkfifo(trap)
+    try:
+        assert load_latest(out)["step"] == 7  # the FIFO named like the newest checkpoint is not opened
+    finally:
+        trap.unlink()

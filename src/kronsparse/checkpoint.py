@@ -50,7 +50,7 @@ def list_checkpoints(out: str | Path) -> list[Path]:
     folder = checkpoint_dir(out)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if PATTERN.match(p.name))
+    return sorted(p for p in folder.iterdir() if PATTERN.match(p.name) and p.is_file())
 
 
 def read_checkpoint(path: Path) -> dict:

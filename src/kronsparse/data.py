@@ -457,6 +457,8 @@ def _load_registered(name: str, data_dir: Optional[PathLike], download: bool) ->
 
 def _read_npz_arrays(path: Path) -> dict[str, np.ndarray]:
     """The four arrays of an .npz, read without ever unpickling."""
+    if path.exists() and not path.is_file():  # a FIFO would block forever, a folder fails obscurely
+        raise DataError(f"{path}: not a regular file")
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):

@@ -252,7 +252,7 @@ def read_export(path) -> tuple[dict, dict[str, Tensor]]:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"export file {path} does not exist")
+        raise FileNotFoundError(f"export file {path} {'is not a regular file' if path.exists() else 'does not exist'}")
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}

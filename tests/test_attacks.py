@@ -176,6 +176,11 @@ def test_bad_output_folders_are_refused_before_training(capsys, tmp_path, monkey
     assert "must name a folder" in one_line_error(capsys, ["train", *TINY, "--out", ""])
     assert "is a file, not a folder" in one_line_error(capsys, ["train", *TINY, "--out", str(a_file)])
     assert "cannot create" in one_line_error(capsys, ["train", *TINY, "--out", str(a_file / "sub")])
+    (tmp_path / "blocked" / "metrics.json").mkdir(parents=True)
+    assert "metrics.json is a folder" in one_line_error(capsys, ["train", *TINY, "--out", str(tmp_path / "blocked")])
+    (tmp_path / "blocked2").mkdir()
+    (tmp_path / "blocked2" / "checkpoints").write_text("")
+    assert "checkpoints is a file" in one_line_error(capsys, ["train", *TINY, "--out", str(tmp_path / "blocked2")])
     calls = []
     monkeypatch.setattr("kronsparse.train.Run.__init__", lambda *a: calls.append(a))
     with rundir.open_folder(tmp_path / "busy"):  # another process holds it

@@ -43,6 +43,11 @@ def check_out(out, what: str = "--out") -> Path:
         raise RunFolderError(f"{what} {path}: cannot create the folder ({err.strerror or err})") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise RunFolderError(f"{what} {path}: the folder is not writable")
+    for name in (*RESULT_FILES, MANIFEST, LOCK):  # found out only after training, otherwise
+        if (path / name).is_dir():
+            raise RunFolderError(f"{what} {path}: {name} is a folder; the run writes a file there")
+    if (path / "checkpoints").exists() and not (path / "checkpoints").is_dir():
+        raise RunFolderError(f"{what} {path}: checkpoints is a file; the run keeps its checkpoints in a folder there")
     return path
 
 

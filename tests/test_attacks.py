@@ -80,6 +80,7 @@ ATTACKS = {
     "unknown stored kind": lambda t, m: m["layers"]["layers.0"].__setitem__("stored", "pickle"),
     "alias to nothing": lambda t, m: m.__setitem__("aliases", {"x": "nope"}),
     "bias wrong shape": lambda t, m: t.__setitem__("layers.0.bias", torch.zeros(3)),
+    "bias of another dtype": lambda t, m: t.__setitem__("layers.0.bias", t["layers.0.bias"].double()),
     "layers that do not chain": lambda t, m: m["layers"].__setitem__("layers.5", m["layers"].pop("layers.1")),
 }
 

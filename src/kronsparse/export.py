@@ -353,10 +353,10 @@ def _check_layer(path, name: str, m: dict, tensors: dict) -> None:
             raise ExportError(f"{path}: layer {name!r} is stored as BSR but has no block shape")
         crow = _tensor(path, tensors, key("weight.crow_indices"), dtypes=INDICES)
         col = _tensor(path, tensors, key("weight.col_indices"), dtypes=INDICES)
-        values = _tensor(path, tensors, key("weight.values"))
+        values = dtype_of = _tensor(path, tensors, key("weight.values"))
         check_bsr_indices(crow, col, values, rows // bo, cols // bi_eff, (bo, bi_eff), f"{path}: layer {name!r}")
     elif m["stored"] == "factors":
-        S = _tensor(path, tensors, key("S"))
+        S = dtype_of = _tensor(path, tensors, key("S"))
         A = _tensor(path, tensors, key("A"))
         B = _tensor(path, tensors, key("B"))
         ok = S.dim() == 2 and A.dim() == 3 and B.dim() >= 3 and A.shape[1:] == S.shape
@@ -367,9 +367,10 @@ def _check_layer(path, name: str, m: dict, tensors: dict) -> None:
                               f"B {tuple(B.shape)} do not make a weight of shape {tuple(shape)}")
         _check_size(path, f"{name}: rank x weight", [A.shape[0], rows, cols])
     else:
-        _tensor(path, tensors, key("weight"), shape)
+        dtype_of = _tensor(path, tensors, key("weight"), shape)
     if m.get("bias") is True or key("bias") in tensors:
-        _tensor(path, tensors, key("bias"), (rows,))
+        if _tensor(path, tensors, key("bias"), (rows,)).dtype != dtype_of.dtype:
+            raise ExportError(f"{path}: layer {name!r}: bias and weight have different dtypes")
 
 
 def check_bsr_indices(crow: Tensor, col: Tensor, values: Tensor, block_rows: int, block_cols: int,

@@ -1,8 +1,13 @@
 """Hostile input and faults (issue 17): every attack below ends in one clear error, never a crash,
 a hang, unbounded memory or a silently wrong result."""
 
+import errno
+import gzip
 import json
+import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,11 +22,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from kronsparse import KronLinear
+from kronsparse import KronLinear, rundir
+from kronsparse import reproduce as rep
+from kronsparse.checkpoint import list_checkpoints, load_latest, save_checkpoint
+from kronsparse.cli import main
+from kronsparse.config import TrainConfig
+from kronsparse.data import DATASETS, TRAIN_IMAGES, DataError, load_npz, search_dirs
 from kronsparse.export import ExportError, export_model
 from kronsparse.functional import divisors
 from kronsparse.inference import load_model
 from kronsparse.models import FeedForward
+from kronsparse.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
@@ -134,12 +145,6 @@ def test_divisors_is_fast_and_exact():
 # The command line: every mistake is one line and exit 2, before data is read or compute spent
 # --------------------------------------------------------------------------------------------
 
-from kronsparse import rundir  # noqa: E402
-from kronsparse.checkpoint import list_checkpoints, load_latest, save_checkpoint  # noqa: E402
-from kronsparse.cli import main  # noqa: E402
-from kronsparse.config import TrainConfig  # noqa: E402
-from kronsparse.train import train  # noqa: E402
-
 TINY = ["--n-train", "300", "--n-test", "100", "--epochs", "1", "--no-progress", "--threads", "1"]
 
 
@@ -164,8 +169,6 @@ def one_line_error(capsys, argv, code=2) -> str:
     (["--checkpoint-every", "0"], r"--checkpoint-every must be in \[1, 2\*\*40\)"),
 ])
 def test_bad_train_options_are_one_line_and_exit_2(capsys, tmp_path, extra, match):
-    import re
-
     err = one_line_error(capsys, ["train", *TINY, "--out", str(tmp_path / "o"), *extra])
     assert re.search(match, err), err
     assert not (tmp_path / "o" / "metrics.json").exists()
@@ -191,8 +194,6 @@ def test_bad_output_folders_are_refused_before_training(capsys, tmp_path, monkey
 
 
 def test_read_only_and_full_disks_are_one_line(capsys, tmp_path, monkeypatch):
-    import errno
-
     def read_only(self, *a, **k):
         raise OSError(errno.EROFS, "Read-only file system", str(self))
 
@@ -300,8 +301,6 @@ def reference(tmp_path_factory):
 
 
 def copy_run(src: Path, dst: Path) -> Path:
-    import shutil
-
     shutil.copytree(src, dst)
     (dst / "metrics.json").unlink()  # an interrupted run: only its checkpoints remain
     return dst
@@ -356,8 +355,6 @@ def test_resume_says_when_there_is_no_checkpoint(tmp_path, capsys):
 def test_torn_or_mixed_folders_are_detected(reference, tmp_path, capsys, monkeypatch):
     """Killed between the renames of model.safetensors and metrics.json in a reused folder: one run's
     metrics beside another run's weights. Export refuses it; --resume does not return the stale metrics."""
-    import shutil
-
     out, expected = reference
     folder = tmp_path / "reused"
     shutil.copytree(out, folder)
@@ -427,8 +424,6 @@ def test_two_train_processes_on_one_folder(tmp_path, capsys):
 
 
 def test_reproduce_never_reuses_runs_made_with_other_settings(tmp_path):
-    from kronsparse import reproduce as rep
-
     base = TrainConfig(epochs=1, n_train=300, n_test=100, standardize=True)
     specs = rep.plan(rep.EXPERIMENTS["mnist-linear"], [0], True, base)
     spec = specs[0]
@@ -548,8 +543,6 @@ def test_every_attack_under_a_4_gb_address_space_limit(exports, tmp_path):
     ((2, 2048 * 2048), ["--model", "lenet5", "--block", "1x1"], "activations per batch"),
 ])
 def test_models_too_large_for_memory_are_refused_before_they_exist(capsys, tmp_path, shape, extra, match):
-    import re
-
     x = np.zeros(shape, np.float32)
     x[0, 0] = 1.0
     path = npz(tmp_path / "wide.npz", x, np.arange(shape[0]) % 2, x_test=x[:1], y_test=np.array([0]))
@@ -580,8 +573,6 @@ def test_any_numbers_make_a_valid_config_or_a_value_error(values):
         cfg = TrainConfig(**values)
     except (ValueError, TypeError):
         return
-    import math
-
     assert 1 <= cfg.rank <= 64 and 1 <= cfg.epochs and 1 <= cfg.batch_size and 0 <= cfg.seed < 2**63
     assert math.isfinite(cfg.lr) and cfg.lr > 0 and 0 <= cfg.momentum < 1
     assert cfg.n_train is None or cfg.n_train >= 1
@@ -593,8 +584,6 @@ def test_any_numbers_make_a_valid_config_or_a_value_error(values):
        labels=st.lists(st.integers(-3, 2**64 - 1), min_size=0, max_size=5),
        label_dtype=st.sampled_from(["i8", "u8", "f8", "i1"]))
 def test_any_small_npz_loads_or_raises_data_error(tmp_path, n, f, dtype, labels, label_dtype):
-    from kronsparse.data import DataError, load_npz
-
     try:
         y = np.array(labels, dtype=label_dtype)
     except (OverflowError, ValueError):
@@ -609,10 +598,6 @@ def test_any_small_npz_loads_or_raises_data_error(tmp_path, n, f, dtype, labels,
 
 
 def test_a_gzip_bomb_under_a_registered_name_stops_early(capsys, tmp_path):
-    import gzip
-
-    from kronsparse.data import DATASETS, TRAIN_IMAGES, search_dirs
-
     real = next(d for d in search_dirs("mnist") if (d / TRAIN_IMAGES).is_file())
     bomb = tmp_path / "mnist"
     bomb.mkdir()

@@ -104,7 +104,10 @@ def cmd_shapes(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import reproduce
 
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds must be integers separated by commas, got {args.seeds!r}") from None
     overrides = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test), ("epochs", args.epochs),
                                    ("device", args.device)) if v is not None}
     reproduce(args.experiment, args.out, seeds, quick=args.quick, jobs=args.jobs, overrides=overrides)
@@ -164,12 +167,27 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, DataError, ValueError, FileNotFoundError, PermissionError) as err:
-        print(f"kronsparse: error: {err}", file=sys.stderr)
-        return 2
     except FloatingPointError as err:
         print(f"kronsparse: training diverged: {err}", file=sys.stderr)
         return 3
+    except (UserError, DataError, ValueError, OSError, MemoryError) as err:  # OSError: disk full, read-only, ...
+        print(f"kronsparse: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # torch's allocator: a size no check above foresaw
+        if "can't allocate memory" not in str(err) and "out of memory" not in str(err):
+            raise
+        print(f"kronsparse: error: out of memory ({_one_line(err)[-200:]})", file=sys.stderr)
+        return 2
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, MemoryError):
+        return "out of memory (lower the sizes asked for)"
+    if isinstance(err, OSError) and err.strerror:
+        where = " ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        return f"{err.strerror}{': ' + where if where else ''}"
+    text = " ".join(str(err).split())
+    return text if len(text) <= 1000 else text[:1000] + "..."
 
 
 if __name__ == "__main__":

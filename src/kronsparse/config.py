@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
+
+from .limits import check_at_most
 
 
 def parse_block(text: str) -> tuple[int, int]:
@@ -26,6 +29,25 @@ def resolve_scale_pin(pin: str, model: str) -> str:
     if pin != "auto":
         return pin
     return "decay" if model == "linear" else "norm"
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def _flag(name: str) -> str:
+    return "--lambda" if name == "lam" else "--" + name.replace("_", "-")
+
+
+def check_device_name(name: str) -> None:
+    """A device kronsparse can train on (cpu, cuda, cuda:N, mps); availability is checked at run time."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise ValueError(f"unknown device {name!r}; use one of {', '.join(DEVICE_TYPES)} (e.g. cuda:0)")
 
 
 @dataclass
@@ -64,13 +86,23 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Plain range checks that need no data; each failure is one clear line."""
+        """Range checks that need no data, before anything is allocated; each failure is one clear line."""
         positive = {"rank": self.rank, "batch_size": self.batch_size, "epochs": self.epochs}
         for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            if name in ("rank", "epochs", "batch_size"):
+                check_at_most(name, value)
+        for name in ("lr", "momentum", "lam", "weight_decay", "target_sparsity", "sparsify_fraction"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"{_flag(name)} must be a finite number, got {value!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise ValueError(f"weight decay must be >= 0, got {self.weight_decay}")
         if self.target_sparsity is not None and not 0.0 <= self.target_sparsity < 1.0:
             raise ValueError(f"target sparsity must be in [0, 1), got {self.target_sparsity}")
         if self.lam is not None and self.lam < 0:
@@ -79,6 +111,21 @@ class TrainConfig:
             raise ValueError(f"unknown scale pin {self.scale_pin!r}; valid: {', '.join(SCALE_PINS)}")
         if not 0.0 < self.sparsify_fraction <= 1.0:
             raise ValueError(f"sparsify fraction must be in (0, 1], got {self.sparsify_fraction}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        for name in ("n_train", "n_test"):  # 0 used to mean "all": say so instead
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{_flag(name)} must be >= 1 (leave it out to use every sample), got {value}")
+        if self.threads is not None:
+            if self.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {self.threads}")
+            check_at_most("threads", self.threads, "--threads")
+        if self.data_dir is not None and not str(self.data_dir):
+            raise ValueError("--data-dir must not be empty")
+        if self.candidates is not None:
+            check_at_most("candidates", len(self.candidates), "--candidates: the number of block shapes,")
+        check_device_name(self.device)
 
     def to_dict(self) -> dict:
         d = asdict(self)

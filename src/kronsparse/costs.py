@@ -160,9 +160,20 @@ class ShapeRow:
 
 def plan_block_shapes(in_features: int, out_features: int, rank: int, bias: bool = True) -> list[ShapeRow]:
     """Every block shape that tiles the layer with its training cost; `best` marks the fewest params."""
+    from .limits import check_at_most
+
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    check_at_most("rank", rank)
+    for name, n in (("out_features", out_features), ("in_features", in_features)):
+        if n < 1:
+            raise ValueError(f"{name} must be >= 1, got {n}")
+        check_at_most("features", n, name)
+    out_divs, in_divs = divisors(out_features), divisors(in_features)
+    check_at_most("shape_rows", len(out_divs) * len(in_divs), "the number of block shapes to list,")
     rows = []
-    for bo in divisors(out_features):
-        for bi in divisors(in_features):
+    for bo in out_divs:
+        for bi in in_divs:
             m = path_macs(in_features, out_features, (bo, bi), rank)
             rows.append(ShapeRow((bo, bi), f"{bi}x{bo}", train_params(in_features, out_features, (bo, bi), rank, bias),
                                  min(m.input_first, m.factors_first, m.materialize), False))

@@ -25,6 +25,7 @@ import gzip
 import hashlib
 import math
 import os
+import stat
 import struct
 import tempfile
 import urllib.request
@@ -37,6 +38,8 @@ from typing import BinaryIO, Iterator, Mapping, Optional, Union
 import numpy as np
 import torch
 
+from .limits import env_name, limit
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 IMAGES_MAGIC = 2051  # 0x00000803: uint8, 3 dims (n, rows, cols)
@@ -45,6 +48,7 @@ _KNOWN_MAGICS = {IMAGES_MAGIC: "images", LABELS_MAGIC: "labels"}
 _GZIP_MAGIC = b"\x1f\x8b"
 _MAX_PAYLOAD = 2**31  # no real IDX file comes near 2 GiB; a header that claims more is corrupt
 _MAX_HEADER = 4 + 4 * 3
+_MAX_REGISTERED = 64 * 2**20  # the largest registered file decompresses to 47 MB
 _MAX_DOWNLOAD = 64 * 2**20  # the largest registered .gz is 26 MiB
 _CHUNK = 2**20
 _DOWNLOAD_TIMEOUT_S = 30.0
@@ -244,15 +248,15 @@ def read_idx(
 _VERIFIED: set[tuple[str, int, int, str]] = set()  # (path, size, mtime_ns, sha256) seen to match
 
 
-def sha256_of_contents(path: PathLike) -> str:
+def sha256_of_contents(path: PathLike, max_bytes: int = _MAX_PAYLOAD + _MAX_HEADER) -> str:
     """The sha256 of a file's decompressed bytes (of its raw bytes when it is not gzip)."""
     path = Path(path)
     digest, total = hashlib.sha256(), 0
     with _reading(path) as stream:
         while chunk := stream.read(_CHUNK):
             total += len(chunk)
-            if total > _MAX_PAYLOAD + _MAX_HEADER:
-                raise DataError(f"{path}: decompresses to more than {_MAX_PAYLOAD} bytes")
+            if total > max_bytes:
+                raise DataError(f"{path}: decompresses to more than {max_bytes} bytes")
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -275,7 +279,7 @@ def verify_sha256(path: PathLike, expected_sha256: str) -> None:
     key = _verification_key(path, expected_sha256)
     if key in _VERIFIED:
         return
-    actual = sha256_of_contents(path)
+    actual = sha256_of_contents(path, _MAX_REGISTERED)  # a gzip bomb under a registered name stops early
     if actual != expected_sha256:
         raise DataError(
             f"{path}: checksum mismatch: expected sha256 {expected_sha256[:16]}..., "
@@ -374,8 +378,27 @@ def _not_found(name: str, data_dir: Optional[PathLike], reason: str) -> DataErro
     return DataError(f"{name}: data files not found; put {files} in one of: {folders} ({reason})")
 
 
+def _check_data_dir(path: Path) -> None:
+    """A data_dir given explicitly must be a readable folder (or absent): a symlink loop, a file or
+    an unreadable folder is an error, not a silent fall back to the next place searched."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise DataError(f"{path}: the data folder is a dangling symbolic link") from None
+        return  # absent: the other places are searched, and the error lists them all
+    except OSError as exc:  # ELOOP, EACCES on a parent, ...
+        raise DataError(f"{path}: cannot use the data folder ({_one_line(exc)})") from exc
+    if not stat.S_ISDIR(info.st_mode):
+        raise DataError(f"{path}: the data folder is not a folder")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise DataError(f"{path}: the data folder is not readable")
+
+
 def locate_dataset(name: str, data_dir: Optional[PathLike] = None, download: bool = True) -> Path:
     """The folder holding the files of ``name``, downloading them into the cache if allowed."""
+    if data_dir is not None:
+        _check_data_dir(Path(data_dir))
     folder = find_dataset_dir(name, data_dir)
     if folder is not None:
         return folder
@@ -434,6 +457,8 @@ def _load_registered(name: str, data_dir: Optional[PathLike], download: bool) ->
 
 def _read_npz_arrays(path: Path) -> dict[str, np.ndarray]:
     """The four arrays of an .npz, read without ever unpickling."""
+    if path.exists() and not path.is_file():  # a FIFO would block forever, a folder fails obscurely
+        raise DataError(f"{path}: not a regular file")
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -443,11 +468,49 @@ def _read_npz_arrays(path: Path) -> dict[str, np.ndarray]:
             if missing:
                 need = ", ".join(NPZ_KEYS)
                 raise DataError(f"{path}: missing arrays {', '.join(missing)} (need {need})")
+            _check_npz_sizes(path, archive.zip)
             return {key: archive[key] for key in NPZ_KEYS}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error, MemoryError) as exc:
         if isinstance(exc, DataError):
             raise
         raise DataError(f"{path}: unreadable .npz ({_one_line(exc)})") from exc
+
+
+def _npy_header(zf: zipfile.ZipFile, key: str) -> Optional[tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) from the .npy header of member ``key``, reading no payload; None if unparsable."""
+    name = key + ".npy" if key + ".npy" in zf.namelist() else key
+    with zf.open(name) as member:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+        else:
+            return None  # numpy's own reader decides (and bounds the header size)
+    return tuple(int(d) for d in shape), dtype
+
+
+def _check_npz_sizes(path: Path, zf: zipfile.ZipFile) -> None:
+    """Refuse, from the headers alone, arrays whose size would exceed the memory bound once loaded.
+
+    A few compressed bytes can claim a (10**6, 1000) array: numpy allocates what the header claims
+    before reading, and the inputs are then cast to float32 (4 bytes per value).
+    """
+
+    bound, input_bytes = limit("data_bytes"), 0
+    for key in NPZ_KEYS:
+        header = _npy_header(zf, key)
+        if header is None:
+            continue
+        shape, dtype = header
+        n = math.prod(shape)
+        sizes = [n * dtype.itemsize] + ([n * 4] if key.startswith("x_") else [])
+        input_bytes += sizes[-1] if key.startswith("x_") else 0
+        if max(sizes) > bound or input_bytes > bound:
+            raise DataError(
+                f"{path}: {key} claims shape {shape} of {dtype}, over the {bound}-byte bound on the data "
+                f"held in memory (set {env_name('data_bytes')} to allow more)"
+            )
 
 
 def _npz_inputs(path: Path, key: str, x: np.ndarray) -> np.ndarray:
@@ -459,7 +522,7 @@ def _npz_inputs(path: Path, key: str, x: np.ndarray) -> np.ndarray:
     if len(x) == 0:
         raise DataError(f"{path}: {key} is empty")
     with np.errstate(over="ignore"):  # values beyond float32 become inf, rejected just below
-        x = x.reshape(len(x), -1).astype(np.float32)  # (N, F)
+        x = x.reshape(len(x), -1).astype(np.float32, copy=False)  # (N, F)
     finite_rows = np.isfinite(x).all(axis=1)  # (N,)
     if not finite_rows.all():
         row = int(np.argmin(finite_rows))
@@ -478,6 +541,9 @@ def _npz_labels(path: Path, key: str, y: np.ndarray, n: int) -> np.ndarray:
         raise DataError(f"{path}: {key} has dtype {y.dtype}; expected integer labels")
     if (y < 0).any():
         raise DataError(f"{path}: {key} holds negative labels (min {y.min()})")
+    if y.max() >= limit("classes"):  # before the cast: a uint64 label >= 2**63 would turn negative
+        raise DataError(f"{path}: the largest label, {y.max()}, makes {int(y.max()) + 1} classes, over the "
+                        f"limit of {limit('classes')} (set {env_name('classes')} to allow more)")
     return y.astype(np.int64)
 
 
@@ -522,8 +588,8 @@ def standardized(dataset: Dataset) -> Dataset:
         raise DataError(f"{dataset.name}: the train inputs are constant; cannot standardise")
     return dataclasses.replace(
         dataset,
-        x_train=(dataset.x_train - mean) / std,
-        x_test=(dataset.x_test - mean) / std,
+        x_train=(dataset.x_train - mean).div_(std),  # one new tensor per split, not two
+        x_test=(dataset.x_test - mean).div_(std),
         input_mean=mean,
         input_std=std,
     )

@@ -19,6 +19,7 @@ Metadata: {"format", "model", "block_shape", "layers": {NAME: {"kind": "linear" 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,12 @@ from .layers import KRON_LAYERS, KronConv2d, matrix_view
 
 FORMATS = ("dense", "bsr", "factors")
 META_KEY = "kronsparse"
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDICES = (torch.int32, torch.int64)
+
+
+class ExportError(ValueError):
+    """An export file that is not what a kronsparse export must be; one line naming the file and the fault."""
 
 
 @dataclass
@@ -75,8 +82,9 @@ def to_bsr(W: Tensor, block_shape) -> dict[str, Tensor]:
 
 def from_bsr(parts: dict[str, Tensor], shape) -> Tensor:
     """The torch.sparse BSR matrix of `parts`; shape is the exported weight's (2-D or 4-D) shape."""
-    rows, cols = shape[0], int(torch.tensor(shape[1:]).prod())
-    return torch.sparse_bsr_tensor(parts["crow_indices"], parts["col_indices"], parts["values"], (rows, cols))
+    rows, cols = shape[0], math.prod(shape[1:])
+    return torch.sparse_bsr_tensor(parts["crow_indices"], parts["col_indices"], parts["values"], (rows, cols),
+                                   check_invariants=True)
 
 
 def entry_tensors(entry: LayerEntry, fmt: str) -> dict[str, Tensor]:
@@ -174,13 +182,27 @@ def run_entries(run_dir) -> tuple[list[LayerEntry], str, tuple[int, int]]:
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {run_dir} does not exist")
+        raise FileNotFoundError(f"run folder {run_dir} {'is not a folder' if run_dir.exists() else 'does not exist'}")
     metrics_path, weights_path = run_dir / "metrics.json", run_dir / "model.safetensors"
     if not metrics_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"{run_dir} holds no finished run (metrics.json and model.safetensors are needed)")
-    metrics = json.loads(metrics_path.read_text())
+    from .rundir import verify
+
+    verify(run_dir)  # every file of one complete run: a torn or mixed folder is refused
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ExportError(f"{metrics_path} is not JSON ({_first_line(err)})") from None
+    if not (isinstance(metrics, dict) and isinstance(metrics.get("model"), str) and _is_ints(metrics.get("block_shape"), 2)
+            and isinstance(metrics.get("sparsified_layers", []), list)):
+        raise ExportError(f"{metrics_path}: needs 'model' and 'block_shape' (a metrics.json of `kronsparse train`)")
     model, block_shape = metrics["model"], tuple(metrics["block_shape"])
-    t = load_file(str(weights_path))
+    try:
+        t = load_file(str(weights_path))
+    except Exception as err:
+        raise ExportError(f"{weights_path}: not a readable safetensors file ({_first_line(err)})") from None
+    if model not in ("linear", "mlp", "lenet5") or not any(k in t for k in ("weight", "layers.0.weight")):
+        raise ExportError(f"{run_dir}: model {model!r} with tensors {sorted(t)[:4]} is not a run of `kronsparse train`")
     names = [""] if model == "linear" else sorted({k.split(".")[1] for k in t if k.startswith("layers.")}, key=int)
     padding = _conv_padding(model)
     entries = []
@@ -211,22 +233,166 @@ def export_run(run_dir, fmt: str = "dense", out=None) -> Path:
     check_format(fmt)
     entries, model, block_shape = run_entries(run_dir)
     out = Path(out) if out is not None else Path(run_dir) / f"model.{fmt}.safetensors"
+    if out.is_dir() or not out.name:
+        raise ExportError(f"--out {out} is a folder; give the file to write, e.g. {out / f'model.{fmt}.safetensors'}")
+    if out.resolve().parent == Path(run_dir).resolve() and out.name in ("model.safetensors", "metrics.json",
+                                                                          "config.json", "manifest.json"):
+        raise ExportError(f"--out {out} would overwrite the run's own {out.name}")
     return write_export(out, entries, {}, fmt, model, block_shape)
 
 
 def read_export(path) -> tuple[dict, dict[str, Tensor]]:
-    """(metadata, tensors) of an export file, without unpickling anything."""
+    """(metadata, tensors) of an export file, without unpickling anything.
+
+    Everything is checked before a tensor is built from it: the safetensors header (by the
+    safetensors library), our metadata and the size of the dense weights it would build (before
+    any tensor is read), then dtypes, shapes, BSR index invariants and finite values. A bad file
+    raises ExportError, never crashes.
+    """
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"export file {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
-        if META_KEY not in header:
-            raise ValueError(f"{path} is not a kronsparse export (no '{META_KEY}' metadata)")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta = json.loads(header[META_KEY])
-    for alias, name in meta.get("aliases", {}).items():
+        raise FileNotFoundError(f"export file {path} {'is not a regular file' if path.exists() else 'does not exist'}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            if META_KEY not in header:
+                raise ExportError(f"{path} is not a kronsparse export (no '{META_KEY}' metadata)")
+            meta = _parse_meta(path, header[META_KEY])
+            # a stored tensor takes what the file holds (safetensors checks every offset against the
+            # file's size); what a small file can multiply is the dense weights built from it (below)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except ExportError:
+        raise
+    except Exception as err:  # safetensors' own header checks (SafetensorError), bad dtypes, I/O
+        raise ExportError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
+    for alias, name in meta["aliases"].items():
+        if name not in tensors:
+            raise ExportError(f"{path}: alias {alias!r} names a tensor that is not stored ({name!r})")
         tensors[alias] = tensors[name]
+    for name, m in meta["layers"].items():
+        _check_layer(path, name, m, tensors)
     return meta, tensors
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def _check_size(path, key: str, shape) -> None:
+    from .limits import limit
+
+    n = 1
+    for d in shape:
+        n *= int(d)
+    if n > limit("tensor_elements"):
+        raise ExportError(f"{path}: {key} has {n} elements, over the limit of {limit('tensor_elements')} "
+                          "(set KRONSPARSE_MAX_TENSOR_ELEMENTS to allow more)")
+
+
+def _is_ints(v, n: int | None = None, low: int = 1) -> bool:
+    return (isinstance(v, list) and (n is None or len(v) == n)
+            and all(type(t) is int and low <= t < 2**40 for t in v))
+
+
+def _parse_meta(path, text: str) -> dict:
+    """The JSON metadata, with the type of every field checked."""
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise ExportError(f"{path}: its '{META_KEY}' metadata is not JSON ({_first_line(err)})") from None
+    if not isinstance(meta, dict) or meta.get("format") not in FORMATS or not isinstance(meta.get("model"), str):
+        raise ExportError(f"{path}: metadata needs 'format' (one of {', '.join(FORMATS)}) and 'model'")
+    layers, aliases = meta.get("layers"), meta.setdefault("aliases", {})
+    if not isinstance(layers, dict) or not isinstance(aliases, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise ExportError(f"{path}: metadata 'layers' and 'aliases' must be objects of names")
+    for name, m in layers.items():
+        if not isinstance(m, dict):
+            raise ExportError(f"{path}: layer {name!r}: metadata is not an object")
+        kind, shape = m.get("kind"), m.get("shape")
+        ok = (kind == "linear" and _is_ints(shape, 2)) or (kind == "conv2d" and _is_ints(shape, 4))
+        ok = ok and m.get("stored") in ("dense", "bsr", "factors") and isinstance(m.get("sparse"), bool)
+        ok = ok and (not m["sparse"] or _is_ints(m.get("block_shape"), 2))
+        ok = ok and (kind != "conv2d" or (_is_ints(m.get("stride"), 2) and _is_ints(m.get("padding"), 2, low=0)))
+        if not ok:
+            raise ExportError(f"{path}: layer {name!r}: bad metadata (kind, shape, stored, sparse, block_shape, "
+                              f"stride, padding): {json.dumps(m)[:200]}")
+    built = [math.prod(m["shape"]) for m in layers.values() if m["stored"] != "dense"]
+    _check_size(path, "the dense weights built from BSR and factor layers, all together,", [sum(built)])
+    return meta
+
+
+def _tensor(path, tensors: dict, key: str, shape=None, dtypes=FLOATS) -> Tensor:
+    """tensors[key], checked for presence, dtype, shape and (floats) finite values."""
+    if key not in tensors:
+        raise ExportError(f"{path}: tensor {key} is missing")
+    t = tensors[key]
+    if t.dtype not in dtypes:
+        raise ExportError(f"{path}: tensor {key} has dtype {t.dtype}; expected one of {', '.join(map(str, dtypes))}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ExportError(f"{path}: tensor {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if t.dtype in FLOATS and not torch.isfinite(t).all():
+        raise ExportError(f"{path}: tensor {key} holds NaN or infinite values")
+    return t
+
+
+def _check_layer(path, name: str, m: dict, tensors: dict) -> None:
+    """One layer's tensors against its metadata, so that building its modules cannot fail or crash."""
+    key = (lambda leaf: f"{name}.{leaf}") if name else (lambda leaf: leaf)
+    shape = m["shape"]
+    rows, cols = shape[0], math.prod(shape[1:])
+    if m["sparse"]:
+        bo, bi = m["block_shape"]
+        bi_eff = bi * math.prod(shape[2:])
+        if shape[0] % bo or shape[1] % bi:
+            raise ExportError(f"{path}: layer {name!r}: block shape {bo}x{bi} does not tile its shape {shape}")
+    if m["stored"] == "bsr":
+        if not m["sparse"]:
+            raise ExportError(f"{path}: layer {name!r} is stored as BSR but has no block shape")
+        crow = _tensor(path, tensors, key("weight.crow_indices"), dtypes=INDICES)
+        col = _tensor(path, tensors, key("weight.col_indices"), dtypes=INDICES)
+        values = dtype_of = _tensor(path, tensors, key("weight.values"))
+        check_bsr_indices(crow, col, values, rows // bo, cols // bi_eff, (bo, bi_eff), f"{path}: layer {name!r}")
+    elif m["stored"] == "factors":
+        S = dtype_of = _tensor(path, tensors, key("S"))
+        A = _tensor(path, tensors, key("A"))
+        B = _tensor(path, tensors, key("B"))
+        ok = S.dim() == 2 and A.dim() == 3 and B.dim() >= 3 and A.shape[1:] == S.shape
+        ok = ok and A.shape[0] == B.shape[0] >= 1 and S.dtype == A.dtype == B.dtype
+        ok = ok and S.shape[0] * B.shape[1] == rows and S.shape[1] * math.prod(B.shape[2:]) == cols
+        if not ok or m["kind"] == "conv2d" and tuple(B.shape[2:]) != (shape[1] // S.shape[1], *shape[2:]):
+            raise ExportError(f"{path}: layer {name!r}: factors S {tuple(S.shape)}, A {tuple(A.shape)}, "
+                              f"B {tuple(B.shape)} do not make a weight of shape {tuple(shape)}")
+        _check_size(path, f"{name}: rank x weight", [A.shape[0], rows, cols])
+    else:
+        dtype_of = _tensor(path, tensors, key("weight"), shape)
+    if m.get("bias") is True or key("bias") in tensors:
+        if _tensor(path, tensors, key("bias"), (rows,)).dtype != dtype_of.dtype:
+            raise ExportError(f"{path}: layer {name!r}: bias and weight have different dtypes")
+
+
+def check_bsr_indices(crow: Tensor, col: Tensor, values: Tensor, block_rows: int, block_cols: int,
+                      blocksize, where: str) -> None:
+    """The invariants torch.sparse BSR kernels assume but do not check: a violation is a segfault."""
+    nnz = len(col)
+    problems = []
+    if crow.dim() != 1 or len(crow) != block_rows + 1:
+        problems.append(f"crow_indices has shape {tuple(crow.shape)}, expected ({block_rows + 1},)")
+    elif crow[0] != 0 or crow[-1] != nnz or (crow.diff() < 0).any():
+        problems.append(f"crow_indices must rise from 0 to nnz={nnz}")
+    if col.dim() != 1:
+        problems.append(f"col_indices has shape {tuple(col.shape)}, expected (nnz,)")
+    elif nnz and (col.min() < 0 or col.max() >= block_cols):
+        problems.append(f"col_indices must lie in [0, {block_cols})")
+    if tuple(values.shape) != (nnz, *blocksize):
+        problems.append(f"values has shape {tuple(values.shape)}, expected ({nnz}, {blocksize[0]}, {blocksize[1]})")
+    if not problems and nnz:  # within each block row, columns strictly increase
+        starts = torch.zeros(nnz, dtype=torch.bool)
+        starts[crow[:-1][crow[:-1] < nnz].long()] = True
+        if ((col.diff() <= 0) & ~starts[1:]).any():
+            problems.append("col_indices must strictly increase within each block row")
+    if problems:
+        raise ExportError(f"{where}: bad BSR weight: {'; '.join(problems)}")

@@ -18,7 +18,7 @@ import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 from . import functional as F
-from .export import from_bsr, read_export
+from .export import ExportError, from_bsr, read_export
 
 
 def bsr_matmul(bsr: Tensor, x: Tensor) -> Tensor:
@@ -204,14 +204,33 @@ def load_model(path, representation: str = "auto") -> nn.Module:
     meta, tensors = read_export(path)
     layers = layers_from_export(meta, tensors, representation)
     if meta["model"] in ("linear", "mlp"):
-        return FeedForward([layers[k] for k in sorted(layers, key=lambda n: int(n.split(".")[1]) if n else 0)])
+        names = sorted(layers, key=lambda n: int(n.split(".")[1]) if n.startswith("layers.") and
+                       n.split(".")[1].isdigit() else -1)
+        expected = [""] if names == [""] else [f"layers.{k}" for k in range(len(names))]
+        if names != expected or any(layers[n].weight.dim() != 2 for n in names):
+            raise ExportError(f"{path}: a {meta['model']} export needs linear layers {expected}, found {names}")
+        _check_chain(path, [layers[n] for n in names], lambda l: l.in_features, lambda l: l.out_features)
+        return FeedForward([layers[n] for n in names])
     if meta["model"] == "lenet5":
+        if sorted(layers) != [f"layers.{k}" for k in range(5)] or [layers[f"layers.{k}"].weight.dim()
+                                                                   for k in range(5)] != [4, 4, 2, 2, 2]:
+            raise ExportError(f"{path}: a lenet5 export needs conv layers.0-1 and linear layers.2-4")
         ordered = [layers[f"layers.{k}"] for k in range(5)]
         fc_in = ordered[2].in_features // 16
-        side = next(s for s in range(12, 1024) if ((s // 2 - 4) // 2) ** 2 == fc_in)
+        side = next((s for s in range(12, 1024) if ((s // 2 - 4) // 2) ** 2 == fc_in), None)
+        if side is None or ordered[2].in_features % 16 or ordered[1].in_channels != ordered[0].out_channels \
+                or ordered[1].out_channels != 16:
+            raise ExportError(f"{path}: lenet5 layers do not fit together (fc input {ordered[2].in_features})")
+        _check_chain(path, ordered[2:], lambda l: l.in_features, lambda l: l.out_features)
         return LeNet5(ordered, side)
     raise ValueError(f"load_model builds the models of `kronsparse train` (linear, mlp, lenet5), not "
                      f"{meta['model']!r}: use load_layers and place the layers in your own model")
+
+
+def _check_chain(path, layers, size_in, size_out) -> None:
+    for a, b in zip(layers[:-1], layers[1:]):
+        if size_out(a) != size_in(b):
+            raise ExportError(f"{path}: a layer of {size_out(a)} outputs feeds one of {size_in(b)} inputs")
 
 
 def replace_layers_(model: nn.Module, path, representation: str = "auto") -> nn.Module:
@@ -221,11 +240,17 @@ def replace_layers_(model: nn.Module, path, representation: str = "auto") -> nn.
     layers = layers_from_export(meta, tensors, representation)
     for name, layer in layers.items():
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        try:
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+        except AttributeError:
+            raise ExportError(f"{path}: the model has no submodule {parent!r} for layer {name!r}") from None
     owned = set(layers)
     rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in owned
             and not any(k.startswith(n + ".weight.") for n in owned)}
-    missing, unexpected = model.load_state_dict(rest, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(rest, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ExportError(f"{path}: does not fit the model ({str(err).splitlines()[-1].strip()})") from None
     if unexpected:
         raise ValueError(f"export tensors the model does not have: {', '.join(unexpected[:5])}")
     return model

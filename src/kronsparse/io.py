@@ -33,11 +33,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         os.close(dir_fd)
 
 
-def write_text(path, text: str) -> None:
+def write_bytes(path, data: bytes) -> None:
+    """Write `data` atomically; a full disk or a read-only folder raises OSError naming the file."""
     def write(tmp: str) -> None:
-        Path(tmp).write_text(text, encoding="utf-8")
+        with open(tmp, "wb") as f:
+            f.write(data)
 
     atomic_write(path, write)
+
+
+def write_text(path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path, obj) -> None:
@@ -45,6 +51,19 @@ def write_json(path, obj) -> None:
 
 
 def write_safetensors(path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
+    """Serialised in memory, then written by write_bytes: same mode as every other file, and a full
+    disk is a plain OSError (ENOSPC), not an error from inside the serialiser."""
+    from safetensors.torch import save
 
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    write_bytes(path, save(tensors, metadata=metadata))
+
+
+def remove_stale_temporaries(folder) -> list[Path]:
+    """Delete the temporary files of writes interrupted by a kill (`.NAME.XXXX.tmp`); call only while
+    holding the folder's lock, so that no live writer owns them."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed

@@ -6,7 +6,13 @@ metrics.json exists is skipped, so the command can be started again after an int
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import os
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +20,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import rundir
 from .config import TrainConfig, resolve_scale_pin
+from .limits import check_at_most
 from .models import ARCHITECTURES, tiles
 from .train import train
 
@@ -91,6 +99,27 @@ def select_candidates(model: str) -> tuple[tuple[int, int], ...]:
     return tuple(c for c in SELECT_CANDIDATES if all(tiles(i, o, c) for i, o in zip(sizes[:-1], sizes[1:])))
 
 
+def _die_with_parent(parent: int) -> None:
+    """Worker initialiser: the worker ends when `parent` dies, even by SIGKILL (Linux: the kernel sends
+    SIGKILL through PR_SET_PDEATHSIG; elsewhere a thread watches the parent pid every second)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="kronsparse-parent-watch").start()
+
+
+def _watch_parent(parent: int) -> None:
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
 def _run_one(spec: Spec, out: Path, threads: int | None) -> str:
     if threads:
         torch.set_num_threads(threads)
@@ -99,8 +128,8 @@ def _run_one(spec: Spec, out: Path, threads: int | None) -> str:
 
 
 def run_plan(specs: list[Spec], out: Path, jobs: int = 1) -> None:
-    """Train every spec whose folder has no metrics.json yet; show which run of how many is going."""
-    todo = [s for s in specs if not (out / "runs" / s.name / "metrics.json").is_file()]
+    """Train every spec whose folder holds no complete run yet; show which run of how many is going."""
+    todo = [s for s in specs if rundir.finished_metrics(out / "runs" / s.name) is None]
     bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="runs", unit="run")
     if jobs <= 1:
         for spec in todo:
@@ -108,7 +137,7 @@ def run_plan(specs: list[Spec], out: Path, jobs: int = 1) -> None:
             _run_one(spec, out, None)
             bar.update()
     else:
-        with ProcessPoolExecutor(jobs) as pool:
+        with ProcessPoolExecutor(jobs, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
             for name in pool.map(_run_one, todo, [out] * len(todo), [1] * len(todo)):
                 bar.set_postfix_str(name)
                 bar.update()
@@ -123,11 +152,29 @@ def reproduce(name: str, out: str | Path, seeds: list[int], quick: bool = False,
     if not seeds:
         raise ValueError("--seeds needs at least one seed")
     base = TrainConfig(**{"epochs": 2 if quick else 10, "standardize": True, **(overrides or {})})
+    if not 1 <= jobs:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    check_at_most("jobs", jobs, "--jobs")
     seeds = seeds[:1] if quick else seeds
     specs = plan(EXPERIMENTS[name], seeds, quick, base)
-    out = Path(out)
-    run_plan(specs, out, jobs)
-    from .report import write_report
+    with rundir.open_folder(out) as folder:
+        check_identity(specs, folder)
+        run_plan(specs, folder, jobs)
+        from .report import write_report
 
-    write_report(specs, out, EXPERIMENTS[name])
+        write_report(specs, folder, EXPERIMENTS[name])
     return specs
+
+
+def check_identity(specs: list[Spec], out: Path) -> None:
+    """Refuse, before training anything, a folder whose finished runs were made with other settings
+    (e.g. --epochs or --n-train): their results must never stand in for this plan's runs."""
+    for spec in specs:
+        done = rundir.finished_metrics(out / "runs" / spec.name)
+        if done is None or done["config"] == spec.cfg.to_dict():
+            continue
+        ours = spec.cfg.to_dict()
+        diff = [f"{k} {done['config'].get(k)!r} there, {ours.get(k)!r} here"
+                for k in sorted(set(ours) | set(done["config"])) if done["config"].get(k) != ours.get(k)]
+        raise rundir.RunFolderError(f"{out / 'runs' / spec.name} was made with other settings ({'; '.join(diff)}); "
+                                    "use another --out, or delete its runs folder to redo them")

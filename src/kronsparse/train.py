@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +15,9 @@ from tqdm.auto import tqdm
 
 from . import data as datamod
 from .config import TrainConfig
-from .checkpoint import list_checkpoints, load_latest, save_checkpoint
+from . import rundir
+from .budget import check_training_memory
+from .checkpoint import candidates as checkpoint_candidates, list_checkpoints, save_checkpoint
 from .io import write_json, write_safetensors
 from .metrics import accuracy, dense_state, factor_state, sparsity_metrics, training_costs
 from .models import build_model, layer_factory, layer_weight
@@ -180,23 +182,49 @@ def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
 
     checkpoint_every: steps between checkpoints in DIR/checkpoints (the last two are kept);
     resume: continue from the newest checkpoint there (a finished run is not trained again).
+    The folder is checked (a writable folder) and locked before anything is computed: a second
+    process writing into it is refused.
     """
     if (checkpoint_every or resume) and out is None:
         raise ValueError("checkpoints and --resume need an output folder")
-    if checkpoint_every is not None and checkpoint_every < 1:
-        raise ValueError(f"--checkpoint-every must be >= 1, got {checkpoint_every}")
+    if checkpoint_every is not None and not 1 <= checkpoint_every < 2**40:
+        raise ValueError(f"--checkpoint-every must be in [1, 2**40), got {checkpoint_every}")
+    try:
+        if out is None:
+            return _train(cfg, None, progress, checkpoint_every, resume)
+        with rundir.open_folder(out) as folder:
+            return _train(cfg, folder, progress, checkpoint_every, resume)
+    except FloatingPointError as err:
+        raise _blame_divergence(err, cfg) from None
+
+
+def _blame_divergence(err: FloatingPointError, cfg: TrainConfig) -> FloatingPointError:
+    """A loss that is not finite at the first step, before any update, is the inputs' fault, not the lr's."""
+    if "at step 1;" not in str(err):
+        return err
+    ds = _cached_dataset(cfg.dataset, cfg.data_dir, cfg.standardize)
+    biggest = max(float(ds.x_train.abs().max()), float(ds.x_test.abs().max()))
+    return FloatingPointError(f"the loss is not finite at step 1, before any update: the inputs reach "
+                              f"|x| = {biggest:.3g}, too large for float32 arithmetic; scale them "
+                              "(e.g. --standardize)" if biggest > 1e6 else str(err))
+
+
+def _train(cfg: TrainConfig, out: Path | None, progress: bool, checkpoint_every: int | None,
+           resume: bool) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if resume and (Path(out) / "metrics.json").is_file():
-        return finished_metrics(cfg, Path(out))
+    if resume and (done := finished_metrics(cfg, Path(out))) is not None:
+        return done
     device = resolve_device(cfg.device)
-    run = Run(cfg, load_data(cfg, device), device)
-    state = load_latest(out) if resume else None
+    ds = load_data(cfg, device)
+    check_training_memory(cfg, ds.num_features, ds.num_classes, len(ds.x_train))  # before the model exists
+    run = Run(cfg, ds, device)
+    state = None
+    if resume:
+        run, state = resume_run(run, out)
     if checkpoint_every and not resume:  # a fresh run: checkpoints of an earlier run must not mix in
         for old in list_checkpoints(out):
             old.unlink()
-    if state is not None:
-        run.load_state_dict(state)
     start = time.perf_counter() - (state or {}).get("wall_seconds", 0.0)
 
     def checkpoint(r: Run) -> None:
@@ -221,12 +249,54 @@ def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
     return metrics
 
 
-def finished_metrics(cfg: TrainConfig, out: Path) -> dict:
-    """The metrics of a run already finished in `out`, if it was made with the same config."""
-    metrics = json.loads((out / "metrics.json").read_text())
-    if metrics.get("config") != cfg.to_dict():
+def finished_metrics(cfg: TrainConfig, out: Path) -> dict | None:
+    """The metrics of a complete run in `out` (its manifest verified) if it was made with the same
+    config; None if `out` holds no complete run (a torn or mixed folder is finished from checkpoints)."""
+    if not (out / "metrics.json").exists():
+        return None
+    metrics = rundir.finished_metrics(out)
+    if metrics is None:
+        _say(f"{out} holds no complete result (missing or mismatched manifest): resuming from its checkpoints")
+        return None
+    if metrics["config"] != cfg.to_dict():
         raise ValueError(f"{out} holds a finished run with a different config; choose another --out")
     return metrics
+
+
+def resume_run(run: Run, out: Path) -> tuple[Run, dict | None]:
+    """Load the newest checkpoint that passes its checksum and fits the run; fall back to older ones.
+
+    A checkpoint of another config is refused (ValueError); a damaged one, or one whose tensors do
+    not fit (missing keys, wrong shapes), is skipped with a message naming it.
+    """
+    failures = []
+    for path, state in checkpoint_candidates(out):
+        if isinstance(state, Exception):
+            failures.append(str(state))
+            continue
+        theirs, ours = state.get("config"), run.cfg.to_dict()
+        if theirs != ours:
+            theirs = theirs if isinstance(theirs, dict) else {}
+            diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            raise ValueError(f"the checkpoint was made with a different config (differs in: {', '.join(diff)})")
+        try:
+            run.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as err:
+            failures.append(f"{path.name}: does not fit this run ({type(err).__name__}: {str(err).splitlines()[0][:200]})")
+            run = Run(run.cfg, run.ds, run.device)  # a clean run: the failed load may have changed it
+            continue
+        for failure in failures:
+            _say(f"skipped checkpoint {failure}")
+        _say(f"resumed from {path} (step {run.step})")
+        return run, state
+    if failures:
+        raise ValueError(f"--resume: no checkpoint in {out / 'checkpoints'} could be used ({'; '.join(failures)})")
+    _say(f"--resume: no checkpoint in {out / 'checkpoints'}; starting a fresh run")
+    return run, None
+
+
+def _say(message: str) -> None:
+    print(f"kronsparse: {message}", file=sys.stderr)
 
 
 def final_metrics(run: Run, wall_seconds: float) -> dict:
@@ -253,12 +323,15 @@ def final_metrics(run: Run, wall_seconds: float) -> dict:
 
 
 def save_run(run: Run, metrics: dict, out: Path) -> None:
-    """model.safetensors first, metrics.json last: a metrics file means a complete run."""
+    """The manifest is deleted first and written last: only a folder whose files all come from this
+    run, written whole, is a complete run (rundir.verify)."""
     tensors = {**dense_state(run.model, run.cfg.model), **factor_state(run.model, run.cfg.model)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    rundir.unseal(out)
     write_json(out / "config.json", run.cfg.to_dict())
     write_safetensors(out / "model.safetensors", tensors, {"format": "pt", "model": run.cfg.model})
     write_files = getattr(run.method, "write_files", None)  # a method's own files, e.g. select's PNG
     if write_files is not None:
         write_files(out)
     write_json(out / "metrics.json", metrics)
+    rundir.seal(out)

@@ -1,5 +1,8 @@
 """swap_linear_ and its way back: no custom module left, the same outputs."""
 
+import copy
+
+import pytest
 import torch
 from torch import nn
 
@@ -52,3 +55,22 @@ def test_swap_is_exact_at_full_rank_and_filter_fn_excludes():
     report = swap_linear_(model, (2, 4), rank=8, filter_fn=lambda name, m: name != "encoder.2")
     assert report.swapped == ["encoder.0"] and report.skipped["encoder.2"] == "excluded by filter_fn"
     torch.testing.assert_close(model(x), before)
+
+
+@pytest.mark.parametrize("block_shape", [(4, 4), (8, 8)])
+def test_fresh_init_keeps_the_dense_weight_variance_where_svd_of_a_random_weight_loses_it(block_shape):
+    """A transformer's Linear starts at std 0.02; its SVD conversion keeps only part of that (the
+    nearest rank-r Kronecker sum of noise), the fresh init keeps all of it and the bias."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(256, 256))
+    nn.init.normal_(dense[0].weight, std=0.02)
+    fresh, svd = copy.deepcopy(dense), copy.deepcopy(dense)
+    swap_linear_(fresh, block_shape, rank=4, init="fresh")
+    swap_linear_(svd, block_shape, rank=4, init="svd")
+    std_fresh = fresh[0].dense_weight().std().item()
+    std_svd = svd[0].dense_weight().std().item()
+    assert std_fresh == pytest.approx(0.02, rel=0.05)
+    assert std_svd < 0.6 * 0.02
+    assert torch.equal(fresh[0].bias, dense[0].bias) and isinstance(fresh[0], KronLinear)
+    with pytest.raises(ValueError, match="unknown init"):
+        swap_linear_(copy.deepcopy(dense), block_shape, init="zeros")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kronsparse import functional as F
+from kronsparse import kernels
 
 SHAPES = [  # (out, in, block_shape)
     (8, 12, (2, 2)),  # square blocks
@@ -90,8 +91,8 @@ def test_gradcheck_every_path(path):
 @pytest.mark.parametrize("gather_max,short_runs_max", [(1 << 30, 0), (0, 1 << 30), (0, 0)])
 def test_materialize_reorders_blocks_both_ways(monkeypatch, gather_max, short_runs_max):
     """The cached-index gather, the gather with a gather backward and the strided copy."""
-    monkeypatch.setattr(F, "_GATHER_MAX", gather_max)
-    monkeypatch.setattr(F, "_GATHER_MAX_SHORT_RUNS", short_runs_max)
+    monkeypatch.setattr(kernels, "_GATHER_MAX", gather_max)
+    monkeypatch.setattr(kernels, "_GATHER_MAX_SHORT_RUNS", short_runs_max)
     S, A, B = factors(6, 8, (3, 2), 2, torch.float64)
     x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: F.kron_linear(*t, path="materialize"), (x, S, A, B))
@@ -149,3 +150,22 @@ def test_proximal_maps_exact_values():
     torch.testing.assert_close(F.group_norm_shrink(torch.tensor([3.0, 4.0]), 1.0), torch.tensor([2.4, 3.2]))
     assert not F.group_norm_shrink(torch.tensor([0.3, 0.4]), 1.0).any()
     assert F.group_lasso_penalty(W, (2, 2)).item() == pytest.approx(2 * (5 + 0.2))
+
+
+@pytest.mark.parametrize("path", ["input_first", "factors_first", "materialize"])
+def test_every_fast_path_equals_the_einsum_reference(path):
+    """kernels' paths against functional's one-einsum definition, values and gradients."""
+    g = torch.Generator().manual_seed(0)
+    S, A, B = torch.randn(3, 4, generator=g), torch.randn(2, 3, 4, generator=g), torch.randn(2, 2, 5, generator=g)
+    S[0, 1] = 0.0
+    x, bias = torch.randn(2, 7, 20, generator=g), torch.randn(6, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, S, A, B, bias)]
+    twins = [t.clone().requires_grad_() for t in (x, S, A, B, bias)]
+    y = F.kron_linear(*leaves[:4], leaves[4], path=path)
+    ref = F.kron_linear_reference(*twins[:4], twins[4])
+    torch.testing.assert_close(y, ref)
+    gy = torch.randn(y.shape, generator=g)
+    (y * gy).sum().backward()
+    (ref * gy).sum().backward()
+    for a, b in zip(leaves, twins):
+        torch.testing.assert_close(a.grad, b.grad)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
-from .functional import check_block_shape, divisors
+from .blocks import check_block_shape, divisors
 
 # Constants of `step_cost`, in units of one multiply-add inside a large GEMM. Fitted by
 # `benchmarks/calibrate_costs.py fit` (grid search, least summed slowdown of the chosen path against
@@ -106,7 +106,7 @@ def step_cost(in_features: int, out_features: int, block_shape, rank: int, batch
               path: str, training: bool = True, input_grad: bool = True) -> float:
     """Estimated cost of one call (forward, or forward + backward when training) in MAC units.
 
-    Mirrors what `functional._KronLinearFn` runs. With F1, F2 the batch MACs of the first and
+    Mirrors what `kernels._KronLinearFn` runs. With F1, F2 the batch MACs of the first and
     second contraction: input_first runs F1 as batched GEMMs (forward, recompute, dB, dx) and F2 as
     one GEMM (forward, dC, dZ); factors_first the other way round (F1: forward, recompute, dC, dx
     as GEMMs; F2: forward, dB, dT batched) plus two copies of xᵀ. Materialize: the dense GEMMs plus

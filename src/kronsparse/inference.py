@@ -129,7 +129,7 @@ class BlockSparseConv2d(_Choosing):
         self.block_shape = tuple(block_shape) if block_shape is not None else None
         self.bsr = None
         if self.block_shape is not None:
-            from .layers import matrix_view
+            from .blocks import matrix_view
 
             W2, blocks = matrix_view(self.weight, self.block_shape)
             self.bsr = W2.to_sparse_bsr(blocks)

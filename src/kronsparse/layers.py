@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from .blocks import matrix_view
+from .kernels import PATHS, _kron_linear
 
 
 def _make_factors(layer: nn.Module, grid: tuple[int, int], b_shape: tuple, out: int, bias: bool,
@@ -52,8 +54,8 @@ class KronLinear(nn.Module):
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        if path not in F.PATHS:
-            raise ValueError(f"unknown path {path!r}; valid paths: {', '.join(F.PATHS)}")
+        if path not in PATHS:
+            raise ValueError(f"unknown path {path!r}; valid paths: {', '.join(PATHS)}")
         bo, bi = F.check_block_shape(out_features, in_features, block_shape)
         self.in_features, self.out_features = in_features, out_features
         self.block_shape, self.rank, self.path = (bo, bi), rank, path
@@ -71,7 +73,7 @@ class KronLinear(nn.Module):
         _reset_factors(self, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F._kron_linear(x, self.S, self.A, self.B, self.bias, self.path)
+        return _kron_linear(x, self.S, self.A, self.B, self.bias, self.path)
 
     def dense_weight(self) -> Tensor:
         """W (out, in), differentiable; the test oracle and the export path."""
@@ -276,15 +278,6 @@ class KronConv2d(nn.Module):
 
 
 KRON_LAYERS = (KronLinear, KronConv2d)  # the layers the kron method steers (they expose S, A, B, block_shape)
-
-
-def matrix_view(W: Tensor, block_shape) -> tuple[Tensor, tuple[int, int]]:
-    """A weight as a matrix and its block shape: (out, in, kh, kw) in (bo, bi) channel blocks is
-    (out, in*kh*kw) in (bo, bi*kh*kw) blocks; a matrix is returned as it is."""
-    bo, bi = block_shape
-    if W.dim() == 2:
-        return W, (bo, bi)
-    return W.flatten(1), (bo, bi * W[0, 0].numel())
 
 
 def kron_dense(layer: nn.Module) -> nn.Module:

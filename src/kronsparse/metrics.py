@@ -7,7 +7,8 @@ from torch import Tensor, nn
 
 from .costs import layer_costs
 from .functional import block_mask_of, check_block_shape
-from .layers import KRON_LAYERS, KronLinear, matrix_view
+from .blocks import matrix_view
+from .layers import KRON_LAYERS, KronLinear
 from .models import layer_dims, layer_weight
 
 

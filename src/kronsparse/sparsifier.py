@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional import block_mask_of
-from .layers import matrix_view
+from .blocks import matrix_view
 from .methods import get_method
 from .model_tree import LayerFilter, find_layers, replace_module
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor, nn
 
-from ..layers import matrix_view
+from ..blocks import matrix_view
 
 SCOPES = ("layer", "global")
 
@@ -61,31 +61,6 @@ class MethodOptions:
             raise TypeError(f"method {method!r} has no option {', '.join(unknown)}; its options: "
                             f"{', '.join(sorted(known))}")
         return cls(**kwargs)
-
-
-@dataclass(frozen=True)
-class CubicSchedule:
-    """Sparsity s(t) = final * (1 - (1 - t/ramp)^3) for t < ramp, then final (Zhu & Gupta 2017)."""
-
-    final: float
-    ramp_steps: int
-
-    def __call__(self, step: int) -> float:
-        if self.ramp_steps <= 0 or step >= self.ramp_steps:
-            return self.final
-        return self.final * (1.0 - (1.0 - step / self.ramp_steps) ** 3)
-
-
-@dataclass(frozen=True)
-class DelayedCubic:
-    """CubicSchedule(final, ramp_steps) started at step `start` (0 before)."""
-
-    final: float
-    start: int
-    ramp_steps: int
-
-    def __call__(self, step: int) -> float:
-        return CubicSchedule(self.final, self.ramp_steps)(step - self.start) if step >= self.start else 0.0
 
 
 def step_size(optimizer: torch.optim.Optimizer | None, param: Tensor, lr: float | None = None) -> float:
@@ -211,11 +186,3 @@ class Method:
         self.finalized = state.get("finalized", False)
         self.frozen = [m.clone() for m in state.get("frozen", [])]
         self.apply_frozen()
-
-
-def log_step(value: float, error: float, gain: float, max_factor: float = 1.05, lo: float = 1e-6,
-             hi: float = 10.0) -> float:
-    """Multiplicative controller step: value * exp(gain * error), the factor limited to
-    [1/max_factor, max_factor] (no wind-up while the response lags), the value to [lo, hi]."""
-    factor = min(max_factor, max(1.0 / max_factor, math.exp(gain * error)))
-    return min(hi, max(lo, value * factor))

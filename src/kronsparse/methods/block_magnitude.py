@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.ao.pruning import FakeSparsity, WeightNormSparsifier
 
-from .base import CubicSchedule, Method
+from .base import Method
+from .schedules import CubicSchedule
 from .steering import count_for
 
 

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import block_mask_of, block_norms, expand_block_mask, group_lasso_penalty, group_shrink
-from .base import CubicSchedule, Method, mask_grad, step_size
+from .base import Method, mask_grad, step_size
+from .schedules import CubicSchedule
 from .steering import TargetSteering
 
 

@@ -38,8 +38,10 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import block_norms, soft_threshold
-from ..layers import KRON_LAYERS, KronConv2d, KronLinear, kron_like, matrix_view
-from .base import DelayedCubic, Method, MethodOptions, mask_grad, step_size
+from ..blocks import matrix_view
+from ..layers import KRON_LAYERS, KronConv2d, KronLinear, kron_like
+from .base import Method, MethodOptions, mask_grad, step_size
+from .schedules import DelayedCubic
 from .steering import TargetSteering
 
 SCALE_PINS = ("auto", "decay", "norm")

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from .base import CubicSchedule, Method
-from .schedules import Rounds
+from .base import Method
+from .schedules import CubicSchedule, Rounds
 from .steering import count_for
 
 

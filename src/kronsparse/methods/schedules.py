@@ -1,5 +1,5 @@
-"""Small schedule objects for the baselines (CubicSchedule lives in base.py): each maps a step to a
-number or a yes/no, holds no state, and so needs no state_dict."""
+"""The schedules of every method: each maps a step to a number or a yes/no, holds no state, and so
+needs no state_dict."""
 
 from __future__ import annotations
 
@@ -43,3 +43,28 @@ class Rounds:
 
     def __call__(self, step: int) -> bool:
         return step in self.steps()
+
+
+@dataclass(frozen=True)
+class CubicSchedule:
+    """Sparsity s(t) = final * (1 - (1 - t/ramp)^3) for t < ramp, then final (Zhu & Gupta 2017)."""
+
+    final: float
+    ramp_steps: int
+
+    def __call__(self, step: int) -> float:
+        if self.ramp_steps <= 0 or step >= self.ramp_steps:
+            return self.final
+        return self.final * (1.0 - (1.0 - step / self.ramp_steps) ** 3)
+
+
+@dataclass(frozen=True)
+class DelayedCubic:
+    """CubicSchedule(final, ramp_steps) started at step `start` (0 before)."""
+
+    final: float
+    start: int
+    ramp_steps: int
+
+    def __call__(self, step: int) -> float:
+        return CubicSchedule(self.final, self.ramp_steps)(step - self.start) if step >= self.start else 0.0

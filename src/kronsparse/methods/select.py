@@ -47,7 +47,8 @@ from dataclasses import dataclass
 
 from ..functional import group_norm_shrink, soft_threshold
 from ..selection import KronSelectLinear, block_name
-from .base import DelayedCubic, log_step
+from .schedules import DelayedCubic
+from .steering import log_step
 from ..model_tree import replace_module
 from .kron import KronMethod, KronOptions, resolve_scale_pin
 

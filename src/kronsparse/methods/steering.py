@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .base import log_step
 
 
 def count_for(fraction: float, total: int) -> int:
@@ -34,6 +33,14 @@ def select(scores: list[Tensor], k: int, largest: bool) -> list[Tensor]:
     if k > 0:
         chosen[torch.topk(flat, k, largest=largest).indices] = True
     return [part.view_as(s) for part, s in zip(chosen.split([s.numel() for s in scores]), scores)]
+
+
+def log_step(value: float, error: float, gain: float, max_factor: float = 1.05, lo: float = 1e-6,
+             hi: float = 10.0) -> float:
+    """Multiplicative controller step: value * exp(gain * error), the factor limited to
+    [1/max_factor, max_factor] (no wind-up while the response lags), the value to [lo, hi]."""
+    factor = min(max_factor, max(1.0 / max_factor, math.exp(gain * error)))
+    return min(hi, max(lo, value * factor))
 
 
 @dataclass

@@ -1,0 +1,145 @@
+"""The README's result tables and numbers equal the committed files they come from.
+
+Each README number in "Results" and "Training speed" has a file beside it in results/ or
+benchmarks/results/, written by the command the README shows; these tests read both and compare,
+so a table edited by hand, or a file re-run without updating the README, fails here.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def section(title: str) -> str:
+    """The README text under the heading `title`, up to the next heading of the same or a higher level."""
+    match = re.search(rf"^(#+) {re.escape(title)}\n", README, re.M)
+    assert match, f"README has no heading {title!r}"
+    level = len(match.group(1))
+    rest = README[match.end():]
+    end = re.search(rf"^#{{1,{level}}} ", rest, re.M)
+    return rest[: end.start()] if end else rest
+
+
+def tables(text: str) -> list[list[list[str]]]:
+    """Every markdown table in `text` as rows of stripped cells (the separator row dropped)."""
+    found, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set("-:") for c in cells):
+                current.append(cells)
+        elif current:
+            found.append(current)
+            current = []
+    return found
+
+
+def mean(cell: str) -> str:
+    """'97.53 ± 0.00' -> '97.53'."""
+    return cell.split(" ±")[0]
+
+
+def table_file_rows(path: Path) -> dict[tuple[str, str], list[str]]:
+    """(method, block) -> row of a `kronsparse reproduce` table.md."""
+    (table,) = tables(path.read_text(encoding="utf-8"))
+    header = table[0]
+    return {(r[0], r[1]): dict(zip(header, r)) for r in table[1:]}
+
+
+def test_the_reproduced_table_and_claims_are_the_report():
+    text = section("The paper's MNIST table, reproduced")
+    report = (ROOT / "results/reproduce-mnist-linear/report.md").read_text(encoding="utf-8")
+    assert tables(text)[0] == tables(report)[0]
+    claims = [l for l in report.split("## The paper's claims")[1].split("##")[0].splitlines() if l.startswith("- ")]
+    readme_claims = [l for l in text.split("The paper's claims, checked")[1].splitlines() if l.startswith("- ")]
+    assert readme_claims == claims
+
+
+QUICK_FILES = {"MLP 784-300-100-10": "results/quick-mnist-mlp/table.md",
+               "Fashion-MNIST linear": "results/quick-fashion-linear/table.md"}
+QUICK_COLUMNS = {"dense": "dense", "kron (r2)": "kron", "select": "select", "group lasso": "group-lasso",
+                 "block RigL": "rigl", "block magnitude": "block-magnitude"}
+
+
+def test_the_quick_table_is_the_quick_runs_files():
+    (table,) = tables(section("Beyond the paper's model (`--quick`: 2 epochs, seed 0)"))
+    header, checked = table[0], 0
+    for row in table[1:]:
+        rows = table_file_rows(ROOT / QUICK_FILES[row[0]])
+        block = row[1]
+        for column, cell in zip(header[2:], row[2:]):
+            method = QUICK_COLUMNS[column]
+            key = (method, "select→2x2" if method == "select" else block)
+            if cell == "—":  # select picks its block itself: one run, shown in the 2x2 row
+                assert method == "select" and block != "2x2", (row[0], block, method)
+                continue
+            main, *pin = re.findall(r"\d+\.\d+", cell)
+            assert main == mean(rows[key]["accuracy %"]), (row[0], block, method)
+            if pin:  # "95.84 (88.71 with `--scale-pin decay`)"
+                name = re.search(r"--scale-pin (\w+)", cell).group(1)
+                assert pin[0] == mean(rows[(f"kron (scale-pin {name})", block)]["accuracy %"])
+            checked += 1
+    assert checked >= 20
+
+
+def test_the_selection_table_is_its_summary():
+    text = section("Block-size selection in one run")
+    summary = (ROOT / "results/selection_vs_separate/summary.md").read_text(encoding="utf-8")
+    assert tables(text)[0] == tables(summary)[0]
+    gap = re.search(r"gap to the best separate run: (-?\d+\.\d+) points", summary).group(1)
+    ratio = re.search(r"\(ratio (\d\.\d+)\)", summary).group(1)
+    assert f"{abs(float(gap)):.2f} points *above*" in text and f"in {float(ratio) * 100:.0f}% of" in text
+
+
+def same(shown: str, exact) -> bool:
+    """`shown` is `exact` rounded to the decimals `shown` has."""
+    decimals = len(shown.split(".")[1]) if "." in shown else 0
+    return f"{float(exact):.{decimals}f}" == shown
+
+
+def ratio_words(slow: float, fast: float) -> str:
+    r = slow / fast
+    return f"{r:.2f}x slower" if r >= 1 else f"{1 / r:.2f}x faster"
+
+
+def test_the_layer_step_table_is_the_benchmark_file():
+    text = section("Training speed (CPU)")
+    path = re.search(r"\((benchmarks/results/cpu-[\d-]+\.md)\)", text).group(1)
+    (bench,) = tables((ROOT / path).read_text(encoding="utf-8"))
+    header = bench[0]
+    rows = [dict(zip(header, r)) for r in bench[1:]]
+    step_table = tables(text)[0]
+    assert step_table[0][:4] == ["layer", "block", "rank", "batch"]
+    for layer, block, rank, batch, dense, kron, ratio in step_table[1:]:
+        size = layer.replace(" → ", "x")
+
+        def find(variant):
+            (hit,) = [r for r in rows if r["in x out"] == size and r["block (bo,bi)"] == block and r["r"] == rank
+                      and r["tokens"] == batch and r["mode"] == "step" and r["variant"] == variant]
+            return hit
+
+        d, k = find("dense"), find("kron:auto")
+        kron_ms, path_shown = kron.split(" ms ")
+        assert same(dense.removesuffix(" ms"), d["median ms"]) and same(kron_ms, k["median ms"])
+        assert path_shown == f"({k['path']})"
+        assert ratio == ratio_words(float(k["median ms"]), float(d["median ms"]))
+
+
+def test_the_whole_model_step_table_is_its_json():
+    text = section("Training speed (CPU)")
+    path = re.search(r"\[JSON\]\((benchmarks/results/model-step-[^)]+\.json)\)", text).group(1)
+    rows = json.loads((ROOT / path).read_text())["rows"]
+    table = tables(text)[1]
+    assert table[0][:2] == ["model", "block"] and len(table) - 1 == len(rows)
+    names = {"linear": "linear", "mlp": "MLP 784-300-100-10"}
+    for cells, r in zip(table[1:], rows):
+        paths = r["kron_paths"]
+        shown = f"{paths[0]} ×{len(paths)}" if len(paths) > 1 and len(set(paths)) == 1 else ", ".join(paths)
+        assert cells == [names[r["model"]], "x".join(map(str, r["block_shape"])), str(r["rank"]),
+                         f"{r['dense_ms']:.3f} ms", f"{r['kron_ms']:.3f} ms",
+                         ratio_words(r["kron_ms"], r["dense_ms"]), shown]

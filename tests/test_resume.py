@@ -46,6 +46,7 @@ def wait_for_progress(proc: subprocess.Popen, out: Path, last: int, timeout: flo
     return last
 
 
+@pytest.mark.slow  # five training processes, ~20 s
 def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_metrics(tmp_path):
     reference = cli(tmp_path / "ref")
     assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()

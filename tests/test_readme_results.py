@@ -143,3 +143,17 @@ def test_the_whole_model_step_table_is_its_json():
         assert cells == [names[r["model"]], "x".join(map(str, r["block_shape"])), str(r["rank"]),
                          f"{r['dense_ms']:.3f} ms", f"{r['kron_ms']:.3f} ms",
                          ratio_words(r["kron_ms"], r["dense_ms"]), shown]
+
+
+def metrics(path: str) -> dict:
+    return json.loads((ROOT / path).read_text())
+
+
+def test_the_main_job_numbers_are_its_metrics_file():
+    text = section("The main job")
+    m = metrics(re.search(r"\[metrics\.json\]\((results/[^)]+/metrics\.json)\)", text).group(1))
+    acc, sparsity = re.search(r"\*\*(\d+\.\d+)% test accuracy at (\d+\.\d+)% block\s+sparsity\*\*", text).groups()
+    assert same(acc, 100 * m["test_accuracy"]) and same(sparsity, 100 * m["block_sparsity"])
+    assert f"{m['train_params']:,} trainable scalars" in text
+    assert same(re.search(r"(\d+\.\d+) s of training", text).group(1), m["wall_seconds"])
+    assert m["threads"] == 1 and m["config"]["epochs"] == 10 and m["config"]["standardize"]

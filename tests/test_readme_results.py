@@ -157,3 +157,16 @@ def test_the_main_job_numbers_are_its_metrics_file():
     assert f"{m['train_params']:,} trainable scalars" in text
     assert same(re.search(r"(\d+\.\d+) s of training", text).group(1), m["wall_seconds"])
     assert m["threads"] == 1 and m["config"]["epochs"] == 10 and m["config"]["standardize"]
+
+
+def test_the_90_percent_numbers_are_their_metrics_files():
+    text = section("The paper's MNIST table, reproduced")
+    found = dict(re.findall(r"\(([a-z-]+): (\d+\.\d+)%\)", text))
+    assert set(found) == {"kron", "block-magnitude", "rigl", "group-lasso"}
+    for method, acc in found.items():
+        m = metrics(f"results/sparsity-90-2x2/{method}/metrics.json")
+        assert same(acc, 100 * m["test_accuracy"]), method
+        assert m["block_sparsity"] == 0.9 and m["config"]["epochs"] == 10 and m["seed"] == 0
+    gap = re.search(r"is (\d+\.\d+)\s+points below block magnitude", text).group(1)
+    assert same(gap, 100 * (metrics("results/sparsity-90-2x2/block-magnitude/metrics.json")["test_accuracy"]
+                           - metrics("results/sparsity-90-2x2/kron/metrics.json")["test_accuracy"]))

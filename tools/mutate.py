@@ -2,6 +2,7 @@
 
     python tools/mutate.py              # every mutation
     python tools/mutate.py -k stride    # those whose name contains "stride"
+    python tools/mutate.py --tests-from f3a4858   # the same bugs against an older suite
     python tools/mutate.py --list
 
 For every mutation, src/ and tests/ are copied into a fresh temporary folder (the working tree is
@@ -55,6 +56,9 @@ MUTATIONS = [
              "        return gt.view(ctx.shape), None, None",
              "        return -gt.view(ctx.shape), None, None",
              ["tests/test_train.py::test_the_method_learns_on_the_mlp"]),
+    Mutation("kron-weight-ignores-S", "kron_weight (export, metrics) is the dense twin", "src/kronsparse/functional.py",
+             "    return _build_weight(S * A, B)\n", "    return _build_weight(A, B)\n",
+             ["tests/test_properties.py::test_layer_equals_dense_twin_for_random_shapes"]),
     # -- masks hold while and after sparsifying ---------------------------------------------
     Mutation("prox-ignores-mask-while-sparsifying", "a zero block stays zero while sparsifying",
              "src/kronsparse/methods/kron.py",
@@ -101,13 +105,16 @@ MUTATIONS = [
              "        if self.bias is not None:\n            y = y + self.bias\n",
              "",
              ["tests/test_inference.py"]),
-    Mutation("conv-ignores-its-stride", "BlockSparseConv2d applies its stride", "src/kronsparse/inference.py",
+    Mutation("conv-dense-ignores-its-stride", "BlockSparseConv2d applies its stride (dense path)",
+             "src/kronsparse/inference.py",
              'runs = {"dense": lambda x: nnf.conv2d(x, self.weight, self.bias, self.stride, self.padding)}',
              'runs = {"dense": lambda x: nnf.conv2d(x, self.weight, self.bias, 1, self.padding)}',
+             ["tests/test_inference.py"]),
+    Mutation("conv-bsr-ignores-its-stride", "BlockSparseConv2d applies its stride (BSR path)",
+             "src/kronsparse/inference.py",
+             "stride=(sh, sw))  # (N, in*kh*kw, L)", "stride=1)  # (N, in*kh*kw, L)",
              ["tests/test_inference.py"],
-             extra=[("src/kronsparse/inference.py", "stride=(sh, sw))  # (N, in*kh*kw, L)",
-                     "stride=1)  # (N, in*kh*kw, L)"),
-                    ("src/kronsparse/inference.py", "Ho, Wo = (H + 2 * ph - kh) // sh + 1, (Wd + 2 * pw - kw) // sw + 1",
+             extra=[("src/kronsparse/inference.py", "Ho, Wo = (H + 2 * ph - kh) // sh + 1, (Wd + 2 * pw - kw) // sw + 1",
                      "Ho, Wo = H + 2 * ph - kh + 1, Wd + 2 * pw - kw + 1")]),
     Mutation("replace-layers-skips-norms", "replace_layers_ loads every other tensor", "src/kronsparse/inference.py",
              "missing, unexpected = model.load_state_dict(rest, strict=False)",
@@ -131,11 +138,27 @@ MUTATIONS = [
 ]
 
 
-def copy_tree(dest: Path) -> None:
+def copy_tree(dest: Path, tests_from: str | None = None) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", "*.egg-info")
-    for part in ("src", "tests"):
-        shutil.copytree(ROOT / part, dest / part, ignore=ignore)
+    shutil.copytree(ROOT / "src", dest / "src", ignore=ignore)
     shutil.copy2(ROOT / "pyproject.toml", dest / "pyproject.toml")
+    if tests_from is None:
+        shutil.copytree(ROOT / "tests", dest / "tests", ignore=ignore)
+        return
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", tests_from, "tests"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+
+
+def targets_in(dest: Path, tests: list[str]) -> list[str]:
+    """The targets that exist in the copy's tests: a node id whose test is gone becomes its whole file."""
+    out = []
+    for t in tests:
+        file, _, name = t.partition("::")
+        if not (dest / file).is_file():
+            continue
+        out.append(t if not name or f"def {name}(" in (dest / file).read_text() else file)
+    return sorted(set(out))
 
 
 def apply(dest: Path, m: Mutation) -> str | None:
@@ -176,20 +199,22 @@ def check_imports_the_copy(dest: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-k", default="", help="only mutations whose name contains this")
+    ap.add_argument("-k", default="", help="only mutations whose name contains this (comma-separated: any of them)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per mutation")
+    ap.add_argument("--tests-from", metavar="REV", default=None,
+                    help="run the tests of git revision REV instead (e.g. to see what an older suite missed)")
     args = ap.parse_args(argv)
-    chosen = [m for m in MUTATIONS if args.k in m.name]
+    chosen = [m for m in MUTATIONS if any(k in m.name for k in args.k.split(","))]
     if args.list:
         for m in chosen:
             print(f"{m.name:40s} {m.guarantee}: {' '.join(m.tests)}")
         return 0
     with tempfile.TemporaryDirectory(prefix="kronsparse-mutate-") as tmp:
         base = Path(tmp) / "baseline"
-        copy_tree(base)
+        copy_tree(base, args.tests_from)
         check_imports_the_copy(base)
-        tests = sorted({t for m in chosen for t in m.tests})
+        tests = targets_in(base, [t for m in chosen for t in m.tests])
         start = time.monotonic()
         rc, last = run_tests(base, tests, args.timeout * 2)
         print(f"baseline (no mutation) on {len(tests)} test targets: rc {rc}, {last} ({time.monotonic() - start:.0f} s)")
@@ -200,17 +225,20 @@ def main(argv=None) -> int:
         print(f"{'mutation':40s} {'result':8s} guarantee / tests")
         for m in chosen:
             dest = Path(tmp) / m.name
-            copy_tree(dest)
+            copy_tree(dest, args.tests_from)
             why = apply(dest, m)
             start = time.monotonic()
+            targets = targets_in(dest, m.tests)
             if why:
                 result, detail = "stale", why
+            elif not targets:
+                result, detail = "no tests", "none of its test files exist in these tests"
             else:
-                rc, detail = run_tests(dest, m.tests, args.timeout)
+                rc, detail = run_tests(dest, targets, args.timeout)
                 result = "caught" if rc == 1 else "MISSED" if rc == 0 else f"error {rc}"
             note = f" (expected: {m.expect_missed})" if result != "caught" and m.expect_missed else ""
             failures += result != "caught" and not m.expect_missed
-            print(f"{m.name:40s} {result:8s} {m.guarantee}; {' '.join(m.tests)}: {detail} "
+            print(f"{m.name:40s} {result:8s} {m.guarantee}; {' '.join(targets)}: {detail} "
                   f"({time.monotonic() - start:.0f} s){note}", flush=True)
             shutil.rmtree(dest, ignore_errors=True)
         print(f"{len(chosen) - failures} of {len(chosen)} as expected")

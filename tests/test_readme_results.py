@@ -170,3 +170,22 @@ def test_the_90_percent_numbers_are_their_metrics_files():
     gap = re.search(r"is (\d+\.\d+)\s+points below block magnitude", text).group(1)
     assert same(gap, 100 * (metrics("results/sparsity-90-2x2/block-magnitude/metrics.json")["test_accuracy"]
                            - metrics("results/sparsity-90-2x2/kron/metrics.json")["test_accuracy"]))
+
+
+def test_the_scale_pin_numbers_are_their_metrics_files():
+    text = section("Beyond the paper's model (`--quick`: 2 epochs, seed 0)")
+    norm, decay = (metrics(f"results/mlp-scale-pin/{pin}/metrics.json") for pin in ("norm", "decay"))
+    assert norm["scale_pin"] == "norm" and decay["scale_pin"] == "decay"
+    acc_norm, acc_decay = re.search(r"(\d+\.\d+)% with `norm` against (\d+\.\d+)% with `decay`", text).groups()
+    assert same(acc_norm, 100 * norm["test_accuracy"]) and same(acc_decay, 100 * decay["test_accuracy"])
+    t_norm, t_decay = re.search(r"(\d+\.\d+) s and (\d+\.\d+) s of training", text).groups()
+    assert same(t_norm, norm["wall_seconds"]) and same(t_decay, decay["wall_seconds"])
+    for m in (norm, decay):
+        assert m["model"] == "mlp" and m["config"]["epochs"] == 10 and m["block_sparsity"] == 0.6
+    # the linear model's pins, from the reproduced table
+    (table,) = tables(section("The paper's MNIST table, reproduced"))[:1]
+    acc = {(r[0], r[1]): mean(r[4]) for r in table[1:]}
+    linear = re.search(r"seeds 0-2: (\d+\.\d+)% at 2x2 and (\d+\.\d+)% at 2x16, against (\d+\.\d+)% and\s+(\d+\.\d+)%",
+                       text).groups()
+    assert list(linear) == [acc[("kron", "2x2")], acc[("kron", "2x16")], acc[("kron (scale-pin norm)", "2x2")],
+                            acc[("kron (scale-pin norm)", "2x16")]]

@@ -141,7 +141,10 @@ MUTATIONS = [
 def copy_tree(dest: Path, tests_from: str | None = None) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", "*.egg-info")
     shutil.copytree(ROOT / "src", dest / "src", ignore=ignore)
-    shutil.copy2(ROOT / "pyproject.toml", dest / "pyproject.toml")
+    for name in ("pyproject.toml", "README.md"):  # tests read the README (its snippets, its tables)
+        shutil.copy2(ROOT / name, dest / name)
+    for part in ("examples", "benchmarks", "results", ".ci"):
+        shutil.copytree(ROOT / part, dest / part, ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"))
     if tests_from is None:
         shutil.copytree(ROOT / "tests", dest / "tests", ignore=ignore)
         return
@@ -204,8 +207,12 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=600, help="seconds per mutation")
     ap.add_argument("--tests-from", metavar="REV", default=None,
                     help="run the tests of git revision REV instead (e.g. to see what an older suite missed)")
+    ap.add_argument("--run", default=None, help="comma-separated test targets to run for every mutation instead of its own")
     args = ap.parse_args(argv)
     chosen = [m for m in MUTATIONS if any(k in m.name for k in args.k.split(","))]
+    if args.run:
+        chosen = [Mutation(m.name, m.guarantee, m.file, m.old, m.new, args.run.split(","), m.expect_missed, m.extra)
+                  for m in chosen]
     if args.list:
         for m in chosen:
             print(f"{m.name:40s} {m.guarantee}: {' '.join(m.tests)}")

@@ -217,3 +217,26 @@ def test_the_cost_numbers_in_the_prose_are_the_cost_model():
     text = section("The paper's MNIST table, reproduced")
     assert f"({costs.macs.input_first:,} against\n{costs.dense_macs:,};" in text
     assert f"trains {costs.dense_params / costs.train_params:.1f}x fewer parameters" in text
+
+
+def test_the_epoch_times_and_speed_prose_are_their_files():
+    text = section("Training speed (CPU)")
+    path = re.search(r"\[JSON\]\((benchmarks/results/epoch-time-[^)]+\.json)\)", text).group(1)
+    assert f"> {path}`" in text  # the command shown writes that very file
+    result = json.loads((ROOT / path).read_text())
+    kron, dense, ratio = re.search(r"epoch of the method takes (\d+\.\d+) s against dense's (\d+\.\d+) s \((\d+\.\d+)x",
+                                   text).groups()
+    assert same(kron, result["median"]["kron"]) and same(dense, result["median"]["dense"])
+    assert same(ratio, result["kron_over_dense"]) and result["threads"] == 1
+    bench = (ROOT / re.search(r"\((benchmarks/results/cpu-[\d-]+\.md)\)", text).group(1)).read_text()
+    step = {(r[0], r[1], r[4], r[5]): r for r in tables(bench)[0][1:]}
+    dense_big, kron_big = step[("2048x2048", "16x16", "step", "dense")], step[("2048x2048", "16x16", "step", "kron:auto")]
+    saves, kron_gflops, dense_gflops = re.search(
+        r"saves (\d+\.\d+)x the multiply-adds and runs at ~(\d+) GFLOP/s against dense's ~(\d+)", text).groups()
+    assert same(saves, int(dense_big[9]) / int(kron_big[9]))
+    assert same(kron_gflops, kron_big[10]) and same(dense_gflops, dense_big[10])
+    assert f"({step[('784x10', '2x2', 'step', 'dense')][7]} ms in the layer table)" in text
+    meta = json.loads((ROOT / re.search(r"\[JSON\]\((benchmarks/results/model-step-[^)]+\.json)\)", text).group(1))
+                      .read_text())["meta"]
+    assert f"{meta['threads']} thread{'s' if meta['threads'] > 1 else ''}, {meta['date'][:10]}" in text
+    assert f"bench_model_step.py --repeats {meta['repeats']} --threads {meta['threads']}`" in text

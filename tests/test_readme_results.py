@@ -240,3 +240,16 @@ def test_the_epoch_times_and_speed_prose_are_their_files():
                       .read_text())["meta"]
     assert f"{meta['threads']} thread{'s' if meta['threads'] > 1 else ''}, {meta['date'][:10]}" in text
     assert f"bench_model_step.py --repeats {meta['repeats']} --threads {meta['threads']}`" in text
+
+
+def test_the_quick_prose_gaps_follow_from_the_quick_table():
+    text = section("Beyond the paper's model (`--quick`: 2 epochs, seed 0)")
+    rows = table_file_rows(ROOT / QUICK_FILES["MLP 784-300-100-10"])
+    acc = {k: float(mean(r["accuracy %"])) for k, r in rows.items()}
+    end_2x2, end_2x16, gap_2x2, gap_2x16 = re.search(
+        r"the run ends at (\d+\.\d+)% \(2x2\) and (\d+\.\d+)%\s+\(2x16\), still (\d\.\d) and (\d\.\d) points below "
+        r"block magnitude", text).groups()
+    assert [end_2x2, end_2x16] == [f"{acc[('kron', b)]:.2f}" for b in ("2x2", "2x16")]
+    for shown, block in ((gap_2x2, "2x2"), (gap_2x16, "2x16")):
+        assert abs(float(shown) - (acc[("block-magnitude", block)] - acc[("kron", block)])) <= 0.05 + 1e-9
+    assert f"(2x2: {acc[('kron (scale-pin decay)', '2x2')]:.2f}% at the end)" in text

@@ -59,6 +59,10 @@ MUTATIONS = [
     Mutation("kron-weight-ignores-S", "kron_weight (export, metrics) is the dense twin", "src/kronsparse/functional.py",
              "    return _build_weight(S * A, B)\n", "    return _build_weight(A, B)\n",
              ["tests/test_properties.py::test_layer_equals_dense_twin_for_random_shapes"]),
+    Mutation("expand-block-mask-tiles", "block masks expand block by block", "src/kronsparse/functional.py",
+             "return mask.repeat_interleave(bo, dim=0).repeat_interleave(bi, dim=1)",
+             "return mask.repeat(bo, bi)",
+             ["tests/test_properties.py::test_group_shrink_properties"]),
     # -- masks hold while and after sparsifying ---------------------------------------------
     Mutation("prox-ignores-mask-while-sparsifying", "a zero block stays zero while sparsifying",
              "src/kronsparse/methods/kron.py",

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-from kronsparse import KronConv2d, swap_linear_
+from kronsparse import KronConv2d, KronLinear
 from kronsparse.export import export_model
 from kronsparse.inference import BlockSparseConv2d, BlockSparseLinear, load_layers, replace_layers_
 
@@ -74,9 +74,9 @@ def test_a_strided_kron_conv_exports_and_loads_back_with_its_stride(tmp_path, re
 def swapped_model_with_norms():
     """A swapped model with some blocks zero, a LayerNorm and a BatchNorm1d whose parameters and
     running statistics are far from their defaults (so skipping them cannot go unnoticed)."""
-    torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 8), nn.LayerNorm(8))
-    swap_linear_(model, (4, 4), rank=2)
+    torch.manual_seed(3)  # built from KronLinear directly, not by swap_linear_ (being reworked)
+    model = nn.Sequential(KronLinear(16, 32, (4, 4), rank=2), nn.BatchNorm1d(32), nn.ReLU(),
+                          KronLinear(32, 8, (4, 4), rank=2), nn.LayerNorm(8))
     with torch.no_grad():
         model[0].S[:3] = 0
         model[3].S[0] = 0
@@ -110,8 +110,7 @@ def test_replace_layers_loads_every_other_tensor_norms_included(tmp_path, fmt, r
 def test_the_bsr_path_of_replace_layers_keeps_the_bias(tmp_path):
     """The README's "Use it on your model" flow with the BSR representation forced (auto may pick dense)."""
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
-    swap_linear_(model, block_shape=(4, 4), rank=2)
+    model = nn.Sequential(KronLinear(64, 128, (4, 4), rank=2), nn.ReLU(), nn.Linear(128, 10))
     with torch.no_grad():
         model[0].S[::2] = 0
         model[0].bias.normal_(0, 2)

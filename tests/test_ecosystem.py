@@ -21,6 +21,7 @@ def grads_of(layer, x):
     return y.detach(), [p.grad.clone() for p in (layer.S, layer.A, layer.B, layer.bias)] + [x.grad.clone()]
 
 
+@pytest.mark.slow  # inductor compiles C++: ~40 s of the suite's ~150 s
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_equals_eager_forward_and_backward(path, backend):
@@ -82,6 +83,7 @@ DDP_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # two processes, ~20 s
 def test_ddp_on_two_gloo_processes_equals_one_process_with_the_same_global_batch(tmp_path):
     import socket
 
@@ -121,6 +123,7 @@ def test_bf16_autocast_backward_matches_fp32(path):
         torch.testing.assert_close(g, r, rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.slow  # a BERT, ~3 s
 def test_a_transformers_bert_converts_trains_and_exports(tmp_path):
     pytest.importorskip("transformers")
     example = runpy.run_path(str(ROOT / "examples" / "convert_hf_model.py"))

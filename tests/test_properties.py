@@ -36,9 +36,12 @@ def test_layer_equals_dense_twin_for_random_shapes(case):
     A = torch.randn(rank, m1, n1, generator=g, dtype=torch.float64)
     B = torch.randn(rank, bo, bi, generator=g, dtype=torch.float64)
     x = torch.randn(n, n1 * bi, generator=g, dtype=torch.float64)
-    W = sum(torch.kron(S * A[i], B[i]) for i in range(rank))
+    W = sum(torch.kron(S * A[i], B[i]) for i in range(rank))  # the naive twin, the oracle
     torch.testing.assert_close(F.kron_linear(x, S, A, B, path=path), x @ W.t())
-    assert F.block_mask_of(W, (bo, bi)).le(S != 0).all()  # a zero S entry always gives a zero block
+    built = F.kron_weight(S, A, B)  # the library's W (the export and metrics path)
+    torch.testing.assert_close(built, W)
+    assert F.block_mask_of(built, (bo, bi)).le(S != 0).all()  # a zero S entry always gives a zero block
+    assert not built[~F.expand_block_mask(S != 0, (bo, bi))].any()  # exactly zero, not merely small
 
 
 tensors = st.builds(lambda seed, n: torch.randn(n, generator=torch.Generator().manual_seed(seed)),
@@ -68,8 +71,14 @@ def test_group_shrink_properties(seed, block, t):
     torch.testing.assert_close(mask, before > t)  # exactly the blocks with norm <= t vanish
     assert not F.group_shrink(torch.zeros_like(W), block, t).any()
     torch.testing.assert_close(F.group_shrink(W, block, 0.0), W)
-    masked = Y * F.expand_block_mask(mask, block)
-    torch.testing.assert_close(masked * F.expand_block_mask(mask, block), masked)  # masking is idempotent
+    bo, bi = block
+    expanded = F.expand_block_mask(mask, block)
+    rows, cols = torch.arange(W.shape[0])[:, None] // bo, torch.arange(W.shape[1])[None, :] // bi
+    assert torch.equal(expanded, mask[rows, cols])  # the library's expansion against its definition
+    assert torch.equal(Y * expanded, Y)  # the block mask of Y covers every non-zero of Y
+    again = F.group_shrink(Y, block, t)
+    assert not again[~expanded].any()  # a zero block stays zero under the proximal map
+    assert torch.equal(F.block_mask_of(again, block), F.block_norms(Y, block) > t)
 
 
 @FAST

@@ -46,6 +46,7 @@ def wait_for_progress(proc: subprocess.Popen, out: Path, last: int, timeout: flo
     return last
 
 
+@pytest.mark.slow  # five training processes, ~20 s
 def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_metrics(tmp_path):
     reference = cli(tmp_path / "ref")
     assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()
@@ -119,17 +120,27 @@ def test_a_failed_write_leaves_the_old_file_whole_and_no_temporary(tmp_path):
 
 
 def test_sigkill_during_a_write_never_leaves_a_truncated_file(tmp_path):
-    target = tmp_path / "big.bin"
-    code = ("import sys, time; from kronsparse.io import atomic_write\n"
+    """Killed while the write is demonstrably under way (the writer has written its first chunk and
+    says so), never after a fixed sleep, which on a loaded machine can fire before the import ends."""
+    target, started, finished = tmp_path / "big.bin", tmp_path / "started", tmp_path / "finished"
+    code = ("import pathlib, time; from kronsparse.io import atomic_write\n"
             "def slow(tmp):\n"
             "    with open(tmp, 'wb') as f:\n"
-            "        for _ in range(200):\n"
-            "            f.write(b'x' * 100000); f.flush(); time.sleep(0.01)\n"
-            f"atomic_write({str(target)!r}, slow)\n")
+            "        for k in range(2000):\n"
+            "            f.write(b'x' * 100000); f.flush()\n"
+            f"            if k == 0: pathlib.Path({str(started)!r}).touch()\n"
+            "            time.sleep(0.01)\n"
+            f"atomic_write({str(target)!r}, slow)\n"
+            f"pathlib.Path({str(finished)!r}).touch()\n")
     proc = subprocess.Popen([sys.executable, "-c", code])
-    time.sleep(1.0)
+    deadline = time.monotonic() + 60
+    while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert started.exists(), "the writer never started writing"
+    time.sleep(0.05)  # a few more chunks: the file being written is now non-empty
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert not finished.exists()  # killed mid-write (2000 chunks take > 20 s), not after it
     assert not target.exists()  # the rename never happened: no partial file under the real name
 
 

@@ -1,0 +1,255 @@
+"""The README's result tables and numbers equal the committed files they come from.
+
+Each README number in "Results" and "Training speed" has a file beside it in results/ or
+benchmarks/results/, written by the command the README shows; these tests read both and compare,
+so a table edited by hand, or a file re-run without updating the README, fails here.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def section(title: str) -> str:
+    """The README text under the heading `title`, up to the next heading of the same or a higher level."""
+    match = re.search(rf"^(#+) {re.escape(title)}\n", README, re.M)
+    assert match, f"README has no heading {title!r}"
+    level = len(match.group(1))
+    rest = README[match.end():]
+    end = re.search(rf"^#{{1,{level}}} ", rest, re.M)
+    return rest[: end.start()] if end else rest
+
+
+def tables(text: str) -> list[list[list[str]]]:
+    """Every markdown table in `text` as rows of stripped cells (the separator row dropped)."""
+    found, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set("-:") for c in cells):
+                current.append(cells)
+        elif current:
+            found.append(current)
+            current = []
+    return found
+
+
+def mean(cell: str) -> str:
+    """'97.53 ± 0.00' -> '97.53'."""
+    return cell.split(" ±")[0]
+
+
+def table_file_rows(path: Path) -> dict[tuple[str, str], list[str]]:
+    """(method, block) -> row of a `kronsparse reproduce` table.md."""
+    (table,) = tables(path.read_text(encoding="utf-8"))
+    header = table[0]
+    return {(r[0], r[1]): dict(zip(header, r)) for r in table[1:]}
+
+
+def test_the_reproduced_table_and_claims_are_the_report():
+    text = section("The paper's MNIST table, reproduced")
+    report = (ROOT / "results/reproduce-mnist-linear/report.md").read_text(encoding="utf-8")
+    assert tables(text)[0] == tables(report)[0]
+    claims = [l for l in report.split("## The paper's claims")[1].split("##")[0].splitlines() if l.startswith("- ")]
+    readme_claims = [l for l in text.split("The paper's claims, checked")[1].splitlines() if l.startswith("- ")]
+    assert readme_claims == claims
+
+
+QUICK_FILES = {"MLP 784-300-100-10": "results/quick-mnist-mlp/table.md",
+               "Fashion-MNIST linear": "results/quick-fashion-linear/table.md"}
+QUICK_COLUMNS = {"dense": "dense", "kron (r2)": "kron", "select": "select", "group lasso": "group-lasso",
+                 "block RigL": "rigl", "block magnitude": "block-magnitude"}
+
+
+def test_the_quick_table_is_the_quick_runs_files():
+    (table,) = tables(section("Beyond the paper's model (`--quick`: 2 epochs, seed 0)"))
+    header, checked = table[0], 0
+    for row in table[1:]:
+        rows = table_file_rows(ROOT / QUICK_FILES[row[0]])
+        block = row[1]
+        for column, cell in zip(header[2:], row[2:]):
+            method = QUICK_COLUMNS[column]
+            key = (method, "select→2x2" if method == "select" else block)
+            if cell == "—":  # select picks its block itself: one run, shown in the 2x2 row
+                assert method == "select" and block != "2x2", (row[0], block, method)
+                continue
+            main, *pin = re.findall(r"\d+\.\d+", cell)
+            assert main == mean(rows[key]["accuracy %"]), (row[0], block, method)
+            if pin:  # "95.84 (88.71 with `--scale-pin decay`)"
+                name = re.search(r"--scale-pin (\w+)", cell).group(1)
+                assert pin[0] == mean(rows[(f"kron (scale-pin {name})", block)]["accuracy %"])
+            checked += 1
+    assert checked >= 20
+
+
+def test_the_selection_table_is_its_summary():
+    text = section("Block-size selection in one run")
+    summary = (ROOT / "results/selection_vs_separate/summary.md").read_text(encoding="utf-8")
+    assert tables(text)[0] == tables(summary)[0]
+    gap = re.search(r"gap to the best separate run: (-?\d+\.\d+) points", summary).group(1)
+    ratio = re.search(r"\(ratio (\d\.\d+)\)", summary).group(1)
+    assert f"{abs(float(gap)):.2f} points *above*" in text and f"in {float(ratio) * 100:.0f}% of" in text
+
+
+def same(shown: str, exact) -> bool:
+    """`shown` is `exact` rounded to the decimals `shown` has."""
+    decimals = len(shown.split(".")[1]) if "." in shown else 0
+    return f"{float(exact):.{decimals}f}" == shown
+
+
+def ratio_words(slow: float, fast: float) -> str:
+    r = slow / fast
+    return f"{r:.2f}x slower" if r >= 1 else f"{1 / r:.2f}x faster"
+
+
+def test_the_layer_step_table_is_the_benchmark_file():
+    text = section("Training speed (CPU)")
+    path = re.search(r"\((benchmarks/results/cpu-[\d-]+\.md)\)", text).group(1)
+    (bench,) = tables((ROOT / path).read_text(encoding="utf-8"))
+    header = bench[0]
+    rows = [dict(zip(header, r)) for r in bench[1:]]
+    step_table = tables(text)[0]
+    assert step_table[0][:4] == ["layer", "block", "rank", "batch"]
+    for layer, block, rank, batch, dense, kron, ratio in step_table[1:]:
+        size = layer.replace(" → ", "x")
+
+        def find(variant):
+            (hit,) = [r for r in rows if r["in x out"] == size and r["block (bo,bi)"] == block and r["r"] == rank
+                      and r["tokens"] == batch and r["mode"] == "step" and r["variant"] == variant]
+            return hit
+
+        d, k = find("dense"), find("kron:auto")
+        kron_ms, path_shown = kron.split(" ms ")
+        assert same(dense.removesuffix(" ms"), d["median ms"]) and same(kron_ms, k["median ms"])
+        assert path_shown == f"({k['path']})"
+        assert ratio == ratio_words(float(k["median ms"]), float(d["median ms"]))
+
+
+def test_the_whole_model_step_table_is_its_json():
+    text = section("Training speed (CPU)")
+    path = re.search(r"\[JSON\]\((benchmarks/results/model-step-[^)]+\.json)\)", text).group(1)
+    rows = json.loads((ROOT / path).read_text())["rows"]
+    table = tables(text)[1]
+    assert table[0][:2] == ["model", "block"] and len(table) - 1 == len(rows)
+    names = {"linear": "linear", "mlp": "MLP 784-300-100-10"}
+    for cells, r in zip(table[1:], rows):
+        paths = r["kron_paths"]
+        shown = f"{paths[0]} ×{len(paths)}" if len(paths) > 1 and len(set(paths)) == 1 else ", ".join(paths)
+        assert cells == [names[r["model"]], "x".join(map(str, r["block_shape"])), str(r["rank"]),
+                         f"{r['dense_ms']:.3f} ms", f"{r['kron_ms']:.3f} ms",
+                         ratio_words(r["kron_ms"], r["dense_ms"]), shown]
+
+
+def metrics(path: str) -> dict:
+    return json.loads((ROOT / path).read_text())
+
+
+def test_the_main_job_numbers_are_its_metrics_file():
+    text = section("The main job")
+    m = metrics(re.search(r"\[metrics\.json\]\((results/[^)]+/metrics\.json)\)", text).group(1))
+    acc, sparsity = re.search(r"\*\*(\d+\.\d+)% test accuracy at (\d+\.\d+)% block\s+sparsity\*\*", text).groups()
+    assert same(acc, 100 * m["test_accuracy"]) and same(sparsity, 100 * m["block_sparsity"])
+    assert f"{m['train_params']:,} trainable scalars" in text
+    assert same(re.search(r"(\d+\.\d+) s of training", text).group(1), m["wall_seconds"])
+    assert m["threads"] == 1 and m["config"]["epochs"] == 10 and m["config"]["standardize"]
+
+
+def test_the_90_percent_numbers_are_their_metrics_files():
+    text = section("The paper's MNIST table, reproduced")
+    found = dict(re.findall(r"\(([a-z-]+): (\d+\.\d+)%\)", text))
+    assert set(found) == {"kron", "block-magnitude", "rigl", "group-lasso"}
+    for method, acc in found.items():
+        m = metrics(f"results/sparsity-90-2x2/{method}/metrics.json")
+        assert same(acc, 100 * m["test_accuracy"]), method
+        assert m["block_sparsity"] == 0.9 and m["config"]["epochs"] == 10 and m["seed"] == 0
+    gap = re.search(r"is (\d+\.\d+)\s+points below block magnitude", text).group(1)
+    assert same(gap, 100 * (metrics("results/sparsity-90-2x2/block-magnitude/metrics.json")["test_accuracy"]
+                           - metrics("results/sparsity-90-2x2/kron/metrics.json")["test_accuracy"]))
+
+
+def test_the_scale_pin_numbers_are_their_metrics_files():
+    text = section("Beyond the paper's model (`--quick`: 2 epochs, seed 0)")
+    norm, decay = (metrics(f"results/mlp-scale-pin/{pin}/metrics.json") for pin in ("norm", "decay"))
+    assert norm["scale_pin"] == "norm" and decay["scale_pin"] == "decay"
+    acc_norm, acc_decay = re.search(r"(\d+\.\d+)% with `norm` against (\d+\.\d+)% with `decay`", text).groups()
+    assert same(acc_norm, 100 * norm["test_accuracy"]) and same(acc_decay, 100 * decay["test_accuracy"])
+    t_norm, t_decay = re.search(r"(\d+\.\d+) s and (\d+\.\d+) s of training", text).groups()
+    assert same(t_norm, norm["wall_seconds"]) and same(t_decay, decay["wall_seconds"])
+    for m in (norm, decay):
+        assert m["model"] == "mlp" and m["config"]["epochs"] == 10 and m["block_sparsity"] == 0.6
+    # the linear model's pins, from the reproduced table
+    (table,) = tables(section("The paper's MNIST table, reproduced"))[:1]
+    acc = {(r[0], r[1]): mean(r[4]) for r in table[1:]}
+    linear = re.search(r"seeds 0-2: (\d+\.\d+)% at 2x2 and (\d+\.\d+)% at 2x16, against (\d+\.\d+)% and\s+(\d+\.\d+)%",
+                       text).groups()
+    assert list(linear) == [acc[("kron", "2x2")], acc[("kron", "2x16")], acc[("kron (scale-pin norm)", "2x2")],
+                            acc[("kron (scale-pin norm)", "2x16")]]
+
+
+def test_the_gaps_in_the_reproduction_prose_follow_from_the_table():
+    text = section("The paper's MNIST table, reproduced")
+    (table,) = tables(text)[:1]
+    acc = {(r[0], r[1]): float(mean(r[4])) for r in table[1:]}
+    gap = {(m, b): acc[("kron", b)] - acc[(m, b)] for m, b in acc if ("kron", b) in acc}
+
+    def shown(number: str, exact: float) -> bool:
+        return abs(float(number) - abs(exact)) <= 0.05 + 1e-9
+
+    beats, rigl, magnitude, low, high = re.search(
+        r"beats group lasso and elastic group lasso by (\d\.\d) points but\s+trails block RigL by (\d\.\d) and "
+        r"gradual block magnitude pruning by (\d\.\d); at 2x16 it trails every\s+baseline by (\d\.\d)–(\d\.\d) points",
+        text).groups()
+    assert shown(beats, gap[("group-lasso", "2x2")]) and shown(beats, gap[("elastic-group-lasso", "2x2")])
+    assert shown(rigl, gap[("rigl", "2x2")]) and shown(magnitude, gap[("block-magnitude", "2x2")])
+    at_equal_sparsity = [-gap[(m, "2x16")] for m in ("group-lasso", "elastic-group-lasso", "rigl", "block-magnitude")]
+    assert shown(low, min(at_equal_sparsity)) and shown(high, max(at_equal_sparsity))
+
+
+def test_the_cost_numbers_in_the_prose_are_the_cost_model():
+    from kronsparse import layer_costs
+
+    costs = layer_costs(10, 784, (2, 16), rank=2)
+    text = section("The paper's MNIST table, reproduced")
+    assert f"({costs.macs.input_first:,} against\n{costs.dense_macs:,};" in text
+    assert f"trains {costs.dense_params / costs.train_params:.1f}x fewer parameters" in text
+
+
+def test_the_epoch_times_and_speed_prose_are_their_files():
+    text = section("Training speed (CPU)")
+    path = re.search(r"\[JSON\]\((benchmarks/results/epoch-time-[^)]+\.json)\)", text).group(1)
+    assert f"> {path}`" in text  # the command shown writes that very file
+    result = json.loads((ROOT / path).read_text())
+    kron, dense, ratio = re.search(r"epoch of the method takes (\d+\.\d+) s against dense's (\d+\.\d+) s \((\d+\.\d+)x",
+                                   text).groups()
+    assert same(kron, result["median"]["kron"]) and same(dense, result["median"]["dense"])
+    assert same(ratio, result["kron_over_dense"]) and result["threads"] == 1
+    bench = (ROOT / re.search(r"\((benchmarks/results/cpu-[\d-]+\.md)\)", text).group(1)).read_text()
+    step = {(r[0], r[1], r[4], r[5]): r for r in tables(bench)[0][1:]}
+    dense_big, kron_big = step[("2048x2048", "16x16", "step", "dense")], step[("2048x2048", "16x16", "step", "kron:auto")]
+    saves, kron_gflops, dense_gflops = re.search(
+        r"saves (\d+\.\d+)x the multiply-adds and runs at ~(\d+) GFLOP/s against dense's ~(\d+)", text).groups()
+    assert same(saves, int(dense_big[9]) / int(kron_big[9]))
+    assert same(kron_gflops, kron_big[10]) and same(dense_gflops, dense_big[10])
+    assert f"({step[('784x10', '2x2', 'step', 'dense')][7]} ms in the layer table)" in text
+    meta = json.loads((ROOT / re.search(r"\[JSON\]\((benchmarks/results/model-step-[^)]+\.json)\)", text).group(1))
+                      .read_text())["meta"]
+    assert f"{meta['threads']} thread{'s' if meta['threads'] > 1 else ''}, {meta['date'][:10]}" in text
+    assert f"bench_model_step.py --repeats {meta['repeats']} --threads {meta['threads']}`" in text
+
+
+def test_the_quick_prose_gaps_follow_from_the_quick_table():
+    text = section("Beyond the paper's model (`--quick`: 2 epochs, seed 0)")
+    rows = table_file_rows(ROOT / QUICK_FILES["MLP 784-300-100-10"])
+    acc = {k: float(mean(r["accuracy %"])) for k, r in rows.items()}
+    end_2x2, end_2x16, gap_2x2, gap_2x16 = re.search(
+        r"the run ends at (\d+\.\d+)% \(2x2\) and (\d+\.\d+)%\s+\(2x16\), still (\d\.\d) and (\d\.\d) points below "
+        r"block magnitude", text).groups()
+    assert [end_2x2, end_2x16] == [f"{acc[('kron', b)]:.2f}" for b in ("2x2", "2x16")]
+    for shown, block in ((gap_2x2, "2x2"), (gap_2x16, "2x16")):
+        assert abs(float(shown) - (acc[("block-magnitude", block)] - acc[("kron", block)])) <= 0.05 + 1e-9
+    assert f"(2x2: {acc[('kron (scale-pin decay)', '2x2')]:.2f}% at the end)" in text

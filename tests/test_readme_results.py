@@ -213,7 +213,7 @@ def test_the_gaps_in_the_reproduction_prose_follow_from_the_table():
 def test_the_cost_numbers_in_the_prose_are_the_cost_model():
     from kronsparse import layer_costs
 
-    costs = layer_costs(10, 784, (2, 16), rank=2)
+    costs = layer_costs(784, 10, (2, 16), rank=2)
     text = section("The paper's MNIST table, reproduced")
     assert f"({costs.macs.input_first:,} against\n{costs.dense_macs:,};" in text
     assert f"trains {costs.dense_params / costs.train_params:.1f}x fewer parameters" in text

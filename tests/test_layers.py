@@ -11,7 +11,7 @@ def test_parameters_and_repr():
     layer = KronLinear(784, 10, (2, 16), rank=2)
     shapes = {n: tuple(p.shape) for n, p in layer.named_parameters()}
     assert shapes == {"S": (5, 49), "A": (2, 5, 49), "B": (2, 2, 16), "bias": (10,)}
-    assert sum(p.numel() for p in layer.parameters()) == 809  # METHOD.md §6
+    assert sum(p.numel() for p in layer.parameters()) == 809  # 2*(245 + 32) + 245 + 10: r*(m1*n1 + bo*bi) + m1*n1 + bias
     assert "block_shape=(2, 16), rank=2, bias=True" in repr(layer)
     assert KronLinear(8, 4, (2, 2), bias=False).bias is None
 

@@ -15,7 +15,7 @@ from kronsparse.functional import kron_weight
 from kronsparse.layers import KronLinear
 from kronsparse.methods import get_method
 from kronsparse.methods.select import SelectMethod, sparse_group_prox
-from kronsparse.selection import KronSelectLinear
+from kronsparse.layers import KronSelectLinear
 from kronsparse.sparsifier import Sparsifier
 from kronsparse.train import Run
 

@@ -1,6 +1,6 @@
 """Exact cost counts of a Kronecker layer and its dense twin, the path chooser, the block planner.
 
-Counting conventions (METHOD.md §6):
+Counting conventions (the paper's, for its MNIST table):
 - "MACs" are multiply-adds per sample of the forward pass (torch.utils.flop_counter counts 2 FLOPs
   for each); "paper FLOPs" are MACs plus the bias adds, as the paper reports them.
 - Memory of training state = parameters + gradients + Adam's two moments, in bytes.
@@ -8,7 +8,7 @@ Counting conventions (METHOD.md §6):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 
 from .blocks import check_block_shape, divisors
@@ -55,12 +55,9 @@ class LayerCosts:
     train_state_bytes: int  # params + grads + Adam moments
     dense_train_state_bytes: int
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 def path_macs(in_features: int, out_features: int, block_shape, rank: int) -> PathMacs:
-    """Forward multiply-adds per sample of each path (METHOD.md §2)."""
+    """Forward multiply-adds per sample of each contraction order (kernels.py)."""
     bo, bi = check_block_shape(out_features, in_features, block_shape)
     m1, n1 = out_features // bo, in_features // bi
     return PathMacs(

@@ -6,9 +6,8 @@ from typing import Callable, Iterable
 
 from torch import nn
 
-from .functional import check_block_shape
-from .layers import KRON_LAYERS
-from .selection import KronSelectLinear
+from .blocks import check_block_shape
+from .layers import KRON_LAYERS, KronSelectLinear
 
 LayerFilter = Callable[[str, nn.Module], bool]
 SPARSIFIABLE = (nn.Linear, nn.Conv2d)  # exact types: subclasses (MultiheadAttention's out_proj) are read as .weight

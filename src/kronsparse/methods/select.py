@@ -46,7 +46,7 @@ from torch import nn
 from dataclasses import dataclass
 
 from ..functional import group_norm_shrink, soft_threshold
-from ..selection import KronSelectLinear, block_name
+from ..layers import KronSelectLinear, block_name
 from .schedules import DelayedCubic
 from .steering import log_step
 from ..model_tree import replace_module

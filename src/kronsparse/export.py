@@ -14,6 +14,11 @@ Metadata: {"format", "model", "block_shape", "layers": {NAME: {"kind": "linear" 
 "shape", "block_shape", "sparse", "stride", "padding", "bias"}}, "aliases": {DROPPED: KEPT}}
 (tied tensors are stored once; `read_export` restores every name). NAME is the module's name
 ("layers.2"), or "" for a run of the one-layer "linear" model, whose tensors are `weight`, `bias`.
+
+This module is also the one home of a run folder's `model.safetensors` (`run_tensors` writes what
+`run_entries` reads): `layers.K.weight`/`.bias` dense with their exact zero blocks and
+`layers.K.kron.S`/`.A`/`.B` for Kron layers; for the one-layer "linear" model K is dropped
+(`weight`, `bias`, `kron.S`, ...: `run_key` is the only place that knows).
 """
 
 from __future__ import annotations
@@ -203,14 +208,16 @@ def run_entries(run_dir) -> tuple[list[LayerEntry], str, tuple[int, int]]:
         raise ExportError(f"{weights_path}: not a readable safetensors file ({_first_line(err)})") from None
     if model not in ("linear", "mlp", "lenet5") or not any(k in t for k in ("weight", "layers.0.weight")):
         raise ExportError(f"{run_dir}: model {model!r} with tensors {sorted(t)[:4]} is not a run of `kronsparse train`")
-    names = [""] if model == "linear" else sorted({k.split(".")[1] for k in t if k.startswith("layers.")}, key=int)
+    count = 1 if model == "linear" else len({k.split(".")[1] for k in t if k.startswith("layers.")})
     padding = _conv_padding(model)
     entries = []
-    for k, idx in enumerate(names):
-        name = f"layers.{idx}" if idx != "" else ""
-        e = LayerEntry(name, t[_key(name, "weight")], t.get(_key(name, "bias")),
+    for k in range(count):
+        name = run_key(model, k, "weight").removesuffix("weight").removesuffix(".")
+        if run_key(model, k, "weight") not in t:
+            raise ExportError(f"{run_dir}: layers of model {model!r} are not numbered 0..{count - 1}")
+        e = LayerEntry(name, t[run_key(model, k, "weight")], t.get(run_key(model, k, "bias")),
                        block_shape if k in metrics.get("sparsified_layers", []) else None)
-        kron = {f: t[_key(name, f"kron.{f}")] for f in ("S", "A", "B") if _key(name, f"kron.{f}") in t}
+        kron = {f: t[run_key(model, k, f"kron.{f}")] for f in ("S", "A", "B") if run_key(model, k, f"kron.{f}") in t}
         e.factors = kron or None
         if e.weight.dim() == 4:
             e.padding = padding[k]
@@ -220,6 +227,27 @@ def run_entries(run_dir) -> tuple[list[LayerEntry], str, tuple[int, int]]:
 
 def _key(name: str, leaf: str) -> str:
     return f"{name}.{leaf}" if name else leaf
+
+
+def run_key(model_name: str, k: int, leaf: str) -> str:
+    """The key of layer k's `leaf` ("weight", "bias", "kron.S", ...) in a run's model.safetensors."""
+    return _key("" if model_name == "linear" else f"layers.{k}", leaf)
+
+
+def run_tensors(model: nn.Module, model_name: str) -> dict[str, Tensor]:
+    """What a run's model.safetensors holds: every layer's dense weight and bias, the factors of its
+    Kron layers (contiguous, on the CPU). Numbers anyone recomputes come from these weights."""
+    from .sparsifier import layer_weight
+
+    state = {}
+    for k, layer in enumerate(model.layers):
+        state[run_key(model_name, k, "weight")] = layer_weight(layer)
+        if layer.bias is not None:
+            state[run_key(model_name, k, "bias")] = layer.bias
+        if isinstance(layer, KRON_LAYERS):
+            for f in ("S", "A", "B"):
+                state[run_key(model_name, k, f"kron.{f}")] = getattr(layer, f)
+    return {key: v.detach().cpu().contiguous() for key, v in state.items()}
 
 
 def _conv_padding(model: str) -> tuple:

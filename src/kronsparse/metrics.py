@@ -20,28 +20,6 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 4096) -> 
     return correct / len(x)
 
 
-def dense_state(model: nn.Module, model_name: str) -> dict[str, Tensor]:
-    """Plain dense tensors: `weight`/`bias` for the linear model, `layers.K.weight`/`.bias` otherwise."""
-    state = {}
-    for k, layer in enumerate(model.layers):
-        prefix = "" if model_name == "linear" else f"layers.{k}."
-        state[prefix + "weight"] = layer_weight(layer).detach().contiguous()
-        if layer.bias is not None:
-            state[prefix + "bias"] = layer.bias.detach().contiguous()
-    return state
-
-
-def factor_state(model: nn.Module, model_name: str) -> dict[str, Tensor]:
-    """S, A, B of every KronLinear/KronConv2d, under `kron.S` (linear) or `layers.K.kron.S` (others)."""
-    state = {}
-    for k, layer in enumerate(model.layers):
-        if isinstance(layer, KRON_LAYERS):
-            prefix = "kron." if model_name == "linear" else f"layers.{k}.kron."
-            for name in ("S", "A", "B"):
-                state[prefix + name] = getattr(layer, name).detach().contiguous()
-    return state
-
-
 def sparsity_metrics(weights: list[Tensor], biases: list[Tensor | None], sparse_idx: list[int],
                      block_shape, positions: list[int] | None = None) -> dict:
     """Block and weight sparsity of the layers on the block grid; inference params and MACs of all.

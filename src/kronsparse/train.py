@@ -19,7 +19,8 @@ from . import rundir
 from .budget import check_training_memory
 from .checkpoint import candidates as checkpoint_candidates, list_checkpoints, save_checkpoint
 from .io import write_json, write_safetensors
-from .metrics import accuracy, dense_state, factor_state, sparsity_metrics, training_costs
+from .export import run_tensors
+from .metrics import accuracy, sparsity_metrics, training_costs
 from .models import build_model, layer_factory, layer_weight
 from .methods import get_method
 from .sparsifier import Sparsifier
@@ -325,8 +326,7 @@ def final_metrics(run: Run, wall_seconds: float) -> dict:
 def save_run(run: Run, metrics: dict, out: Path) -> None:
     """The manifest is deleted first and written last: only a folder whose files all come from this
     run, written whole, is a complete run (rundir.verify)."""
-    tensors = {**dense_state(run.model, run.cfg.model), **factor_state(run.model, run.cfg.model)}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    tensors = run_tensors(run.model, run.cfg.model)
     rundir.unseal(out)
     write_json(out / "config.json", run.cfg.to_dict())
     write_safetensors(out / "model.safetensors", tensors, {"format": "pt", "model": run.cfg.model})

@@ -51,7 +51,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
-    standardize: bool = False
+    standardize: bool = True  # inputs minus the train mean, over the train std (every README result)
     path: str = "auto"  # KronLinear contraction path
     n_train: int | None = None  # use only the first n training samples (quick runs, tests)
     n_test: int | None = None

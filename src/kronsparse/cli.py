@@ -25,7 +25,8 @@ def _blocks(text: str) -> tuple[tuple[int, int], ...]:
 METHOD_NAMES = ("kron", "select", "group-lasso", "elastic-group-lasso", "rigl", "iterative-pruning",
                 "block-magnitude", "dense")  # methods.METHODS (a test keeps them equal); no torch import for --help
 MODEL_NAMES = ("linear", "mlp", "lenet5")  # models.ARCHITECTURES
-THREADS_HELP = "torch's own choice, one per core"
+THREADS_HELP = ("1; more threads help only large layers on an idle machine, and on a busy one "
+                "OpenMP's spin-waiting makes them many times slower unless OMP_WAIT_POLICY=PASSIVE is set")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -48,8 +49,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="fixed penalty strength instead of steering it to --target-sparsity "
                         "(default: 0, or steered when --target-sparsity is given)")
     p.add_argument("--target-sparsity", type=float, default=None, metavar="P",
-                   help="fraction of zero blocks to reach, in [0, 1) (default: none; kron then only trains "
-                        "the factored model)")
+                   help="fraction of zero blocks to reach, in [0, 1); steers lambda (default: none, then "
+                        "sparsity comes only from --lambda)")
     p.add_argument("--optimizer", default=d["optimizer"].default, choices=("sgd", "adam", "adamw"),
                    help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=d["lr"].default, help="learning rate (default: %(default)s)")
@@ -81,7 +82,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="block shapes for --method select, e.g. 2x2,2x8 (default: none)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (required)")
     p.add_argument("--no-progress", action="store_true",
-                   help="no progress bars (they are shown only when stderr is a terminal anyway)")
+                   help="no progress bars (default: bars only when stderr is a terminal, none in a redirected log)")
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                    help="write a checkpoint to OUT/checkpoints every N steps (default: none)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT (default: off)")

@@ -50,6 +50,8 @@ class TrainConfig:
     sparsify_fraction: float = 0.7  # share of training that sparsifies; then the mask is frozen
     seed: int = 0
     device: str = "cpu"
+    # CPU threads; None: 1. torch's OpenMP threads spin-wait between the many small kernels of these models,
+    # which on a busy machine made 2 threads 8-50x slower than 1 (benchmarks/threads_shared.py)
     threads: int | None = None
     standardize: bool = True  # inputs minus the train mean, over the train std (every README result)
     path: str = "auto"  # KronLinear contraction path

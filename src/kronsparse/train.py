@@ -191,8 +191,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
         raise ValueError("checkpoints and --resume need an output folder")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every must be >= 1, got {checkpoint_every}")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or 1)  # see TrainConfig.threads: more threads spin-wait on a shared machine
     if resume and (Path(out) / "metrics.json").is_file():
         return finished_metrics(cfg, Path(out))
     device = resolve_device(cfg.device)

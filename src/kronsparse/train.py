@@ -186,6 +186,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
 
     checkpoint_every: steps between checkpoints in DIR/checkpoints (the last two are kept);
     resume: continue from the newest checkpoint there (a finished run is not trained again).
+    Sets torch's CPU threads to cfg.threads, 1 when it is None (see TrainConfig.threads).
     """
     if (checkpoint_every or resume) and out is None:
         raise ValueError("checkpoints and --resume need an output folder")

@@ -51,7 +51,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     # CPU threads; None: 1. torch's OpenMP threads spin-wait between the many small kernels of these models,
-    # which on a busy machine made 2 threads 8-50x slower than 1 (benchmarks/threads_shared.py)
+    # which on a busy 2-core machine made 2 threads 8x (linear) to 17-32x (MLP) slower than 1 (README, Training)
     threads: int | None = None
     standardize: bool = True  # inputs minus the train mean, over the train std (every README result)
     path: str = "auto"  # KronLinear contraction path
@@ -71,6 +71,8 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.target_sparsity is not None and not 0.0 <= self.target_sparsity < 1.0:

@@ -104,8 +104,12 @@ def cost(runs, path: Path) -> None:
     for (xkey, label), ax in zip((("train_params", "trainable parameters"),
                                   ("train_macs", "training multiply-adds per sample, forward")), axes):
         for (name, block), v in series.items():
-            ax.scatter(v[xkey], 100 * v["test_accuracy"], s=40, color=colours[name], marker=markers[block],
-                       edgecolors="k", linewidths=0.4, alpha=0.85)
+            if name == "dense":  # the same model whatever the block: the ceiling, drawn on top
+                ax.axhline(100 * v["test_accuracy"], color="k", ls="--", lw=1, zorder=1)
+                ax.scatter(v[xkey], 100 * v["test_accuracy"], s=60, color="k", marker="x", zorder=4)
+                continue
+            ax.scatter(v[xkey], 100 * v["test_accuracy"], s=30, color=colours[name], marker=markers[block],
+                       edgecolors="k", linewidths=0.4, alpha=0.8, zorder=3)
         xs = [v[xkey] for v in series.values()]
         if max(xs) > 10 * min(xs):
             ax.set_xscale("log")
@@ -115,7 +119,8 @@ def cost(runs, path: Path) -> None:
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy %")
-    handles = [plt.Line2D([], [], ls="", marker="o", color=colours[n], label=n) for n in names]
+    handles = [plt.Line2D([], [], ls="--", lw=1, marker="x", color="k", label="dense (no sparsity)")] if "dense" in names else []
+    handles += [plt.Line2D([], [], ls="", marker="o", color=colours[n], label=n) for n in names if n != "dense"]
     handles += [plt.Line2D([], [], ls="", marker=markers[b], color="k", fillstyle="none", label=f"block {b}")
                 for b in blocks]
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title="colour: method\nmarker: block")

@@ -25,8 +25,8 @@ def _blocks(text: str) -> tuple[tuple[int, int], ...]:
 METHOD_NAMES = ("kron", "select", "group-lasso", "elastic-group-lasso", "rigl", "iterative-pruning",
                 "block-magnitude", "dense")  # methods.METHODS (a test keeps them equal); no torch import for --help
 MODEL_NAMES = ("linear", "mlp", "lenet5")  # models.ARCHITECTURES
-THREADS_HELP = ("1; more threads help only large layers on an idle machine, and on a busy one "
-                "OpenMP's spin-waiting makes them many times slower unless OMP_WAIT_POLICY=PASSIVE is set")
+THREADS_HELP = ("1: on a machine busy with other jobs, OpenMP's spin-waiting made 2 threads 8-30x slower "
+                "on these models (README, Training); OMP_WAIT_POLICY=PASSIVE softens that")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:

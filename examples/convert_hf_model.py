@@ -1,5 +1,6 @@
 """Convert a Hugging Face transformers model to Kronecker block-sparse layers, train it, export it.
 
+    pip install -e '.[hf]'   # transformers
     python examples/convert_hf_model.py --out /tmp/bert-kron [--steps 20] [--block 4x4] [--rank 2]
 
 A tiny BERT is built locally from a config (no download), every nn.Linear that the block shape

@@ -125,7 +125,7 @@ def test_bf16_autocast_backward_matches_fp32(path):
 
 @pytest.mark.slow  # a BERT, ~3 s
 def test_a_transformers_bert_converts_trains_and_exports(tmp_path):
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", reason="the hf extra is not installed: pip install -e '.[hf]'")
     example = runpy.run_path(str(ROOT / "examples" / "convert_hf_model.py"))
     result = example["main"](["--out", str(tmp_path), "--steps", "20"])
     report = result["report"]

@@ -52,7 +52,8 @@ def test_cli_writes_all_three_formats_and_they_agree(runs, capsys):
         m = meta["layers"][f"layers.{k}"]
         assert m["stored"] == "bsr" and m["kind"] == "linear"
         W = torch.sparse_bsr_tensor(bsr[f"layers.{k}.weight.crow_indices"], bsr[f"layers.{k}.weight.col_indices"],
-                                    bsr[f"layers.{k}.weight.values"], tuple(m["shape"])).to_dense()
+                                    bsr[f"layers.{k}.weight.values"], tuple(m["shape"]),
+                                    check_invariants=True).to_dense()  # a file read back: check its indices
         assert torch.equal(W, stored[f"layers.{k}.weight"])
         blocks = (~stored[f"layers.{k}.weight"].reshape(m["shape"][0] // 2, 2, -1, 4).ne(0).any(1).any(-1)).sum()
         assert bsr[f"layers.{k}.weight.values"].shape[0] == W.numel() // 8 - blocks  # zero blocks not stored

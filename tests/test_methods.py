@@ -292,6 +292,7 @@ def test_short_mnist_run_agrees_with_its_saved_weights(method, tmp_path, mnist_t
     t = load_file(str(tmp_path / "model.safetensors"))
     assert set(t) == {"weight", "bias"}
     x, y = mnist_test
+    x = (x - m["input_mean"]) / m["input_std"]  # inputs are standardised by default, as metrics.json records
     W, b = t["weight"], t["bias"]
     acc = (nn.functional.linear(x, W, b).argmax(1) == y).sum().item() / len(y)
     assert acc == pytest.approx(m["test_accuracy"], abs=1e-9)

@@ -78,3 +78,34 @@ def test_the_mlp_table_has_kron_with_the_other_scale_pin():
     specs = rep.plan(rep.EXPERIMENTS["mnist-mlp"], [0], True, TrainConfig())
     pins = {s.cfg.scale_pin for s in specs if s.cfg.method == "kron" and s.role == "table"}
     assert pins == {"auto", "decay"}
+
+
+def test_report_names_its_plots_and_one_seed_has_no_spread(tiny_run):
+    out, _ = tiny_run
+    report = (out / "report.md").read_text()
+    assert "## Table (one seed: 0)" in report and "±" not in report
+    for name in ("pareto.png", "cost.png", "masks.png"):
+        assert f"[{name}]({name})" in report
+
+
+def test_every_plot_has_a_title_labelled_axes_and_a_legend_or_colour_bar(tiny_run, monkeypatch):
+    from kronsparse import plots
+    from kronsparse.report import load_runs
+
+    out, specs = tiny_run
+    runs = load_runs(specs, out)
+    figures = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path, dpi=110: figures.setdefault(path.name, fig))
+    plots.pareto(runs, out / "pareto.png")
+    plots.cost(runs, out / "cost.png")
+    plots.masks(runs, out / "masks.png", out)
+    for name, fig in figures.items():
+        assert fig._suptitle is not None and fig._suptitle.get_text(), name
+        labels = [t.get_text() for leg in [*fig.legends, *(ax.get_legend() for ax in fig.axes)] if leg
+                  for t in leg.get_texts()]
+        colour_bar = any(ax.get_label() == "<colorbar>" or ax.get_ylabel().startswith("weight /") for ax in fig.axes)
+        assert labels or colour_bar, name
+        if name != "masks.png":
+            for ax in fig.axes:
+                assert ax.get_xlabel() and (ax.get_ylabel() or ax is not fig.axes[0]), name
+            assert any(label.startswith("select") for label in labels), name

@@ -22,38 +22,70 @@ def _blocks(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(parse_block(t) for t in text.split(",") if t)
 
 
+METHOD_NAMES = ("kron", "select", "group-lasso", "elastic-group-lasso", "rigl", "iterative-pruning",
+                "block-magnitude", "dense")  # methods.METHODS (a test keeps them equal); no torch import for --help
+MODEL_NAMES = ("linear", "mlp", "lenet5")  # models.ARCHITECTURES
+THREADS_HELP = ("1: on a machine busy with other jobs, OpenMP's spin-waiting made 2 threads 8-30x slower "
+                "on these models (README, Training); OMP_WAIT_POLICY=PASSIVE softens that")
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
+    """Every option says what it means and its default (%(default)s); defaults are TrainConfig's."""
     d = TrainConfig.__dataclass_fields__
-    p.add_argument("--method", default=d["method"].default)
-    p.add_argument("--model", default=d["model"].default)
-    p.add_argument("--dataset", default=d["dataset"].default, help="mnist, fashion-mnist or npz:PATH")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--block", default="2x2", help="OUTxIN in nn.Linear's order; the paper's 16x2 is 2x16")
-    p.add_argument("--rank", type=int, default=d["rank"].default)
-    p.add_argument("--lambda", dest="lam", type=float, default=None)
-    p.add_argument("--target-sparsity", type=float, default=None, help="fraction of zero blocks to reach")
-    p.add_argument("--optimizer", default=d["optimizer"].default)
-    p.add_argument("--lr", type=float, default=d["lr"].default)
-    p.add_argument("--momentum", type=float, default=d["momentum"].default)
-    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--method", default=d["method"].default, metavar="NAME",
+                   help=f"training method: {', '.join(METHOD_NAMES)} (default: %(default)s)")
+    p.add_argument("--model", default=d["model"].default, metavar="NAME",
+                   help="linear (784->10, the paper's), mlp (784-300-100-10) or lenet5 (default: %(default)s)")
+    p.add_argument("--dataset", default=d["dataset"].default,
+                   help="mnist, fashion-mnist or npz:PATH (default: %(default)s)")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="folder holding mnist/ or fashion-mnist/ (default: $KRONSPARSE_DATA, then "
+                        "~/.cache/kronsparse, downloading MNIST there if missing)")
+    p.add_argument("--block", default="2x2", metavar="OUTxIN",
+                   help="block shape in nn.Linear's (out, in) order; the paper's 16x2 is 2x16 (default: %(default)s)")
+    p.add_argument("--rank", type=int, default=d["rank"].default,
+                   help="Kronecker terms per layer, r in W = sum_i (S * A_i) kron B_i (default: %(default)s)")
+    p.add_argument("--lambda", dest="lam", type=float, default=None, metavar="L",
+                   help="fixed penalty strength instead of steering it to --target-sparsity "
+                        "(default: 0, or steered when --target-sparsity is given)")
+    p.add_argument("--target-sparsity", type=float, default=None, metavar="P",
+                   help="fraction of zero blocks to reach, in [0, 1); steers lambda (default: none, then "
+                        "sparsity comes only from --lambda)")
+    p.add_argument("--optimizer", default=d["optimizer"].default, choices=("sgd", "adam", "adamw"),
+                   help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d["lr"].default, help="learning rate (default: %(default)s)")
+    p.add_argument("--momentum", type=float, default=d["momentum"].default,
+                   help="SGD momentum (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=None, metavar="WD",
+                   help="weight decay (default: 1e-3 on A and B for kron and select, 0 for the other methods)")
     p.add_argument("--scale-pin", default=d["scale_pin"].default, choices=SCALE_PINS,
                    help="kron: decay (weight decay on A) or norm (each block's A at unit norm, S "
-                        "carrying its size); auto (default): decay on the linear model, norm on deeper ones")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"].default)
-    p.add_argument("--epochs", type=int, default=d["epochs"].default)
-    p.add_argument("--sparsify-fraction", type=float, default=d["sparsify_fraction"].default)
-    p.add_argument("--seed", type=int, default=d["seed"].default)
-    p.add_argument("--device", default=d["device"].default)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--standardize", action="store_true")
-    p.add_argument("--path", default=d["path"].default, help="auto, input_first, factors_first, materialize")
-    p.add_argument("--n-train", type=int, default=None)
-    p.add_argument("--n-test", type=int, default=None)
-    p.add_argument("--candidates", default=None, help="block shapes for --method select, e.g. 2x2,2x8")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints in OUT/checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+                        "carrying its size); auto: decay on the linear model, norm on deeper ones (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="(default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=d["epochs"].default, help="(default: %(default)s)")
+    p.add_argument("--sparsify-fraction", type=float, default=d["sparsify_fraction"].default, metavar="F",
+                   help="share of training that sparsifies; then the mask is frozen and the learning rate "
+                        "decays along a cosine (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d["seed"].default, help="(default: %(default)s)")
+    p.add_argument("--device", default=d["device"].default, help="cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: " + THREADS_HELP + ")")
+    p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=d["standardize"].default,
+                   help="remove the train inputs' mean and divide by their std, as every README result "
+                        "does (default: on)")
+    p.add_argument("--path", default=d["path"].default, choices=("auto", "input_first", "factors_first", "materialize"),
+                   help="KronLinear contraction order; auto picks the cheapest by the cost model (default: %(default)s)")
+    p.add_argument("--n-train", type=int, default=None, metavar="N",
+                   help="use only the first N training samples (default: all)")
+    p.add_argument("--n-test", type=int, default=None, metavar="N", help="use only the first N test samples (default: all)")
+    p.add_argument("--candidates", default=None, metavar="BLOCKS",
+                   help="block shapes for --method select, e.g. 2x2,2x8 (default: none)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (required)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (default: bars only when stderr is a terminal, none in a redirected log)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="write a checkpoint to OUT/checkpoints every N steps (default: none)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT (default: off)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -68,7 +100,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     cfg = config_from_args(args)
-    metrics = train(cfg, out=args.out, progress=not args.no_progress, checkpoint_every=args.checkpoint_every,
+    progress = not args.no_progress and sys.stderr.isatty()  # bars belong to a terminal, not a log
+    metrics = train(cfg, out=args.out, progress=progress, checkpoint_every=args.checkpoint_every,
                     resume=args.resume)
     print_row(metrics)
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'model.safetensors'}")
@@ -89,11 +122,15 @@ def print_row(metrics: dict) -> None:
 def cmd_shapes(args: argparse.Namespace) -> int:
     from .costs import layer_costs, plan_block_shapes
 
+    for name in ("in_features", "out_features", "rank"):
+        if getattr(args, name) < 1:
+            raise UserError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(args, name)}")
     rows = plan_block_shapes(args.in_features, args.out_features, args.rank, bias=not args.no_bias)
     dense = layer_costs(args.in_features, args.out_features, (1, 1), 1, bias=not args.no_bias)
     print(f"layer {args.in_features} -> {args.out_features} (weight {args.out_features}x{args.in_features}), "
-          f"rank {args.rank}; dense: {dense.dense_params} params, {dense.dense_macs} MACs/sample")
-    print("| block (out x in) | paper name (in x out) | train params | MACs/sample | |")
+          f"rank {args.rank}; dense: {dense.dense_params} params, {dense.dense_macs} MACs/sample; "
+          "every block shape that tiles the weight:")
+    print("| block (out x in) | paper name (in x out) | train params | MACs/sample | note |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.block_shape[0]}x{r.block_shape[1]} | {r.paper_name} | {r.train_params} | {r.macs} | "
@@ -131,31 +168,46 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="kronsparse", description=__doc__)
+    parser = _Parser(prog="kronsparse", description="Train block-sparse PyTorch models with Kronecker factors "
+                     "(W = sum_i (S * A_i) kron B_i, an l1 proximal step on S zeroes whole blocks) and compare "
+                     "them with the usual baselines.",
+                     epilog="First run: kronsparse train --target-sparsity 0.6 --out runs/first (MNIST, the "
+                            "paper's model); each command's --help lists its options and defaults.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train one model and write metrics.json + model.safetensors")
+    p = sub.add_parser("train", help="train one model and write metrics.json + model.safetensors",
+                       description="Train one model; writes OUT/metrics.json, OUT/config.json and "
+                                   "OUT/model.safetensors and prints the result row.")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("shapes", help="every block shape of a layer with its training cost")
-    p.add_argument("in_features", type=int)
-    p.add_argument("out_features", type=int)
-    p.add_argument("--rank", type=int, default=1)
-    p.add_argument("--no-bias", action="store_true")
+    p = sub.add_parser("shapes", help="every block shape of a layer with its training cost",
+                       description="Every block shape that tiles a layer's weight, with its trainable "
+                                   "parameters and multiply-adds per sample.")
+    p.add_argument("in_features", type=int, help="the layer's inputs (nn.Linear's in_features), >= 1")
+    p.add_argument("out_features", type=int, help="the layer's outputs (nn.Linear's out_features), >= 1")
+    p.add_argument("--rank", type=int, default=1, help="Kronecker terms, >= 1 (default: %(default)s)")
+    p.add_argument("--no-bias", action="store_true", help="count the layer without a bias (default: with)")
     p.set_defaults(func=cmd_shapes)
-    p = sub.add_parser("reproduce", help="the paper's comparison: every method, tables, plots, report")
+    p = sub.add_parser("reproduce", help="the paper's comparison: every method, tables, plots, report",
+                       description="Run the paper's comparison (every method, a sparsity sweep, ranks 1, 2, "
+                                   "4) and write table.md, table.csv, report.md and three plots in OUT.")
     p.add_argument("experiment", help="mnist-linear, mnist-mlp or fashion-mnist-linear")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--quick", action="store_true", help="2 epochs, one seed, a short sweep")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one thread each)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--n-train", type=int, default=None)
-    p.add_argument("--n-test", type=int, default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder; started again there, it redoes only unfinished runs (required)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the main table (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="2 epochs, one seed, a short sweep (default: off)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one thread each (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: 10, 2 with --quick)")
+    p.add_argument("--n-train", type=int, default=None, metavar="N",
+                   help="use only the first N training samples (default: all)")
+    p.add_argument("--n-test", type=int, default=None, metavar="N", help="use only the first N test samples (default: all)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
     p.set_defaults(func=cmd_reproduce)
-    p = sub.add_parser("export", help="write a run's model as dense, BSR or factor tensors (safetensors)")
+    p = sub.add_parser("export", help="write a run's model as dense, BSR or factor tensors (safetensors)",
+                       description="Write a finished run's model for inference as a safetensors file.")
     p.add_argument("run_dir", help="a folder written by `kronsparse train`")
-    p.add_argument("--format", default="dense", help="dense, bsr or factors")
+    p.add_argument("--format", default="dense",
+                   help="dense (loads into the original model), bsr (only the non-zero blocks) or factors "
+                        "(S, A, B) (default: %(default)s)")
     p.add_argument("--out", default=None, help="output file (default RUN_DIR/model.FORMAT.safetensors)")
     p.set_defaults(func=cmd_export)
     return parser

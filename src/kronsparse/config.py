@@ -72,8 +72,10 @@ class TrainConfig:
     sparsify_fraction: float = 0.7  # share of training that sparsifies; then the mask is frozen
     seed: int = 0
     device: str = "cpu"
+    # CPU threads; None: 1. torch's OpenMP threads spin-wait between the many small kernels of these models,
+    # which on a busy 2-core machine made 2 threads 8x (linear) to 17-32x (MLP) slower than 1 (README, Training)
     threads: int | None = None
-    standardize: bool = False
+    standardize: bool = True  # inputs minus the train mean, over the train std (every README result)
     path: str = "auto"  # KronLinear contraction path
     n_train: int | None = None  # use only the first n training samples (quick runs, tests)
     n_test: int | None = None

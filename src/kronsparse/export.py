@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,18 +79,29 @@ def check_format(fmt: str) -> str:
     return fmt
 
 
+def bsr_matrix(W2: Tensor, blocks) -> Tensor:
+    """W2.to_sparse_bsr(blocks) without torch's "BSR support is in beta" warning: the BSR paths
+    kronsparse uses are tested here, so the warning would only alarm users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta", category=UserWarning)
+        return W2.to_sparse_bsr(blocks)
+
+
 def to_bsr(W: Tensor, block_shape) -> dict[str, Tensor]:
     """crow_indices, col_indices, values of W (2-D or conv) in (bo, bi) blocks; zero blocks dropped."""
     W2, blocks = matrix_view(W.detach(), block_shape)
-    bsr = W2.to_sparse_bsr(blocks)
+    bsr = bsr_matrix(W2, blocks)
     return {"crow_indices": bsr.crow_indices(), "col_indices": bsr.col_indices(), "values": bsr.values()}
 
 
 def from_bsr(parts: dict[str, Tensor], shape) -> Tensor:
-    """The torch.sparse BSR matrix of `parts`; shape is the exported weight's (2-D or 4-D) shape."""
-    rows, cols = shape[0], math.prod(shape[1:])
-    return torch.sparse_bsr_tensor(parts["crow_indices"], parts["col_indices"], parts["values"], (rows, cols),
-                                   check_invariants=True)
+    """The torch.sparse BSR matrix of `parts`; shape is the exported weight's (2-D or 4-D) shape.
+    Its indices are checked (they come from a file), which also answers torch's invariant-check warning."""
+    rows, cols = shape[0], int(torch.tensor(shape[1:]).prod())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta", category=UserWarning)
+        return torch.sparse_bsr_tensor(parts["crow_indices"], parts["col_indices"], parts["values"], (rows, cols),
+                                       check_invariants=True)
 
 
 def entry_tensors(entry: LayerEntry, fmt: str) -> dict[str, Tensor]:

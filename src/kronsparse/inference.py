@@ -18,7 +18,7 @@ import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 from . import functional as F
-from .export import ExportError, from_bsr, read_export
+from .export import ExportError, bsr_matrix, from_bsr, read_export
 
 
 def bsr_matmul(bsr: Tensor, x: Tensor) -> Tensor:
@@ -79,7 +79,7 @@ class BlockSparseLinear(_Choosing):
         self.register_buffer("weight", weight.detach().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
         self.block_shape = tuple(block_shape) if block_shape is not None else None
-        self.bsr = weight.detach().to_sparse_bsr(self.block_shape) if self.block_shape else None
+        self.bsr = bsr_matrix(weight.detach(), self.block_shape) if self.block_shape else None
         self.factors = factors
 
     @property
@@ -132,7 +132,7 @@ class BlockSparseConv2d(_Choosing):
             from .blocks import matrix_view
 
             W2, blocks = matrix_view(self.weight, self.block_shape)
-            self.bsr = W2.to_sparse_bsr(blocks)
+            self.bsr = bsr_matrix(W2, blocks)
 
     @property
     def in_channels(self) -> int:

@@ -130,7 +130,8 @@ def _run_one(spec: Spec, out: Path, threads: int | None) -> str:
 def run_plan(specs: list[Spec], out: Path, jobs: int = 1) -> None:
     """Train every spec whose folder holds no complete run yet; show which run of how many is going."""
     todo = [s for s in specs if rundir.finished_metrics(out / "runs" / s.name) is None]
-    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="runs", unit="run")
+    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="runs", unit="run",
+               disable=None)  # None: only on a terminal, not in a redirected log
     if jobs <= 1:
         for spec in todo:
             bar.set_postfix_str(spec.name)

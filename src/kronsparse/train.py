@@ -184,7 +184,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
     checkpoint_every: steps between checkpoints in DIR/checkpoints (the last two are kept);
     resume: continue from the newest checkpoint there (a finished run is not trained again).
     The folder is checked (a writable folder) and locked before anything is computed: a second
-    process writing into it is refused.
+    process writing into it is refused. Sets torch's CPU threads to cfg.threads, 1 when it is None
+    (see TrainConfig.threads).
     """
     if (checkpoint_every or resume) and out is None:
         raise ValueError("checkpoints and --resume need an output folder")
@@ -212,8 +213,7 @@ def _blame_divergence(err: FloatingPointError, cfg: TrainConfig) -> FloatingPoin
 
 def _train(cfg: TrainConfig, out: Path | None, progress: bool, checkpoint_every: int | None,
            resume: bool) -> dict:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or 1)  # see TrainConfig.threads: more threads spin-wait on a shared machine
     if resume and (done := finished_metrics(cfg, Path(out))) is not None:
         return done
     device = resolve_device(cfg.device)

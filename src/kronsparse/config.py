@@ -50,6 +50,19 @@ def check_device_name(name: str) -> None:
         raise ValueError(f"unknown device {name!r}; use one of {', '.join(DEVICE_TYPES)} (e.g. cuda:0)")
 
 
+def explicit_scale_pin(c: dict) -> str | None:
+    """The scale pin of config `c` where it is not the one "auto" picks for its model, else None."""
+    pin = c.get("scale_pin", "decay")  # configs written before "auto" existed say decay or norm
+    return None if resolve_scale_pin(pin, c["model"]) == resolve_scale_pin("auto", c["model"]) else pin
+
+
+def method_label(m: dict) -> str:
+    """The method's table name: kron with the scale pin "auto" does not pick gets a row of its own."""
+    pin = explicit_scale_pin(m["config"]) if m["method"] == "kron" else None
+    return m["method"] + (f" (scale-pin {pin})" if pin else "")
+
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run. Defaults follow the paper's MNIST protocol (METHOD.md §6)."""

@@ -16,7 +16,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .io import atomic_write  # noqa: E402
-from .report import method_label  # noqa: E402
+from .config import method_label  # noqa: E402
 
 MARKERS = "osD^v<>P*X"
 

@@ -11,7 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
-from .config import resolve_scale_pin
+from .config import explicit_scale_pin, method_label
 from .io import write_text
 
 COLUMNS = ("test_accuracy", "block_sparsity", "weight_sparsity", "train_params", "train_macs",
@@ -27,18 +27,6 @@ def load_runs(specs, out: Path) -> list[dict]:
         m = json.loads((out / "runs" / spec.name / "metrics.json").read_text())
         runs.append({**m, "role": spec.role, "run": spec.name})
     return runs
-
-
-def explicit_scale_pin(c: dict) -> str | None:
-    """The scale pin of config `c` where it is not the one "auto" picks for its model, else None."""
-    pin = c.get("scale_pin", "decay")  # configs written before "auto" existed say decay or norm
-    return None if resolve_scale_pin(pin, c["model"]) == resolve_scale_pin("auto", c["model"]) else pin
-
-
-def method_label(m: dict) -> str:
-    """The method's table name: kron with the scale pin "auto" does not pick gets a row of its own."""
-    pin = explicit_scale_pin(m["config"]) if m["method"] == "kron" else None
-    return m["method"] + (f" (scale-pin {pin})" if pin else "")
 
 
 def group_key(m: dict) -> tuple:

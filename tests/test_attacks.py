@@ -214,7 +214,7 @@ def test_read_only_and_full_disks_are_one_line(capsys, tmp_path, monkeypatch):
         def write(self, data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("kronsparse.io.open", Full, raising=False)
+    monkeypatch.setattr("kronsparse.atomic.open", Full, raising=False)
     err = one_line_error(capsys, ["train", *TINY, "--out", str(tmp_path / "full")])
     assert "No space left on device" in err
     assert not [p for p in (tmp_path / "full").iterdir() if p.name.endswith(".tmp")]
@@ -366,7 +366,7 @@ def test_torn_or_mixed_folders_are_detected(reference, tmp_path, capsys, monkeyp
 
     monkeypatch.setattr(rundir, "seal", killed_before_sealing)
     monkeypatch.setattr("kronsparse.train.write_json", lambda p, o: None if p.name == "metrics.json" else
-                        __import__("kronsparse.io", fromlist=["write_json"]).write_json(p, o))
+                        __import__("kronsparse.atomic", fromlist=["write_json"]).write_json(p, o))
     with pytest.raises(KeyboardInterrupt):
         train(other, out=folder, progress=False)  # its model.safetensors replaced, its metrics.json not
     monkeypatch.setattr(rundir, "seal", real)

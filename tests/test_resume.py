@@ -14,7 +14,7 @@ import torch
 
 from kronsparse.checkpoint import list_checkpoints, load_latest
 from kronsparse.config import TrainConfig
-from kronsparse.io import atomic_write, write_text
+from kronsparse.atomic import atomic_write, write_text
 from kronsparse.train import Run, train
 
 ARGS = ["--block", "2x2", "--rank", "2", "--target-sparsity", "0.5", "--n-train", "2000", "--n-test", "500",
@@ -123,7 +123,7 @@ def test_sigkill_during_a_write_never_leaves_a_truncated_file(tmp_path):
     """Killed while the write is demonstrably under way (the writer has written its first chunk and
     says so), never after a fixed sleep, which on a loaded machine can fire before the import ends."""
     target, started, finished = tmp_path / "big.bin", tmp_path / "started", tmp_path / "finished"
-    code = ("import pathlib, time; from kronsparse.io import atomic_write\n"
+    code = ("import pathlib, time; from kronsparse.atomic import atomic_write\n"
             "def slow(tmp):\n"
             "    with open(tmp, 'wb') as f:\n"
             "        for k in range(2000):\n"

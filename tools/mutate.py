@@ -77,7 +77,7 @@ MUTATIONS = [
              "            pass\n",
              ["tests/test_kron_method.py", "tests/test_sparsifier.py::test_finalize_reaches_the_target_and_zero_blocks_stay_zero"]),
     # -- atomic writes ----------------------------------------------------------------------
-    Mutation("atomic-write-in-place", "atomic writes", "src/kronsparse/io.py",
+    Mutation("atomic-write-in-place", "atomic writes", "src/kronsparse/atomic.py",
              "        write(tmp)\n        with open(tmp, \"rb+\") as f:\n            os.fsync(f.fileno())\n"
              "        os.replace(tmp, path)\n",
              "        write(str(path))  # straight into the real name: works, but a kill leaves a partial file\n"

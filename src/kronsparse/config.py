@@ -65,13 +65,13 @@ def method_label(m: dict) -> str:
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a run. Defaults follow the paper's MNIST protocol (METHOD.md §6)."""
+    """Everything that defines a run. Defaults follow the paper's MNIST protocol (SGD 0.01, momentum 0.9, batch 64)."""
 
     method: str = "kron"
     model: str = "linear"
     dataset: str = "mnist"
     data_dir: str | None = None
-    block_shape: tuple[int, int] = (2, 2)  # (bo, bi), see METHOD.md §1
+    block_shape: tuple[int, int] = (2, 2)  # (bo, bi): the shape of every B_i, in nn.Linear's (out, in) order
     rank: int = 2
     lam: float | None = None  # penalty strength; None: method default (0 unless a target steers it)
     target_sparsity: float | None = None  # fraction of zero blocks to reach; steers lambda

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .io import write_safetensors
+from .atomic import write_safetensors
 from .layers import KRON_LAYERS, KronConv2d, matrix_view
 
 FORMATS = ("dense", "bsr", "factors")

@@ -1,4 +1,5 @@
-"""Pictures of a reproduction: accuracy against sparsity, against training cost, and the masks.
+"""Pictures of a reproduction: accuracy against sparsity, against training cost, the masks, and
+pattern selection's group norms over training.
 
 Each figure has a title that says what it shows, labelled axes, and a legend or colour bar, so it
 reads without the code; no text is placed on the data, so no labels overlap.
@@ -15,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .io import atomic_write  # noqa: E402
+from .atomic import atomic_write  # noqa: E402
 from .config import method_label  # noqa: E402
 
 MARKERS = "osD^v<>P*X"
@@ -165,3 +166,23 @@ def masks(runs, path: Path, out: Path) -> None:
     fig.suptitle(f"First-layer weights of each table run, one 28x28 image per output unit (seed {seed0})",
                  fontsize=12, y=1 - 0.25 / height)
     _save(fig, path, dpi=80)
+
+
+def group_norms(trace: dict, steps_per_epoch: int, selected_at: int | None, path: Path) -> None:
+    """Two panels over training: ||S_k||_2 (the penalised group) and ||W_k||_F (the weight it carries)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    epochs = [s / steps_per_epoch for s in trace["step"]]
+    for name, values in trace.items():
+        if name == "step":
+            continue
+        bo, bi = name.split("x")
+        for ax, series in zip(axes, zip(*values)):
+            ax.plot(epochs, series, label=f"{name} (paper {bi}x{bo})")
+    for ax, label in zip(axes, ("group norm ||S_k||_2", "weight norm ||W_k||_F")):
+        if selected_at is not None:
+            ax.axvline((selected_at + 1) / steps_per_epoch, color="gray", ls="--", lw=1, label="selected")
+        ax.set(xlabel="epoch", ylabel=label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("pattern selection: every candidate block shape over training")
+    fig.tight_layout()
+    _save(fig, path, dpi=120)

@@ -12,11 +12,11 @@ import statistics
 from pathlib import Path
 
 from .config import explicit_scale_pin, method_label
-from .io import write_text
+from .atomic import write_text
 
 COLUMNS = ("test_accuracy", "block_sparsity", "weight_sparsity", "train_params", "train_macs",
            "train_paper_flops", "inference_params", "inference_macs", "wall_seconds")
-PAPER_RIGL_2X2 = (0.8666, 0.5061)  # block RigL, the paper's best baseline at 2x2 (METHOD.md §6)
+PAPER_RIGL_2X2 = (0.8666, 0.5061)  # block RigL, the paper's best baseline at 2x2 (its MNIST table)
 PAPER_DENSE_16X2 = (7840, 7850)  # weights, paper FLOPs
 
 

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from .io import remove_stale_temporaries, write_json
+from .atomic import remove_stale_temporaries, write_json
 
 LOCK = ".lock"
 MANIFEST = "manifest.json"

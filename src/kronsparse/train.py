@@ -18,7 +18,7 @@ from .config import TrainConfig
 from . import rundir
 from .budget import check_training_memory
 from .checkpoint import candidates as checkpoint_candidates, list_checkpoints, save_checkpoint
-from .io import write_json, write_safetensors
+from .atomic import write_json, write_safetensors
 from .export import run_tensors
 from .metrics import accuracy, sparsity_metrics, training_costs
 from .models import build_model, layer_factory, layer_weight

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from ..io import atomic_write
+from ..atomic import atomic_write
 from ..sparsifier import Sparsifier
 
 STATE_FILE = "sparsifier.pt"

@@ -276,16 +276,16 @@ class SelectMethod(KronMethod):
         return {**super().summary(), "selected_block_shape": selected, "selected_at_step": self.selected_at,
                 "selection_forced": self.forced, "selection_rule": SELECTION_RULE,
                 "removed_at_step": dict(self.removed_at), "group_lambda": self.group_lam,
-                "selection_train_params": self.selection_params, "group_norms_plot": plot_status(),
+                "selection_train_params": self.selection_params, "group_norms_plot": PLOT_NAME,
                 "group_norms": {n: list(v) for n, v in self.epoch_norms.items()},
                 "weight_norms": {n: list(v) for n, v in self.epoch_weight_norms.items()}}
 
     def write_files(self, out: Path) -> list[Path]:
-        """group_norms.png in `out` (nothing without matplotlib: summary says it was skipped)."""
-        if plot_status() != PLOT_NAME:
-            return []
+        """group_norms.png in `out`: the candidates' norms over training (plots.group_norms)."""
+        from ..plots import group_norms  # matplotlib only where a picture is drawn
+
         path = Path(out) / PLOT_NAME
-        plot_group_norms(self.trace, self.steps_per_epoch, self.selected_at, path)
+        group_norms(self.trace, self.steps_per_epoch, self.selected_at, path)
         return [path]
 
     def state_dict(self) -> dict:
@@ -308,38 +308,3 @@ class SelectMethod(KronMethod):
         self.epoch_norms = {n: list(v) for n, v in state["epoch_norms"].items()}
         self.epoch_weight_norms = {n: list(v) for n, v in state["epoch_weight_norms"].items()}
         self.trace = {k: list(v) for k, v in state["trace"].items()}
-
-
-def plot_status() -> str:
-    """The PNG's name, or why it is skipped."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return "skipped: matplotlib is not installed (pip install kronsparse[plot])"
-    return PLOT_NAME
-
-
-def plot_group_norms(trace: dict, steps_per_epoch: int, selected_at: int | None, path: Path) -> None:
-    """Two panels over training: ||S_k||_2 (the penalised group) and ||W_k||_F (the weight it carries)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    epochs = [s / steps_per_epoch for s in trace["step"]]
-    for name, values in trace.items():
-        if name == "step":
-            continue
-        bo, bi = name.split("x")
-        for ax, series in zip(axes, zip(*values)):
-            ax.plot(epochs, series, label=f"{name} (paper {bi}x{bo})")
-    for ax, label in zip(axes, ("group norm ||S_k||_2", "weight norm ||W_k||_F")):
-        if selected_at is not None:
-            ax.axvline((selected_at + 1) / steps_per_epoch, color="gray", ls="--", lw=1, label="selected")
-        ax.set(xlabel="epoch", ylabel=label)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("pattern selection: every candidate block shape over training")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -249,7 +249,7 @@ def run_key(model_name: str, k: int, leaf: str) -> str:
 def run_tensors(model: nn.Module, model_name: str) -> dict[str, Tensor]:
     """What a run's model.safetensors holds: every layer's dense weight and bias, the factors of its
     Kron layers (contiguous, on the CPU). Numbers anyone recomputes come from these weights."""
-    from .sparsifier import layer_weight
+    from .model_tree import layer_weight
 
     state = {}
     for k, layer in enumerate(model.layers):

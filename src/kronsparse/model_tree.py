@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from torch import nn
+from torch import Tensor, nn
 
 from .blocks import check_block_shape
 from .layers import KRON_LAYERS, KronSelectLinear
@@ -18,6 +18,11 @@ def layer_dims(layer: nn.Module) -> tuple[int, int]:
     if hasattr(layer, "in_channels"):
         return layer.in_channels, layer.out_channels
     return layer.in_features, layer.out_features
+
+
+def layer_weight(layer: nn.Module) -> Tensor:
+    """The dense weight (out, in) or (out, in, kh, kw) of a weight layer of any kind."""
+    return layer.dense_weight() if hasattr(layer, "dense_weight") else layer.weight
 
 
 def is_weight_layer(module: nn.Module) -> bool:

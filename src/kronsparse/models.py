@@ -11,9 +11,8 @@ from torch import Tensor, nn
 
 from .functional import check_block_shape
 from .layers import KronConv2d, KronLinear
-from .model_tree import layer_dims  # noqa: F401  (re-exported: metrics reads it from here)
+from .model_tree import layer_dims, layer_weight  # noqa: F401  (re-exported: metrics reads them from here)
 from .layers import KronSelectLinear
-from .sparsifier import layer_weight  # noqa: F401
 
 LayerFactory = Callable[[int, int], nn.Module]
 

@@ -136,6 +136,8 @@ def masks(runs, path: Path, out: Path) -> None:
     largest |weight|, which the colour bar says."""
     from safetensors.torch import load_file
 
+    from .export import run_key
+
     seed0 = min(m["seed"] for m in runs)
     chosen = [m for m in runs if m["role"] == "table" and m["seed"] == seed0]
     cols = 10
@@ -144,7 +146,7 @@ def masks(runs, path: Path, out: Path) -> None:
     image = None
     for r, (row, m) in enumerate(zip(axes, chosen)):
         t = load_file(str(out / "runs" / m["run"] / "model.safetensors"))
-        W = (t["weight"] if "weight" in t else t["layers.0.weight"]).numpy()
+        W = t[run_key(m["model"], 0, "weight")].numpy()
         side = int(round(W.shape[1] ** 0.5))
         for k, ax in enumerate(row):
             ax.set_xticks([])

@@ -15,17 +15,12 @@ is built, so build it before the optimizer.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .functional import block_mask_of
 from .blocks import matrix_view
 from .methods import get_method
-from .model_tree import LayerFilter, find_layers, replace_module
-
-
-def layer_weight(layer: nn.Module) -> Tensor:
-    """The dense weight (out, in) or (out, in, kh, kw) of a weight layer of any kind."""
-    return layer.dense_weight() if hasattr(layer, "dense_weight") else layer.weight
+from .model_tree import LayerFilter, find_layers, layer_weight, replace_module  # noqa: F401  (layer_weight re-exported)
 
 
 class Sparsifier:

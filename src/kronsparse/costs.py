@@ -133,6 +133,30 @@ def step_cost(in_features: int, out_features: int, block_shape, rank: int, batch
     raise ValueError(f"unknown path {path!r}")
 
 
+# The factored paths process rows in chunks whose intermediates fit in this fraction of a dense
+# weight (out*in elements), so that their peak memory stays below dense nn.Linear's (which holds a
+# weight-sized gradient); chunks are never shorter than _MIN_CHUNK_ROWS rows.
+_CHUNK_WEIGHT_FRACTION = 0.5
+_MIN_CHUNK_ROWS = 64
+
+
+def chunk_row_elements(in_features: int, out_features: int, block_shape, rank: int, path: str) -> int:
+    """Elements of the intermediates live at once per row of a factored path (kernels.py): input_first
+    holds a chunk of gyᵀ (out) and Z or its gradient (r*n1*bo); factors_first a chunk of xᵀ or of
+    gxᵀ (in) or yᵀ (out) and T or its gradient (r*m1*bi)."""
+    bo, bi = check_block_shape(out_features, in_features, block_shape)
+    m1, n1 = out_features // bo, in_features // bi
+    if path == "input_first":
+        return out_features + rank * n1 * bo
+    return max(in_features, out_features) + rank * m1 * bi
+
+
+def chunk_rows(in_features: int, out_features: int, block_shape, rank: int, path: str) -> int:
+    """Rows per chunk of a factored path: intermediates within half a dense weight, >= 64 rows."""
+    per_row = chunk_row_elements(in_features, out_features, block_shape, rank, path)
+    return max(_MIN_CHUNK_ROWS, int(_CHUNK_WEIGHT_FRACTION * in_features * out_features) // per_row)
+
+
 def choose_path(in_features: int, out_features: int, block_shape, rank: int, batch: int,
                 training: bool = True, input_grad: bool = True) -> str:
     """The cheapest path for this layer and batch by `step_cost` (memoised: called every forward)."""

@@ -118,3 +118,46 @@ def test_issue_layer_peak_from_the_model():
         kron = costs.train_peak_bytes(*args, path, input_grad)
         assert kron <= 0.85 * costs.dense_train_peak_bytes(4096, 4096, 4096, input_grad)
     assert costs.train_peak_bytes(*args, "input_first", True) / 2**20 == pytest.approx(160.77, abs=0.01)
+
+
+def test_memory_benchmark_writes_json_and_markdown(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_memory", MEMORY.with_name("bench_memory.py"))
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    stem = tmp_path / "memory"
+    bench.main(["--cases", "64x32:4x4:2:100", "--out", str(stem)])
+    rows = bench.json.loads(stem.with_suffix(".json").read_text())["rows"]
+    assert len(rows) == 3 * 5 and all(r["peak_bytes"] > 0 for r in rows)
+    for r in rows:
+        if r["variant"] != "dense" and r["case"] != "mid":
+            assert r["peak_bytes"] == r["model_bytes"], r
+    assert "| 64x32 | 4x4 |" in stem.with_suffix(".md").read_text()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("path", ["input_first", "factors_first", "materialize", "auto"])
+def test_cuda_paths_equal_the_reference_within_dense_memory(path):
+    """On a GPU: every path as the einsum, and the auto path's peak (max_memory_allocated) within dense's."""
+    g = torch.Generator().manual_seed(0)
+    S, A, B = torch.randn(64, 64, generator=g), torch.randn(2, 64, 64, generator=g), torch.randn(2, 16, 16, generator=g)
+    x, gy = torch.randn(2048, 1024, generator=g), torch.randn(2048, 1024, generator=g)
+    leaves = [t.cuda().double().requires_grad_() for t in (x, S, A, B)]
+    y = F.kron_linear(*leaves, path=path)
+    ref = F.kron_linear_reference(*[t.detach().requires_grad_() for t in leaves])
+    torch.testing.assert_close(y, ref)
+    x32, gy32 = x.cuda().requires_grad_(), gy.cuda()
+    dense = measure_cuda(torch.nn.Linear(1024, 1024).cuda(), x32, gy32)
+    kron = measure_cuda(KronLinear(1024, 1024, (16, 16), 2, path=path).cuda(), x32, gy32)
+    if path in ("input_first", "factors_first", "auto"):
+        assert kron <= dense
+
+
+def measure_cuda(layer, x0, gy):
+    spec = importlib.util.spec_from_file_location("kronsparse_bench_memory", MEMORY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    layer(x0).backward(gy)
+    layer.zero_grad(set_to_none=True)
+    x0.grad = None
+    return module.peak_bytes(lambda: layer(x0).backward(gy), "cuda")

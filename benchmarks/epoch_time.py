@@ -6,8 +6,7 @@ the median epoch time of each and their ratio. Usage:
     KRONSPARSE_DATA=../shared/data python benchmarks/epoch_time.py --repeats 5 --block 2x2 --rank 2
     KRONSPARSE_DATA=../shared/data python benchmarks/epoch_time.py --device cuda
 
-Prints the JSON and writes it, with a markdown summary beside it, to
-benchmarks/results/epoch-time-<device>-<date>.json / .md (or --out).
+Prints the JSON; with --out PATH.json also writes it there with a markdown summary beside it (.md).
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from kronsparse.config import TrainConfig, parse_block  # noqa: E402
 from kronsparse.metrics import training_costs  # noqa: E402
 from kronsparse.train import Run, load_data  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def make_run(method: str, block, rank: int, target: float | None, ds, device: str = "cpu") -> Run:
@@ -43,7 +41,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/epoch-time-...)")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here and a .md beside it")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,7 +61,9 @@ def main(argv=None) -> None:
               or platform.machine(), "device": args.device, "date": date.today().isoformat(),
               "device_name": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None}
     print(json.dumps(result, indent=2))
-    out = args.out or RESULTS / f"epoch-time-{args.device.split(':')[0]}-{result['date']}.json"
+    if args.out is None:
+        return
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     out.with_suffix(".md").write_text(

@@ -135,8 +135,7 @@ def _forward(x2: Tensor, C: Tensor, B: Tensor, bias: Tensor | None, path: str, r
     r, m1, n1 = C.shape
     _, bo, bi = B.shape
     N, out = x2.shape[0], m1 * bo
-    chunks = _chunks(N, rows)
-    y = None if len(chunks) == 1 else x2.new_empty(N, out)
+    chunks, y = _chunks(N, rows), None
     for s, e in chunks:
         xc = x2[s:e]
         if path == "input_first":
@@ -147,8 +146,10 @@ def _forward(x2: Tensor, C: Tensor, B: Tensor, bias: Tensor | None, path: str, r
             T = _factors_first_t(xc, _rows_p_i(C), n1)[1].view(m1, r * bi, e - s)
             yt = torch.bmm(_cols_i_c(B).unsqueeze(0).expand(m1, -1, -1), T).view(out, e - s)
             del T
-        if y is None:  # one chunk: yᵀ computed, y returned as its transposed view
+        if len(chunks) == 1:  # one chunk: yᵀ computed, y returned as its transposed view
             return _add_bias_(yt, bias).t()
+        if y is None:  # yt's dtype: under autocast the GEMMs run in bf16
+            y = yt.new_empty(N, out)
         y[s:e].t().copy_(yt)
         del yt
     return y if bias is None else _add_bias_(y.t(), bias).t()

@@ -164,6 +164,15 @@ def _add_bias_(yt: Tensor, bias: Tensor | None) -> Tensor:
     return yt.add_(bias.unsqueeze(1))
 
 
+def _bmm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
+    """out = a @ b batched, out a strided view: written in place (BLAS takes its leading dimension);
+    under torch.compile, which refuses a non-contiguous out=, computed and copied."""
+    if torch.compiler.is_compiling():
+        out.copy_(torch.bmm(a, b))
+    else:
+        torch.bmm(a, b, out=out)
+
+
 def _input_first_backward(x2, C, B, gy, need_x, rows):
     """gy (N, out) any layout. Returns gx (N, in) row-major or None, gC (r, m1, n1), gB (r, bo, bi)."""
     r, m1, n1 = C.shape
@@ -182,7 +191,7 @@ def _input_first_backward(x2, C, B, gy, need_x, rows):
         del Gt
         gB.baddbmm_(gZ, xc.view(n, n1, bi).transpose(0, 1))  # (n1, r*bo, bi), summed over q below
         if need_x:  # written straight into the rows of gx through a strided view
-            torch.bmm(gZ.transpose(1, 2), Bq, out=gx[s:e].view(n, n1, bi).transpose(0, 1))
+            _bmm_into(gZ.transpose(1, 2), Bq, gx[s:e].view(n, n1, bi).transpose(0, 1))
         del gZ
     return gx, gCq.view(m1, n1, r).permute(2, 0, 1), gB.sum(0).view(r, bo, bi)
 

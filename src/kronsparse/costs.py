@@ -4,6 +4,8 @@ Counting conventions (the paper's, for its MNIST table):
 - "MACs" are multiply-adds per sample of the forward pass (torch.utils.flop_counter counts 2 FLOPs
   for each); "paper FLOPs" are MACs plus the bias adds, as the paper reports them.
 - Memory of training state = parameters + gradients + Adam's two moments, in bytes.
+- Peak training memory (`train_peak_bytes`) = what one forward + backward allocates on top of the
+  parameters, the input and the upstream gradient, in bytes, as torch's allocator counts it.
 """
 
 from __future__ import annotations

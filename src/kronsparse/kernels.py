@@ -10,7 +10,9 @@ Three ways to compute x Wᵀ + b for W = sum_i kron(S * A[i], B[i]) (costs.choos
                    backward, a few C++ nodes, beats a Python one).
 
 The factored paths run in a custom autograd function that saves only its inputs and recomputes the
-r-times-larger intermediate in backward. Every path is tested against functional's reference.
+r-times-larger intermediate in backward, a chunk of rows at a time (costs.chunk_rows), so that no
+weight-sized tensor ever exists: their peak training memory is below dense nn.Linear's
+(costs.train_peak_bytes; tests/test_memory.py). Every path is tested against functional's reference.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ and its ratio to dense in the same round.
 
     KRONSPARSE_DATA=../shared/data python benchmarks/bench_model_step.py --repeats 200
 
-Prints a markdown table and writes benchmarks/results/model-step-<device>-<date>.json (or --out).
+Prints a markdown table and writes benchmarks/results/model-step-<device>-<date>.json (or --out)
+and the table beside it (.md). `--device cuda` runs the same on a GPU.
 """
 
 from __future__ import annotations
@@ -82,16 +83,22 @@ def main(argv=None) -> None:
                   f"({med['kron'] / med['dense']:.2f}x, paths {paths})", flush=True)
     meta = {"date": dt.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
             "device": args.device, "threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine(), "repeats": args.repeats,
+            "machine": (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+                        else platform.processor() or platform.machine()), "repeats": args.repeats,
             "warmup": args.warmup, "command": " ".join(sys.argv)}
     out = args.out or RESULTS / f"model-step-{args.device.split(':')[0]}-{dt.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print("\n| model | block | rank | batch | dense step | kron step | ratio | kron paths |\n|---|---|---|---|---|---|---|---|")
+    table = ["| model | block | rank | batch | dense step | kron step | ratio | kron paths |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        print(f"| {r['model']} | {r['block_shape'][0]}x{r['block_shape'][1]} | {r['rank']} | {r['batch']} | "
-              f"{r['dense_ms']:.3f} ms | {r['kron_ms']:.3f} ms | {r['kron_over_dense']:.2f}x | {', '.join(r['kron_paths'])} |")
-    print(f"\nwrote {out}")
+        table.append(f"| {r['model']} | {r['block_shape'][0]}x{r['block_shape'][1]} | {r['rank']} | {r['batch']} | "
+                     f"{r['dense_ms']:.3f} ms | {r['kron_ms']:.3f} ms | {r['kron_over_dense']:.2f}x | "
+                     f"{', '.join(r['kron_paths'])} |")
+    print("\n" + "\n".join(table))
+    out.with_suffix(".md").write_text(f"# Whole-model training step, {meta['machine']} ({args.device}), torch "
+                                      f"{meta['torch']}, {meta['threads']} threads, {meta['date']}\n\nCommand: "
+                                      f"`{meta['command']}`\n\n" + "\n".join(table) + "\n")
+    print(f"\nwrote {out} and its .md")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ in three modes: `fb` (forward + backward; input requires grad, upstream gradient
 network), `step` (fb + optimizer step + zero_grad) and `step_x0` (the same with an input that needs
 no gradient: the first layer of a model). Times are medians over --repeats steps after --warmup.
 Memory: bytes of the tensors autograd saves in forward (saved_tensors_hooks), bytes of the training
-state (params + grads + optimizer state) and, on CUDA, torch.cuda.max_memory_allocated.
+state (params + grads + optimizer state), the peak bytes one forward + backward allocates on top of
+what exists before it (benchmarks/memory.py: the profiler's allocation events on CPU,
+max_memory_allocated on CUDA), the memory model's prediction of that peak
+(kronsparse.costs.train_peak_bytes) and its ratio to dense's.
 
     python benchmarks/bench_train_step.py --quick
     python benchmarks/bench_train_step.py --sizes 784x10 --blocks 2x2,2x16 --ranks 2 --tokens 64
@@ -37,10 +40,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kronsparse import KronLinear  # noqa: E402
 from kronsparse import functional as KF  # noqa: E402
-from kronsparse.costs import choose_path, path_macs  # noqa: E402
+from kronsparse.costs import choose_path, dense_train_peak_bytes, path_macs, train_peak_bytes  # noqa: E402
+from memory import peak_bytes  # noqa: E402
 
 KRON_PATHS = KF.PATHS  # the library's own list, so a new path is benchmarked too
 MODES = ("fb", "step", "step_x0")
@@ -76,6 +81,9 @@ class Record:
     saved_bytes: int = 0
     state_bytes: int = 0
     cuda_peak_bytes: int | None = None
+    peak_bytes: int = 0  # forward + backward, above what exists before it (benchmarks/memory.py)
+    model_peak_bytes: int = 0  # kronsparse.costs' prediction of peak_bytes (dense: dense_train_peak_bytes)
+    peak_vs_dense: float = float("nan")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,6 +186,29 @@ def saved_bytes(module, x) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         module(x)
     return sum(seen.values())
+
+
+def fb_peak_bytes(module, x, gy, device) -> int:
+    """Peak bytes of one forward + backward (after a warm-up one), gradients cleared around it."""
+    def fb():
+        module(x).backward(gy)
+
+    fb()
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    peak = peak_bytes(fb, device)
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    return peak
+
+
+def model_peak(case: Case, path: str, need_x: bool, elem: int) -> int:
+    """The memory model's peak for what ran ("dense" for the dense variants, which it does not model
+    beyond plain nn.Linear)."""
+    if path == "dense":
+        return dense_train_peak_bytes(case.in_features, case.out_features, case.tokens, need_x, True, elem)
+    return train_peak_bytes(case.in_features, case.out_features, case.block_shape, case.rank, case.tokens, path,
+                            need_x, True, elem)
 
 
 def state_bytes(module, opt) -> int:
@@ -289,6 +320,7 @@ def run_case(case: Case, args, device, dtype) -> list[Record]:
             torch.cuda.reset_peak_memory_stats()
         times = time_round_robin(steps, args.repeats, args.warmup, device)
         dense_ms = statistics.median(times["dense"])
+        peaks = {v: fb_peak_bytes(m, x, gy, device) for v, (m, _) in built.items()}
         for v, (module, _) in built.items():
             path = resolved_path(v, case, training=True, need_x=need_x)
             med = statistics.median(times[v])
@@ -300,6 +332,7 @@ def run_case(case: Case, args, device, dtype) -> list[Record]:
                 bytes_moved(case, "dense" if path == "dense" else path, x.element_size()),
                 saved_bytes(module, x), state_bytes(module, opts[v]),
                 torch.cuda.max_memory_allocated() if torch.device(device).type == "cuda" else None,
+                peaks[v], model_peak(case, path, need_x, x.element_size()), round(peaks[v] / peaks["dense"], 3),
             ))
     return records
 
@@ -337,16 +370,20 @@ def markdown(meta: dict, records: list[Record]) -> str:
             f"steps after {meta['warmup']} warm-up, variants interleaved round-robin. Modes: fb = forward + "
             "backward (input requires grad, upstream gradient given); step = fb + optimizer step; step_x0 = "
             "step with an input that needs no gradient. MACs: forward multiply-adds per sample "
-            "(kronsparse.costs; 2 FLOPs each). GFLOP/s from the multiply-adds of the matmuls that ran.\n\n")
+            "(kronsparse.costs; 2 FLOPs each). GFLOP/s from the multiply-adds of the matmuls that ran. fb peak: bytes one "
+            "forward + backward allocates above what exists before it (benchmarks/memory.py); model: "
+            "kronsparse.costs.train_peak_bytes (dense_mask and dense_gl: plain nn.Linear's).\n\n")
     cols = ("in x out", "block (bo,bi)", "r", "tokens", "mode", "variant", "path", "median ms", "x dense",
-            "fwd MACs/sample", "GFLOP/s", "bytes moved (est)", "saved bytes", "state bytes")
+            "fwd MACs/sample", "GFLOP/s", "bytes moved (est)", "saved bytes", "state bytes", "fb peak MiB",
+            "model MiB", "peak x dense")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in records:
         c = r.case
         lines.append("| " + " | ".join(str(v) for v in (
             f"{c['in_features']}x{c['out_features']}", f"{c['block_shape'][0]}x{c['block_shape'][1]}", c["rank"],
             c["tokens"], r.mode, r.variant, r.path, f"{r.median_ms:.3f}", f"{r.ratio_vs_dense:.2f}",
-            fwd_macs(c, r.path), f"{r.gflops:.1f}", r.bytes_moved_est, r.saved_bytes, r.state_bytes)) + " |")
+            fwd_macs(c, r.path), f"{r.gflops:.1f}", r.bytes_moved_est, r.saved_bytes, r.state_bytes,
+            f"{r.peak_bytes / 2**20:.2f}", f"{r.model_peak_bytes / 2**20:.2f}", f"{r.peak_vs_dense:.2f}")) + " |")
     return head + "\n".join(lines) + "\n"
 
 

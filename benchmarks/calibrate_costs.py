@@ -12,8 +12,10 @@ measured one, prints the winner and every case the chooser still gets wrong.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import itertools
 import json
+import platform
 import statistics
 import sys
 from pathlib import Path
@@ -38,27 +40,31 @@ def default_grid() -> list[tuple]:
     return grid + [(2048, 2048, (16, 16), 2, 512)]
 
 
-def measure_case(case, need_x: bool, repeats: int) -> dict:
+def measure_case(case, need_x: bool, repeats: int, device: str = "cpu") -> dict:
     """Median forward + backward ms of dense and each path on one case."""
     i, o, blk, r, n = case
-    x = torch.randn(n, i, requires_grad=need_x)
-    gy = torch.randn(n, o)
-    mods = {"dense": nn.Linear(i, o)} | {p: KronLinear(i, o, blk, r, path=p) for p in PATHS}
+    x = torch.randn(n, i, device=device, requires_grad=need_x)
+    gy = torch.randn(n, o, device=device)
+    mods = {"dense": nn.Linear(i, o, device=device)} | {p: KronLinear(i, o, blk, r, path=p, device=device)
+                                                      for p in PATHS}
     steps = {k: make_step(m, torch.optim.SGD(m.parameters(), lr=0.01), None, x, gy, "fb") for k, m in mods.items()}
-    times = time_round_robin(steps, repeats, 2, "cpu")
+    times = time_round_robin(steps, repeats, 2, device)
     return {"in": i, "out": o, "block": list(blk), "rank": r, "batch": n, "need_x": need_x,
             **{k: statistics.median(v) for k, v in times.items()}}
 
 
-def measure(out: Path, repeats: int) -> None:
+def measure(out: Path, repeats: int, device: str = "cpu") -> None:
     rows = []
     for case in default_grid():
         for need_x in (True, False):
             reps = repeats if case[0] * case[1] * case[4] < 1e8 else max(3, repeats // 6)
-            rows.append(measure_case(case, need_x, reps))
+            rows.append(measure_case(case, need_x, reps, device))
             print(rows[-1], flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}, indent=1))
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or platform.machine()
+    out.write_text(json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__, "device": device,
+                               "device_name": name, "date": dt.datetime.now().isoformat(timespec="seconds"),
+                               "rows": rows}, indent=1))
 
 
 def slowdown(rows: list[dict]) -> tuple[float, list[str]]:
@@ -98,10 +104,11 @@ def main(argv=None) -> None:
     m = sub.add_parser("measure")
     m.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "calibration-cpu.json")
     m.add_argument("--repeats", type=int, default=30)
+    m.add_argument("--device", default="cpu")
     f = sub.add_parser("fit")
     f.add_argument("json", type=Path)
     args = p.parse_args(argv)
-    measure(args.out, args.repeats) if args.cmd == "measure" else fit(args.json)
+    measure(args.out, args.repeats, args.device) if args.cmd == "measure" else fit(args.json)
 
 
 if __name__ == "__main__":

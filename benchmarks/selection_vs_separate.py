@@ -30,7 +30,7 @@ def run_all(args) -> dict:
     candidates = tuple(parse_block(t) for t in args.candidates.split(","))
     common = dict(model=args.model, rank=args.rank, target_sparsity=args.target_sparsity, epochs=args.epochs,
                   seed=args.seed, threads=args.threads, n_train=args.n_train, n_test=args.n_test,
-                  standardize=False)  # raw pixels, as the README's table of this benchmark was measured
+                  standardize=False, device=args.device)  # raw pixels, as the README's table of this benchmark was measured
     out = Path(args.out)
     sel = train(TrainConfig(method="select", candidates=candidates, **common), out / "select", progress=False)
     print(f"select: {sel['selected_block_shape']} acc {sel['test_accuracy']:.4f} in {sel['wall_seconds']:.1f}s",
@@ -57,7 +57,8 @@ def run_all(args) -> dict:
         "within_tolerance": sel["test_accuracy"] >= separate[best]["test_accuracy"] - TOLERANCE,
         "separate_wall_seconds": separate_wall,
         "wall_ratio": sel["wall_seconds"] / separate_wall,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "device": args.device,
+                    "device_name": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None,
                     "torch": torch.__version__, "threads": torch.get_num_threads()},
     }
 
@@ -97,6 +98,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--n-test", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--out", default="results/selection_vs_separate")
     args = p.parse_args()
     summary = run_all(args)

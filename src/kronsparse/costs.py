@@ -4,6 +4,8 @@ Counting conventions (the paper's, for its MNIST table):
 - "MACs" are multiply-adds per sample of the forward pass (torch.utils.flop_counter counts 2 FLOPs
   for each); "paper FLOPs" are MACs plus the bias adds, as the paper reports them.
 - Memory of training state = parameters + gradients + Adam's two moments, in bytes.
+- Peak training memory (`train_peak_bytes`) = what one forward + backward allocates on top of the
+  parameters, the input and the upstream gradient, in bytes, as torch's allocator counts it.
 """
 
 from __future__ import annotations
@@ -118,6 +120,9 @@ def step_cost(in_features: int, out_features: int, block_shape, rank: int, batch
         weight = r * o * i * (3 if training else 1) + _COPY_COST * o * i * (2 if training else 1)
         return gemm + weight + (_COPY_COST * N * o) + (13 + gx if training else 4) * _LAUNCH_COST
     fn = _FN_LAUNCHES // (1 if training else 2)  # forward only at inference
+    if path in ("input_first", "factors_first"):  # each further chunk of rows: its kernel calls again
+        chunks = n_chunks(chunk_rows(i, o, (bo, bi), r, path), N)[0]
+        fn += (chunks - 1) * ((8 + gx) if training else 3)
     if path == "input_first":
         f1, f2 = N * r * n1 * bi * bo, N * r * m1 * n1 * bo
         if not training:
@@ -133,15 +138,90 @@ def step_cost(in_features: int, out_features: int, block_shape, rank: int, batch
     raise ValueError(f"unknown path {path!r}")
 
 
+# The factored paths process rows in chunks whose intermediates fit in this fraction of a dense
+# weight (out*in elements), so that their peak memory stays below dense nn.Linear's (which holds a
+# weight-sized gradient); chunks are never shorter than _MIN_CHUNK_ROWS rows.
+_CHUNK_WEIGHT_FRACTION = 0.5
+_MIN_CHUNK_ROWS = 64
+
+
+def chunk_row_elements(in_features: int, out_features: int, block_shape, rank: int, path: str) -> int:
+    """Elements of the intermediates live at once per row of a factored path (kernels.py): input_first
+    holds a chunk of gyᵀ (out) and Z or its gradient (r*n1*bo); factors_first a chunk of xᵀ or of
+    gxᵀ (in) or yᵀ (out) and T or its gradient (r*m1*bi)."""
+    bo, bi = check_block_shape(out_features, in_features, block_shape)
+    m1, n1 = out_features // bo, in_features // bi
+    if path == "input_first":
+        return out_features + rank * n1 * bo
+    return max(in_features, out_features) + rank * m1 * bi
+
+
+@lru_cache(maxsize=4096)
+def chunk_rows(in_features: int, out_features: int, block_shape, rank: int, path: str) -> int:
+    """Rows per chunk of a factored path: intermediates within half a dense weight, >= 64 rows."""
+    block_shape = tuple(block_shape)
+    per_row = chunk_row_elements(in_features, out_features, block_shape, rank, path)
+    return max(_MIN_CHUNK_ROWS, int(_CHUNK_WEIGHT_FRACTION * in_features * out_features) // per_row)
+
+
+def n_chunks(rows: int, batch: int) -> tuple[int, int]:
+    """(number of chunks, rows of the largest) for `batch` rows cut into chunks of at most `rows`
+    (kernels._chunks: equal sizes, the last one shorter)."""
+    n = max(1, -(-batch // rows))
+    return n, -(-batch // n)
+
+
+def dense_train_peak_bytes(in_features: int, out_features: int, batch: int, input_grad: bool = True,
+                           bias: bool = True, bytes_per_element: int = 4) -> int:
+    """Bytes nn.Linear's forward + backward allocates on top of its parameters, input and upstream
+    gradient: y, gx, the weight's gradient and the bias's."""
+    o, i, N = out_features, in_features, batch
+    return bytes_per_element * (N * o + (N * i if input_grad else 0) + o * i + (o if bias else 0))
+
+
+def train_peak_bytes(in_features: int, out_features: int, block_shape, rank: int, batch: int, path: str,
+                     input_grad: bool = True, bias: bool = True, bytes_per_element: int = 4) -> int:
+    """Peak bytes one forward + backward of `path` (kernels.py) allocates on top of the parameters,
+    input and upstream gradient, as torch's allocator counts them (benchmarks/memory.py measures it;
+    tests/test_memory.py checks the two agree). The backward is the peak: y, gx and the bias gradient
+    (as dense), C = S*A and its gradient, the accumulated B gradient and one chunk of intermediates;
+    materialize holds W and its gradient instead (plain autograd; dense holds only the gradient)."""
+    bo, bi = check_block_shape(out_features, in_features, block_shape)
+    m1, n1 = out_features // bo, in_features // bi
+    o, i, N, r = out_features, in_features, batch, rank
+    act = N * o + (N * i if input_grad else 0) + (o if bias else 0)
+    if path == "materialize":
+        return bytes_per_element * (act + 2 * o * i + r * m1 * n1)
+    rows = n_chunks(chunk_rows(i, o, (bo, bi), r, path), N)[1]
+    chunk = rows * chunk_row_elements(i, o, (bo, bi), r, path)
+    if path == "input_first":
+        factors = (3 if r > 1 else 2) * r * m1 * n1 + r * n1 * bo * bi  # C, (C permuted), gC, gB per q
+    elif path == "factors_first":  # backward's chunk holds xᵀ or gxᵀ (in) with T or gT; forward's yᵀ
+        factors = (3 if r > 1 else 2) * r * m1 * n1 + r * m1 * bo * bi + (r * bo * bi if r > 1 else 0)
+        chunk = rows * (i + r * m1 * bi)
+        forward = N * o + (2 if r > 1 else 1) * r * m1 * n1 + (rows * (o + r * m1 * bi) if rows < N else 0)
+        return bytes_per_element * max(act + factors + chunk, forward)
+    else:
+        raise ValueError(f"unknown path {path!r}")
+    return bytes_per_element * (act + factors + chunk)
+
+
 def choose_path(in_features: int, out_features: int, block_shape, rank: int, batch: int,
                 training: bool = True, input_grad: bool = True) -> str:
-    """The cheapest path for this layer and batch by `step_cost` (memoised: called every forward)."""
+    """The cheapest path for this layer and batch by `step_cost` among those whose training peak
+    memory (`train_peak_bytes`) is at most dense nn.Linear's; the cheapest of all where none is
+    (small blocks at high rank, whose factors are nearly as large as W). Memoised: called every
+    forward."""
     return _choose_path(in_features, out_features, tuple(block_shape), rank, batch, training, input_grad)
 
 
 @lru_cache(maxsize=4096)
 def _choose_path(in_features, out_features, block_shape, rank, batch, training, input_grad) -> str:
     paths = ("input_first", "factors_first", "materialize")
+    if training:
+        dense = dense_train_peak_bytes(in_features, out_features, batch, input_grad)
+        paths = tuple(p for p in paths if train_peak_bytes(in_features, out_features, block_shape, rank, batch, p,
+                                                          input_grad) <= dense) or paths
     return min(paths, key=lambda p: step_cost(in_features, out_features, block_shape, rank, batch, p,
                                               training, input_grad))
 

@@ -10,7 +10,9 @@ Three ways to compute x Wᵀ + b for W = sum_i kron(S * A[i], B[i]) (costs.choos
                    backward, a few C++ nodes, beats a Python one).
 
 The factored paths run in a custom autograd function that saves only its inputs and recomputes the
-r-times-larger intermediate in backward. Every path is tested against functional's reference.
+r-times-larger intermediate in backward, a chunk of rows at a time (costs.chunk_rows), so that no
+weight-sized tensor ever exists: their peak training memory is below dense nn.Linear's
+(costs.train_peak_bytes; tests/test_memory.py). Every path is tested against functional's reference.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .costs import choose_path
+from .costs import choose_path, chunk_rows
 
 PATHS = ("auto", "input_first", "factors_first", "materialize")
 
@@ -81,13 +83,15 @@ def _reorder(t: Tensor, grid: tuple[int, int, int, int], to_blocks: bool) -> Ten
 # The factored contractions (C = S * A is (r, m1, n1); activations are kept feature-major)
 # --------------------------------------------------------------------------------------------
 #
-# Every contraction is one GEMM or one batched GEMM on views, with no permuted copy of an
-# activation-sized tensor except gyᵀ (and xᵀ on factors_first): the intermediates are laid out
-# feature-major, (features, N), so that an (i, q) or (p, i) contraction is a single GEMM and the
-# results come out as yᵀ and xᵀ, returned as transposed views. Only factor-sized tensors (r*m1*n1
-# or r*bo*bi elements) are ever permuted. One exception: a leaf input's gradient must be row-major
-# (AccumulateGrad would copy a transposed one), so input_first then copies gx from (n1, N, bi),
-# whose bi-long runs copy faster than the transpose.
+# Every contraction is one GEMM or one batched GEMM on views: the intermediates are laid out
+# feature-major, (features, rows), so that an (i, q) or (p, i) contraction is a single GEMM. Only
+# factor-sized tensors (r*m1*n1 or r*bo*bi elements) are ever permuted. Rows are processed in
+# chunks of `costs.chunk_rows` rows, so the intermediates (Z or T, their gradients and a chunk of
+# gyᵀ) never exceed half of a dense weight, however large the batch: peak training memory stays
+# below dense nn.Linear's (which holds a weight-sized gradient). Outputs are written in place: y
+# and gx are row-major (N, features) tensors that the GEMMs write into through strided views (BLAS
+# takes a leading dimension, so no transposed copy is made); with a single chunk y is returned as
+# the transposed view of yᵀ, which costs nothing.
 
 
 def _rows_q_i(C: Tensor) -> Tensor:
@@ -108,19 +112,49 @@ def _cols_i_c(B: Tensor) -> Tensor:
     return B.transpose(0, 1).reshape(bo, r * bi)
 
 
-def _input_first_z(x2: Tensor, B: Tensor, n1: int) -> Tensor:
-    """Z[q, (i, a), n] = sum_c B[i, a, c] x[n, q, c]: (n1, r*bo, N), one batched GEMM on views."""
+def _chunks(N: int, rows: int) -> list[tuple[int, int]]:
+    """[start, end) row ranges of equal size (the last one shorter) covering N rows."""
+    n = max(1, -(-N // rows))
+    size = -(-N // n)
+    return [(s, min(s + size, N)) for s in range(0, N, size)]
+
+
+def _input_first_z(xc: Tensor, B: Tensor, n1: int) -> Tensor:
+    """Z[q, (i, a), n] = sum_c B[i, a, c] x[n, q, c]: (n1, r*bo, Nc), one batched GEMM on views."""
     r, bo, bi = B.shape
-    Xq = x2.view(-1, n1, bi).permute(1, 2, 0)  # (n1, bi, N) view
+    Xq = xc.view(-1, n1, bi).permute(1, 2, 0)  # (n1, bi, Nc) view
     return torch.bmm(B.reshape(1, r * bo, bi).expand(n1, -1, -1), Xq)
 
 
-def _input_first(x2: Tensor, C: Tensor, B: Tensor, bias: Tensor | None = None) -> Tensor:
-    """yᵀ (out, N) by Z = X Bᵀ first, then one GEMM over (q, i); bias added in place."""
+def _factors_first_t(xc: Tensor, Cp: Tensor, n1: int) -> tuple[Tensor, Tensor]:
+    """xᵀ of the chunk (n1, bi*Nc) (the one copy of the input) and T = (S*A) xᵀ (m1*r, bi*Nc)."""
+    Xt = xc.t().contiguous().view(n1, -1)
+    return Xt, torch.mm(Cp, Xt)
+
+
+def _forward(x2: Tensor, C: Tensor, B: Tensor, bias: Tensor | None, path: str, rows: int) -> Tensor:
+    """y (N, out) of either factored path, chunk by chunk; bias added in place."""
     r, m1, n1 = C.shape
-    N, bo = x2.shape[0], B.shape[1]
-    Z = _input_first_z(x2, B, n1).view(n1 * r, bo * N)
-    return _add_bias_(torch.mm(_rows_q_i(C), Z).view(m1 * bo, N), bias)
+    _, bo, bi = B.shape
+    N, out = x2.shape[0], m1 * bo
+    chunks, y = _chunks(N, rows), None
+    for s, e in chunks:
+        xc = x2[s:e]
+        if path == "input_first":
+            Z = _input_first_z(xc, B, n1).view(n1 * r, bo * (e - s))
+            yt = torch.mm(_rows_q_i(C), Z).view(out, e - s)
+            del Z
+        else:
+            T = _factors_first_t(xc, _rows_p_i(C), n1)[1].view(m1, r * bi, e - s)
+            yt = torch.bmm(_cols_i_c(B).unsqueeze(0).expand(m1, -1, -1), T).view(out, e - s)
+            del T
+        if len(chunks) == 1:  # one chunk: yᵀ computed, y returned as its transposed view
+            return _add_bias_(yt, bias).t()
+        if y is None:  # yt's dtype: under autocast the GEMMs run in bf16
+            y = yt.new_empty(N, out)
+        y[s:e].t().copy_(yt)
+        del yt
+    return y if bias is None else _add_bias_(y.t(), bias).t()
 
 
 def _add_bias_(yt: Tensor, bias: Tensor | None) -> Tensor:
@@ -132,57 +166,62 @@ def _add_bias_(yt: Tensor, bias: Tensor | None) -> Tensor:
     return yt.add_(bias.unsqueeze(1))
 
 
-def _input_first_backward(x2, C, B, gyt, need_x, row_major_gx):
-    """gyt = gyᵀ (out, N) contiguous. Returns gx (N, in) or None, gC (r, m1, n1), gB.
+def _bmm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
+    """out = a @ b batched, out a strided view: written in place (BLAS takes its leading dimension);
+    under torch.compile, which refuses a non-contiguous out=, computed and copied."""
+    if torch.compiler.is_compiling():
+        out.copy_(torch.bmm(a, b))
+    else:
+        torch.bmm(a, b, out=out)
 
-    gx comes out as a transposed view (what the GEMMs give; a following Linear or elementwise op
-    takes it without a copy) unless row_major_gx (a leaf input, whose .grad must be row-major)."""
+
+def _input_first_backward(x2, C, B, gy, need_x, rows):
+    """gy (N, out) any layout. Returns gx (N, in) row-major or None, gC (r, m1, n1), gB (r, bo, bi)."""
     r, m1, n1 = C.shape
     _, bo, bi = B.shape
     N = x2.shape[0]
-    Cq = _rows_q_i(C)  # (m1, n1*r)
-    Gt = gyt.view(m1, bo * N)
-    Z = _input_first_z(x2, B, n1).view(n1 * r, bo * N)  # recomputed, never saved
-    gC = torch.mm(Gt, Z.t()).view(m1, n1, r).permute(2, 0, 1)
-    del Z
-    gZ = torch.mm(Cq.t(), Gt).view(n1, r * bo, N)
-    Xn = x2.view(N, n1, bi).transpose(0, 1)  # (n1, N, bi) view
-    gB = torch.bmm(gZ, Xn).sum(0).view(r, bo, bi)
-    gx = None
-    if need_x and row_major_gx:  # (q, N, bi) from the batched GEMM, then one copy with bi-long runs
-        Bq = B.reshape(1, r * bo, bi).expand(n1, -1, -1)
-        gx = torch.bmm(gZ.transpose(1, 2), Bq).transpose(0, 1).reshape(N, n1 * bi)
-    elif need_x:
-        gx = torch.bmm(B.reshape(1, r * bo, bi).transpose(1, 2).expand(n1, -1, -1), gZ).view(n1 * bi, N).t()
-    return gx, gC, gB
+    Cq, Bq = _rows_q_i(C), B.reshape(1, r * bo, bi).expand(n1, -1, -1)  # (m1, n1*r), (n1, r*bo, bi)
+    gCq, gB = C.new_zeros(m1, n1 * r), B.new_zeros(n1, r * bo, bi)
+    gx = x2.new_empty(N, n1 * bi) if need_x else None
+    for s, e in _chunks(N, rows):
+        n, xc = e - s, x2[s:e]
+        Gt = gy[s:e].t().contiguous().view(m1, bo * n)  # gyᵀ of the chunk, (a, n) merged
+        Z = _input_first_z(xc, B, n1).view(n1 * r, bo * n)  # recomputed, never saved
+        gCq.addmm_(Gt, Z.t())
+        del Z
+        gZ = torch.mm(Cq.t(), Gt).view(n1, r * bo, n)
+        del Gt
+        gB.baddbmm_(gZ, xc.view(n, n1, bi).transpose(0, 1))  # (n1, r*bo, bi), summed over q below
+        if need_x:  # written straight into the rows of gx through a strided view
+            _bmm_into(gZ.transpose(1, 2), Bq, gx[s:e].view(n, n1, bi).transpose(0, 1))
+        del gZ
+    return gx, gCq.view(m1, n1, r).permute(2, 0, 1), gB.sum(0).view(r, bo, bi)
 
 
-def _factors_first(x2: Tensor, C: Tensor, B: Tensor, bias: Tensor | None = None) -> Tensor:
-    """yᵀ (out, N) by T = (S*A) X first (one GEMM on xᵀ), then a batched GEMM over (i, c)."""
-    r, m1, n1 = C.shape
-    N, (_, bo, bi) = x2.shape[0], B.shape
-    T = torch.mm(_rows_p_i(C), x2.t().contiguous().view(n1, bi * N)).view(m1, r * bi, N)
-    return _add_bias_(torch.bmm(_cols_i_c(B).unsqueeze(0).expand(m1, -1, -1), T).view(m1 * bo, N), bias)
-
-
-def _factors_first_backward(x2, C, B, gyt, need_x, row_major_gx):
-    """As `_input_first_backward`, for the factors-first order (gx always a transposed view)."""
+def _factors_first_backward(x2, C, B, gy, need_x, rows):
+    """As `_input_first_backward`, for the factors-first order (gy read through a strided view)."""
     r, m1, n1 = C.shape
     _, bo, bi = B.shape
     N = x2.shape[0]
     Cp, Bc = _rows_p_i(C), _cols_i_c(B)  # (m1*r, n1), (bo, r*bi)
-    Gt = gyt.view(m1, bo, N)
-    Xt = x2.t().contiguous().view(n1, bi * N)
-    T = torch.mm(Cp, Xt).view(m1, r * bi, N)  # recomputed, never saved
-    gB = torch.bmm(Gt, T.transpose(1, 2)).sum(0).view(bo, r, bi).transpose(0, 1)
-    del T
-    gT = torch.bmm(Bc.t().unsqueeze(0).expand(m1, -1, -1), Gt).view(m1 * r, bi * N)
-    gC = torch.mm(gT, Xt.t()).view(m1, r, n1).transpose(0, 1)
-    gx = torch.mm(Cp.t(), gT).view(n1 * bi, N).t() if need_x else None
-    return gx, gC, gB
+    Bct = Bc.t().unsqueeze(0).expand(m1, -1, -1)  # (m1, r*bi, bo)
+    gCp, gB = C.new_zeros(m1 * r, n1), B.new_zeros(m1, bo, r * bi)
+    gx = x2.new_empty(N, n1 * bi) if need_x else None
+    for s, e in _chunks(N, rows):
+        n = e - s
+        Gt = gy[s:e].t().view(m1, bo, n)  # a view: BLAS reads it column-major
+        Xt, T = _factors_first_t(x2[s:e], Cp, n1)  # recomputed, never saved
+        gB.baddbmm_(Gt, T.view(m1, r * bi, n).transpose(1, 2))
+        del T
+        gT = torch.bmm(Bct, Gt).view(m1 * r, bi * n)
+        gCp.addmm_(gT, Xt.t())
+        del Xt
+        if need_x:  # gxᵀ of the chunk comes out (q, c, n): one copy into the rows of gx
+            gx[s:e].t().copy_(torch.mm(Cp.t(), gT).view(n1 * bi, n))
+        del gT
+    return gx, gCp.view(m1, r, n1).transpose(0, 1), gB.sum(0).view(bo, r, bi).transpose(0, 1)
 
 
-_FORWARD = {"input_first": _input_first, "factors_first": _factors_first}
 _BACKWARD = {"input_first": _input_first_backward, "factors_first": _factors_first_backward}
 
 
@@ -190,10 +229,10 @@ class _KronLinearFn(torch.autograd.Function):
     """y = x Wᵀ + b with W = sum_i kron(S*A_i, B_i) by a factored path, saving only the inputs."""
 
     @staticmethod
-    def forward(ctx, x2, S, A, B, bias, path, row_major_gx):  # x2: (N, in), contiguous
-        ctx.path, ctx.row_major_gx = path, row_major_gx
+    def forward(ctx, x2, S, A, B, bias, path, rows):  # x2: (N, in), contiguous
+        ctx.path, ctx.rows = path, rows
         ctx.save_for_backward(x2, S, A, B)
-        return _FORWARD[path](x2, S * A, B, bias).t()  # yᵀ (out, N) computed, y returned as a view
+        return _forward(x2, S * A, B, bias, path, rows)
 
     @staticmethod
     def backward(ctx, gy):
@@ -201,7 +240,7 @@ class _KronLinearFn(torch.autograd.Function):
         gy = gy.to(x2.dtype)  # under autocast gy may be bf16 while the saved input is fp32
         need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
         gbias = gy.sum(0) if need_b else None
-        gx, gC, gB = _BACKWARD[ctx.path](x2, S * A, B, gy.t().contiguous(), need_x, ctx.row_major_gx)
+        gx, gC, gB = _BACKWARD[ctx.path](x2, S * A, B, gy, need_x, ctx.rows)
         return gx, (gC * A).sum(0), gC * S, gB, gbias, None, None
 
 
@@ -222,5 +261,6 @@ def _kron_linear(x: Tensor, S: Tensor, A: Tensor, B: Tensor, bias: Tensor | None
     if path == "materialize":  # plain autograd: its backward is a few C++ nodes, no Python
         return torch.nn.functional.linear(x, _build_weight(S * A, B), bias)
     x2 = x.reshape(-1, in_features).contiguous()
-    y = _KronLinearFn.apply(x2, S, A, B, bias, path, x.is_leaf)
+    rows = chunk_rows(in_features, m1 * bo, (bo, bi), r, path)
+    y = _KronLinearFn.apply(x2, S, A, B, bias, path, rows)
     return y.reshape(*x.shape[:-1], m1 * bo)

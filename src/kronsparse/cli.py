@@ -109,7 +109,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     except ValueError:
         raise UserError(f"--seeds must be integers separated by commas, got {args.seeds!r}") from None
     overrides = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test), ("epochs", args.epochs),
-                                   ("device", args.device)) if v is not None}
+                                   ("device", args.device), ("model", args.model)) if v is not None}
     reproduce(args.experiment, args.out, seeds, quick=args.quick, jobs=args.jobs, overrides=overrides)
     print((Path(args.out) / "report.md").read_text())
     return 0
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bias", action="store_true")
     p.set_defaults(func=cmd_shapes)
     p = sub.add_parser("reproduce", help="the paper's comparison: every method, tables, plots, report")
-    p.add_argument("experiment", help="mnist-linear, mnist-mlp or fashion-mnist-linear")
+    p.add_argument("experiment", help="mnist-linear, mnist-mlp, fashion-mnist-linear or fashion-vit")
     p.add_argument("--out", required=True)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--quick", action="store_true", help="2 epochs, one seed, a short sweep")
@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--n-test", type=int, default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--model", default=None, help="fashion-vit: vit (default) or vit-tiny (the paper's, 224 px)")
     p.set_defaults(func=cmd_reproduce)
     p = sub.add_parser("export", help="write a run's model as dense, BSR or factor tensors (safetensors)")
     p.add_argument("run_dir", help="a folder written by `kronsparse train`")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor, nn
 
@@ -91,8 +93,8 @@ def training_costs(model: nn.Module, batch_size: int) -> dict:
         elif isinstance(layer, KronLinear):
             c = layer_costs(layer.in_features, layer.out_features, layer.block_shape, layer.rank)
             path = layer.path if layer.path != "auto" else choose_path(  # the model's input needs no grad
-                layer.in_features, layer.out_features, layer.block_shape, layer.rank, batch_size, True, k > 0)
-            per_sample = getattr(c.macs, path)
+                layer.in_features, layer.out_features, layer.block_shape, layer.rank, batch_size * at, True, k > 0)
+            per_sample = getattr(c.macs, path) * at  # at: the tokens a transformer's layer sees per sample
             if path == "materialize":
                 per_sample += c.macs.materialize_build // batch_size
             macs += per_sample
@@ -100,6 +102,26 @@ def training_costs(model: nn.Module, batch_size: int) -> dict:
         else:
             macs += layer.weight.numel() * at
             paths.append("dense")
+    macs += getattr(model, "attention_macs", 0)  # a transformer's q k^T and attention-weighted v
     bias_adds = sum(layer_dims(l)[1] * at for l, at in zip(model.layers, positions) if l.bias is not None)
     return {"train_params": params, "train_macs": macs, "train_paper_flops": macs + bias_adds,
             "train_paths": paths}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """The run's peak memory: CUDA's peak allocated bytes on a GPU; on CPU the process's peak resident
+    set (data and the torch runtime included; only a process that ran nothing else measures one run)."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_kind": "cuda_allocated"}
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return {"peak_memory_bytes": None, "peak_memory_kind": None}
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+            "peak_memory_kind": "process_max_rss"}

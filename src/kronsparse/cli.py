@@ -110,7 +110,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise UserError(f"--seeds must be integers separated by commas, got {args.seeds!r}") from None
     overrides = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test), ("epochs", args.epochs),
                                    ("device", args.device), ("model", args.model)) if v is not None}
-    reproduce(args.experiment, args.out, seeds, quick=args.quick, jobs=args.jobs, overrides=overrides)
+    if args.experiment == "fashion-vit":  # vit_reproduce.py: its own plan, runner and report
+        from .vit_reproduce import reproduce_vit
+
+        reproduce_vit(args.out, seeds, quick=args.quick, jobs=args.jobs, overrides=overrides)
+    elif "model" in overrides:
+        raise UserError(f"--model is for fashion-vit; {args.experiment} trains its own model")
+    else:
+        reproduce(args.experiment, args.out, seeds, quick=args.quick, jobs=args.jobs, overrides=overrides)
     print((Path(args.out) / "report.md").read_text())
     return 0
 

@@ -39,7 +39,7 @@ PAPER_TRAIN_PARAMS, PAPER_TRAIN_FLOPS = 0.16e6, 65.37e6  # the authors' profiler
 DEIT_TINY_FULL_COUNT = 1_884_116  # tests/test_vit.py checks it against the formula
 
 HEAD = ["method", "block", "rank", "accuracy %", "block sparsity %", "within 1 block/layer", "weight sparsity %",
-        "train params", "fwd MACs/sample (ours)", "fwd MACs/sample (flop_counter)", "train FLOPs/sample (fwd+bwd)",
+        "zero blocks from top-up %", "train params", "fwd MACs/sample (ours)", "fwd MACs/sample (flop_counter)", "train FLOPs/sample (fwd+bwd)",
         "wall s", "peak memory MiB"]
 
 
@@ -147,6 +147,11 @@ def rows_of(runs: list[dict], role: str) -> list[dict]:
                   "peak_memory_mib": [(m.get("peak_memory_bytes") or math.nan) / 2**20 for m in ms]}
         for key, vals in values.items():
             row[key], row[key + "_std"] = mean_std(vals)
+        topped = [m["topped_up_blocks"] / m["zero_blocks"] for m in ms if "topped_up_blocks" in m and m["zero_blocks"]]
+        row["topped_up_fraction"] = statistics.fmean(topped) if topped else None
+        if method == "select":
+            row["selection_train_params"] = ms[0].get("selection_train_params")
+            row["selected_at_step"] = [m.get("selected_at_step") for m in ms]
         row["worst_layer_miss"] = max(m["recount"]["worst_layer_miss"] for m in ms)
         row["miss_unit"] = ms[0]["recount"]["miss_unit"]
         row["within_one"] = row["worst_layer_miss"] <= 1.0
@@ -184,7 +189,9 @@ def table_markdown(rows: list[dict]) -> str:
     for r in rows:
         miss = f"{'yes' if r['within_one'] else 'NO'} ({r['worst_layer_miss']:g} {r['miss_unit']}s)"
         cells = [r["method"], r["block"], str(r["rank"]), _pm(r, "test_accuracy"), _pm(r, "block_sparsity"), miss,
-                 _pm(r, "weight_sparsity"), f"{r['train_params']:,.0f}", f"{r['train_macs']:,.0f}",
+                 _pm(r, "weight_sparsity"),
+                 "" if r["topped_up_fraction"] is None else f"{100 * r['topped_up_fraction']:.2f}",
+                 f"{r['train_params']:,.0f}", f"{r['train_macs']:,.0f}",
                  f"{r['flop_counter_fwd_macs']:,.0f}", f"{r['flop_counter_train_flops']:,.0f}",
                  f"{r['wall_seconds']:.1f}", f"{r['peak_memory_mib']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -268,7 +275,9 @@ def selection_verdicts(table: list[dict], alone: list[dict]) -> list[str]:
            f"- The selected run is as accurate as its block shape trained alone: select {100 * sel['test_accuracy']:.2f}%"
            + (f" vs kron {kept} alone {100 * candidates[kept]['test_accuracy']:.2f}%" if kept in candidates else "")
            + f" ({sel['wall_seconds']:.0f} s against {sum(r['wall_seconds'] for r in candidates.values()):.0f} s for "
-           f"training the {len(candidates)} candidates alone)."]
+           f"training the {len(candidates)} candidates alone; until the selection, at step(s) "
+           f"{', '.join(str(v) for v in sel['selected_at_step'])}, it trained all candidates: "
+           f"{sel['selection_train_params']:,} parameters; the table's count is after it)."]
     return out
 
 
@@ -295,7 +304,11 @@ def write_report(specs, out: Path) -> None:
              "weights, counted in weights). \"fwd MACs (ours)\" is our formula for the path each Kronecker layer "
              "runs (weight build and attention products included); flop_counter's column is "
              "torch.utils.flop_counter on the same model and batch size (its FLOPs / 2); the train FLOPs column is "
-             "flop_counter's forward and backward of one step, per sample. Peak memory: "
+             "flop_counter's forward and backward of one step, per sample. \"zero blocks from top-up\": the "
+             "share of a proximal method's zero blocks that its penalty had not zeroed when the sparsifying phase "
+             "ended and the smallest active blocks were pruned to reach the target (100: lambda, steered up from "
+             "1e-3, never grew large enough; all its sparsity is then one magnitude pruning step at 70% of "
+             "training). Peak memory: "
              f"{runs[0].get('peak_memory_kind') or 'not measured'} of the run's own process. Wall time: "
              "runs trained side by side, one thread each when --jobs > 1.", "",
              "## Table 3 in miniature, and each selection candidate trained alone", "", table_markdown(table + alone),

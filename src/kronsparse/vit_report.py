@@ -338,13 +338,14 @@ def plots(runs, table, alone, out: Path) -> None:
         plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for (key, label), ax in zip((("train_params", "trainable parameters"),
-                                 ("flop_counter_train_flops", "training FLOPs / sample (fwd+bwd)")), axes):
+    for (key, label, scale), ax in zip((("train_params", "trainable parameters", "log"),
+                                        ("flop_counter_train_flops", "training FLOPs / sample (fwd+bwd)", "linear")),
+                                       axes):
         for r in table + [a for a in alone if a["block"] != "4x4"]:
             name = f"{r['method']} {r['block']}"
             ax.scatter(r[key], 100 * r["test_accuracy"], s=20)
             ax.annotate(name, (r[key], 100 * r["test_accuracy"]), fontsize=7)
-        ax.set(xscale="log", xlabel=label, ylabel="test accuracy %")
+        ax.set(xscale=scale, xlabel=label, ylabel="test accuracy %")
         ax.grid(alpha=0.3)
     save(fig, "cost.png")
 
@@ -355,11 +356,11 @@ def plots(runs, table, alone, out: Path) -> None:
     for ax, m in zip(axes[0], chosen):
         W = load_file(str(out / "runs" / m["run"] / "model.safetensors"))[f"layers.{k_fc1}.weight"]
         mask = block_mask_of(*matrix_view(W, tuple(m["block_shape"])))
-        ax.imshow(mask.numpy(), cmap="Greys", interpolation="nearest", aspect="auto")
+        ax.imshow(mask.numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
         ax.set_title(f"{m['method']}\n{block_name(m['block_shape'])}", fontsize=7)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("block mask of the first block's fc1 (black: kept)", fontsize=9)
+    fig.suptitle("block mask of the first block's fc1 (black: kept)", fontsize=9, y=1.08)
     save(fig, "masks.png")
 
     sel = find(table, "select")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import Tensor, nn
 
@@ -107,21 +105,3 @@ def training_costs(model: nn.Module, batch_size: int) -> dict:
     return {"train_params": params, "train_macs": macs, "train_paper_flops": macs + bias_adds,
             "train_paths": paths}
 
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory(device: torch.device) -> dict:
-    """The run's peak memory: CUDA's peak allocated bytes on a GPU; on CPU the process's peak resident
-    set (data and the torch runtime included; only a process that ran nothing else measures one run)."""
-    if device.type == "cuda":
-        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_kind": "cuda_allocated"}
-    try:
-        import resource
-    except ImportError:  # not on this platform
-        return {"peak_memory_bytes": None, "peak_memory_kind": None}
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
-    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
-            "peak_memory_kind": "process_max_rss"}

@@ -147,14 +147,8 @@ def run_plan(specs: list[Spec], out: Path, jobs: int = 1) -> None:
 def reproduce(name: str, out: str | Path, seeds: list[int], quick: bool = False, jobs: int = 1,
               overrides: dict | None = None) -> list[Spec]:
     """Run (or finish) the whole plan of experiment `name` in `out`, then write the report there."""
-    if name == "fashion-vit":  # vit_reproduce.py: its own plan, runner and report
-        from .vit_reproduce import reproduce_vit
-
-        return reproduce_vit(out, seeds, quick=quick, jobs=jobs, overrides=overrides)
     if name not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {name!r}; valid experiments: {', '.join([*EXPERIMENTS, 'fashion-vit'])}")
-    if "model" in (overrides or {}):
-        raise ValueError(f"--model is for fashion-vit; {name} trains its own model")
+        raise ValueError(f"unknown experiment {name!r}; valid experiments: {', '.join(EXPERIMENTS)}")
     if not seeds:
         raise ValueError("--seeds needs at least one seed")
     base = TrainConfig(**{"epochs": 2 if quick else 10, "standardize": True, **(overrides or {})})

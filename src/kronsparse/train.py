@@ -19,8 +19,7 @@ from . import rundir
 from .budget import check_training_memory
 from .checkpoint import candidates as checkpoint_candidates, list_checkpoints, save_checkpoint
 from .io import write_json, write_safetensors
-from .metrics import (accuracy, dense_state, factor_state, peak_memory, reset_peak_memory, sparsity_metrics,
-                      training_costs)
+from .metrics import accuracy, dense_state, factor_state, sparsity_metrics, training_costs
 from .models import build_model, layer_factory, layer_weight
 from .methods import get_method
 from .sparsifier import Sparsifier
@@ -218,7 +217,6 @@ def _train(cfg: TrainConfig, out: Path | None, progress: bool, checkpoint_every:
     if resume and (done := finished_metrics(cfg, Path(out))) is not None:
         return done
     device = resolve_device(cfg.device)
-    reset_peak_memory(device)
     ds = load_data(cfg, device)
     check_training_memory(cfg, ds.num_features, ds.num_classes, len(ds.x_train))  # before the model exists
     run = Run(cfg, ds, device)
@@ -314,7 +312,7 @@ def final_metrics(run: Run, wall_seconds: float) -> dict:
         **run.final_metrics_core(),
         **training_costs(run.model, cfg.batch_size),
         "sparsified_layers": [k for k, l in enumerate(run.model.layers) if any(l is m for m in run.method.layers)],
-        "wall_seconds": wall_seconds, **peak_memory(run.device),
+        "wall_seconds": wall_seconds,
         "mean_epoch_seconds": sum(h["epoch_seconds"] for h in run.history) / len(run.history),
         "input_mean": ds.input_mean, "input_std": ds.input_std,
         **run.method.summary(),

@@ -47,10 +47,17 @@ def block_name(shape) -> str:
     return f"{shape[0]}x{shape[1]}"
 
 
+def memory_file(out: Path, name: str) -> Path:
+    """Where a run's peak memory is kept: beside the runs, not in them (metrics.json stays deterministic)."""
+    return out / "memory" / f"{name}.json"
+
+
 def load_runs(specs, out: Path) -> list[dict]:
     runs = []
     for spec in specs:
         m = json.loads((out / "runs" / spec.name / "metrics.json").read_text())
+        memory = memory_file(out, spec.name)
+        m.update(json.loads(memory.read_text()) if memory.exists() else {"peak_memory_bytes": None})
         runs.append({**m, "role": spec.role, "run": spec.name, "spec_cfg": spec.cfg})
     return runs
 

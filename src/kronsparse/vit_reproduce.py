@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -21,8 +22,11 @@ from tqdm.auto import tqdm
 from . import rundir
 from .config import TrainConfig
 from .limits import check_at_most
-from .reproduce import Spec, _die_with_parent, _run_one, block_name, check_identity
+from .io import write_json
+from .reproduce import Spec, _die_with_parent, block_name, check_identity
+from .train import train
 from .vit import VIT_MODELS
+from .vit_report import memory_file, write_report
 
 METHODS = ("kron", "group-lasso", "elastic-group-lasso", "rigl", "block-magnitude", "iterative-pruning")
 BLOCK = (4, 4)
@@ -65,6 +69,32 @@ def base_config(quick: bool, overrides: dict) -> TrainConfig:
     return TrainConfig(**{**RECIPE, "model": model, **(QUICK if quick else FULL), **overrides})
 
 
+def peak_memory(device: torch.device) -> dict:
+    """Peak memory of this process's run: CUDA's peak allocated bytes on a GPU; on CPU the process's
+    peak resident set (a fresh worker per run, so the run's own: data and the torch runtime included)."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_kind": "cuda_allocated"}
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return {"peak_memory_bytes": None, "peak_memory_kind": None}
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+            "peak_memory_kind": "process_max_rss"}
+
+
+def _run_one(spec: Spec, out: Path, threads: int | None) -> str:
+    """Train one spec in this (fresh) worker and record its peak memory."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(spec.cfg.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train(spec.cfg, out=out / "runs" / spec.name, progress=False)
+    write_json(memory_file(out, spec.name), peak_memory(device))
+    return spec.name
+
+
 def run_plan(specs: list[Spec], out: Path, jobs: int) -> None:
     """Train every spec without a complete run, `jobs` at a time, each in a new process (spawned:
     safe with CUDA, and its peak RSS is the run's own) with one thread on CPU."""
@@ -95,7 +125,5 @@ def reproduce_vit(out: str | Path, seeds: list[int], quick: bool = False, jobs: 
     with rundir.open_folder(out) as folder:
         check_identity(specs, folder)
         run_plan(specs, folder, jobs)
-        from .vit_report import write_report
-
         write_report(specs, folder)
     return specs

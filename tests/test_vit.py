@@ -115,3 +115,25 @@ def test_the_readme_vit_tables_are_the_committed_runs():
     for table, folder in zip(found, ("fashion-vit-quick", "fashion-vit-3seeds")):
         assert table == tables((root / "results" / folder / "table.md").read_text(encoding="utf-8"))[0]
     assert len(found) == 2
+
+
+def test_the_sparsifier_swaps_the_vit_of_the_users_loop():
+    """The user's path: our ViT built with nn.Linear, the Sparsifier swaps every tiled Linear."""
+    from kronsparse import Sparsifier
+    from kronsparse.vit import ViT
+
+    torch.manual_seed(0)
+    model = build_model("vit", dense_factory, 784, 10)
+    sp = Sparsifier(model, "kron", block_shape=(4, 4), rank=4, target_sparsity=0.5, total_steps=6,
+                    layers=ViT.sparsify_filter)
+    opt = torch.optim.AdamW(sp.param_groups(), lr=1e-3)
+    x, y = torch.randn(32, 784), torch.randint(0, 10, (32,))
+    for _ in range(6):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sp.step(opt)
+    sp.finalize()
+    assert len(sp.layers) == 16 and sp.block_sparsity() == 0.5
+    assert isinstance(model.blocks[0].attn.qkv, KronLinear) and type(model.patch_embed) is nn.Conv2d

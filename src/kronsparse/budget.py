@@ -20,6 +20,8 @@ from .models import build_model
 class _MetaFactory:
     """Dense layers on the meta device: shapes without storage."""
 
+    device = "meta"  # for the parts of a model not built by the factory (vit.py)
+
     def __call__(self, in_features: int, out_features: int) -> nn.Module:
         return nn.Linear(in_features, out_features, device="meta")
 

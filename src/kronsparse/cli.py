@@ -146,8 +146,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     except ValueError:
         raise UserError(f"--seeds must be integers separated by commas, got {args.seeds!r}") from None
     overrides = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test), ("epochs", args.epochs),
-                                   ("device", args.device)) if v is not None}
-    reproduce(args.experiment, args.out, seeds, quick=args.quick, jobs=args.jobs, overrides=overrides)
+                                   ("device", args.device), ("model", args.model)) if v is not None}
+    if args.experiment == "fashion-vit":  # vit_reproduce.py: its own plan, runner and report
+        from .vit_reproduce import reproduce_vit
+
+        reproduce_vit(args.out, seeds, quick=args.quick, jobs=args.jobs, overrides=overrides)
+    elif "model" in overrides:
+        raise UserError(f"--model is for fashion-vit; {args.experiment} trains its own model")
+    else:
+        reproduce(args.experiment, args.out, seeds, quick=args.quick, jobs=args.jobs, overrides=overrides)
     print((Path(args.out) / "report.md").read_text())
     return 0
 
@@ -190,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="the paper's comparison: every method, tables, plots, report",
                        description="Run the paper's comparison (every method, a sparsity sweep, ranks 1, 2, "
                                    "4) and write table.md, table.csv, report.md and three plots in OUT.")
-    p.add_argument("experiment", help="mnist-linear, mnist-mlp or fashion-mnist-linear")
+    p.add_argument("experiment", help="mnist-linear, mnist-mlp, fashion-mnist-linear or fashion-vit")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder; started again there, it redoes only unfinished runs (required)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the main table (default: %(default)s)")
@@ -201,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use only the first N training samples (default: all)")
     p.add_argument("--n-test", type=int, default=None, metavar="N", help="use only the first N test samples (default: all)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--model", default=None,
+                   help="fashion-vit only: vit (hidden 64, 28 px; default) or vit-tiny (DeiT-tiny, 224 px)")
     p.set_defaults(func=cmd_reproduce)
     p = sub.add_parser("export", help="write a run's model as dense, BSR or factor tensors (safetensors)",
                        description="Write a finished run's model for inference as a safetensors file.")

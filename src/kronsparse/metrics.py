@@ -69,8 +69,8 @@ def training_costs(model: nn.Module, batch_size: int) -> dict:
         elif isinstance(layer, KronLinear):
             c = layer_costs(layer.in_features, layer.out_features, layer.block_shape, layer.rank)
             path = layer.path if layer.path != "auto" else choose_path(  # the model's input needs no grad
-                layer.in_features, layer.out_features, layer.block_shape, layer.rank, batch_size, True, k > 0)
-            per_sample = getattr(c.macs, path)
+                layer.in_features, layer.out_features, layer.block_shape, layer.rank, batch_size * at, True, k > 0)
+            per_sample = getattr(c.macs, path) * at  # at: the tokens a transformer's layer sees per sample
             if path == "materialize":
                 per_sample += c.macs.materialize_build // batch_size
             macs += per_sample
@@ -78,6 +78,8 @@ def training_costs(model: nn.Module, batch_size: int) -> dict:
         else:
             macs += layer.weight.numel() * at
             paths.append("dense")
+    macs += getattr(model, "attention_macs", 0)  # a transformer's q k^T and attention-weighted v
     bias_adds = sum(layer_dims(l)[1] * at for l, at in zip(model.layers, positions) if l.bias is not None)
     return {"train_params": params, "train_macs": macs, "train_paper_flops": macs + bias_adds,
             "train_paths": paths}
+

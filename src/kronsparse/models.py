@@ -13,6 +13,7 @@ from .functional import check_block_shape
 from .layers import KronConv2d, KronLinear
 from .model_tree import layer_dims, layer_weight  # noqa: F401  (re-exported: metrics reads them from here)
 from .layers import KronSelectLinear
+from .vit import VIT_MODELS, build_vit
 
 LayerFactory = Callable[[int, int], nn.Module]
 
@@ -20,6 +21,7 @@ ARCHITECTURES = {
     "linear": (784, 10),  # the paper's logistic regression
     "mlp": (784, 300, 100, 10),
     "lenet5": None,  # LeNet5 below: conv 1->6 5x5 pad 2, pool, conv 6->16 5x5, pool, fc 400->120->84->10
+    **{name: None for name in VIT_MODELS},  # vit.py: a compact ViT ("vit") and DeiT-tiny ("vit-tiny")
 }
 
 
@@ -48,12 +50,14 @@ def tiles(in_features: int, out_features: int, block_shape) -> bool:
 
 
 def build_model(name: str, factory: LayerFactory, num_features: int = 784, num_classes: int = 10) -> FeedForward:
-    """Build `name` ("linear", "mlp" or "lenet5") with factory(in, out) making each weight layer
+    """Build `name` ("linear", "mlp", "lenet5", "vit" or "vit-tiny") with factory(in, out) making each weight layer
     (and factory.conv(in, out, kernel_size, padding) each conv layer of lenet5)."""
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(ARCHITECTURES)}")
     if name == "lenet5":
         return build_lenet5(factory, num_features, num_classes)
+    if name in VIT_MODELS:
+        return build_vit(name, factory, num_features, num_classes)
     sizes = (num_features, *ARCHITECTURES[name][1:-1], num_classes)
     return FeedForward([factory(i, o) for i, o in zip(sizes[:-1], sizes[1:])])
 

@@ -88,6 +88,7 @@ class Run:
         self.model = build_model(cfg.model, layer_factory(cfg), ds.num_features, ds.num_classes)
         self.model.to(device)
         self.sparsifier = Sparsifier(self.model, cfg.method, block_shape=cfg.block_shape, total_steps=self.total_steps,
+                                     layers=getattr(self.model, "sparsify_filter", None),  # vit: not its patch embedding
                                      **method_options(cfg, self.steps_per_epoch))
         self.method = self.sparsifier.method
         self.optimizer = make_optimizer(cfg, self.sparsifier.param_groups())

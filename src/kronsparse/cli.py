@@ -24,7 +24,7 @@ def _blocks(text: str) -> tuple[tuple[int, int], ...]:
 
 METHOD_NAMES = ("kron", "select", "group-lasso", "elastic-group-lasso", "rigl", "iterative-pruning",
                 "block-magnitude", "dense")  # methods.METHODS (a test keeps them equal); no torch import for --help
-MODEL_NAMES = ("linear", "mlp", "lenet5")  # models.ARCHITECTURES
+MODEL_NAMES = ("linear", "mlp", "lenet5", "vit", "vit-tiny")  # models.ARCHITECTURES
 THREADS_HELP = ("1: on a machine busy with other jobs, OpenMP's spin-waiting made 2 threads 8-30x slower "
                 "on these models (README, Training); OMP_WAIT_POLICY=PASSIVE softens that")
 
@@ -35,7 +35,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default=d["method"].default, metavar="NAME",
                    help=f"training method: {', '.join(METHOD_NAMES)} (default: %(default)s)")
     p.add_argument("--model", default=d["model"].default, metavar="NAME",
-                   help="linear (784->10, the paper's), mlp (784-300-100-10) or lenet5 (default: %(default)s)")
+                   help="linear (784->10, the paper's), mlp (784-300-100-10), lenet5, vit (hidden 64, 4 layers, "
+                        "patch 7) or vit-tiny (DeiT-tiny, inputs resized to 224 px) (default: %(default)s)")
     p.add_argument("--dataset", default=d["dataset"].default,
                    help="mnist, fashion-mnist or npz:PATH (default: %(default)s)")
     p.add_argument("--data-dir", default=None, metavar="DIR",

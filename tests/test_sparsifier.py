@@ -241,6 +241,15 @@ def test_layers_by_name_or_filter_and_clear_errors():
         Sparsifier(Nested(), "lasso", block_shape=(4, 4), total_steps=10)
 
 
+def test_an_optimizer_built_before_the_swap_is_named_as_the_mistake():
+    model = Nested()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # holds the nn.Linear weights the Sparsifier replaces
+    sp = Sparsifier(model, "kron", block_shape=(4, 4), target_sparsity=0.5, total_steps=10)
+    loss_of(model, nested_batches(1)[0]).backward()
+    with pytest.raises(ValueError, match="build the optimizer after the Sparsifier"):
+        sp.step(opt)
+
+
 def test_kron_swaps_in_place_and_param_groups_keep_decay_off_S_biases_and_norms():
     model = Nested()
     sp = Sparsifier(model, "kron", block_shape=(4, 4), rank=2, target_sparsity=0.5, total_steps=10)

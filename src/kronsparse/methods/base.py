@@ -1,4 +1,4 @@
-"""The contract every training method follows, its options, and the schedules they share.
+"""The contract every training method follows, and the options every method understands.
 
 A method is driven by a `kronsparse.Sparsifier` (or by `kronsparse train`, which uses one):
 
@@ -6,7 +6,7 @@ A method is driven by a `kronsparse.Sparsifier` (or by `kronsparse train`, which
   methods that train Kronecker factors get them already swapped in.
 - `param_groups(model, weight_decay)`: how the optimizer treats each parameter.
 - `step(optimizer, step)`: after every `optimizer.step()`: proximal maps, masks, RigL updates. The
-  learning rate (and Adam's per-entry step) is read from the optimizer.
+  learning rate is read from the optimizer.
 - `finalize(optimizer)`: exact zero blocks everywhere (the last top-up, pruning folded into plain
   weights); afterwards the Sparsifier keeps those blocks at zero.
 
@@ -75,7 +75,11 @@ def step_size(optimizer: torch.optim.Optimizer | None, param: Tensor, lr: float 
         return lr
     if optimizer is None:
         raise ValueError("step_size needs an optimizer or an lr")
-    return next(g["lr"] for g in optimizer.param_groups if any(p is param for p in g["params"]))
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            return group["lr"]
+    raise ValueError("a sparsified layer's parameter is not in the optimizer: build the optimizer after the "
+                     "Sparsifier (it swaps layers), e.g. torch.optim.AdamW(sp.param_groups(), lr=...)")
 
 
 def set_grad_hook(param: Tensor, fn=None) -> None:

@@ -239,6 +239,10 @@ def test_layers_by_name_or_filter_and_clear_errors():
         Sparsifier(Nested(), "kron", block_shape=(4, 4), total_steps=10, candidates=[(2, 2)])
     with pytest.raises(ValueError, match="unknown method"):
         Sparsifier(Nested(), "lasso", block_shape=(4, 4), total_steps=10)
+    with pytest.raises(ValueError, match="the model is itself the layer to swap"):
+        Sparsifier(nn.Linear(16, 8), "kron", block_shape=(4, 4), total_steps=10)
+    bare = Sparsifier(nn.Linear(16, 8), "group-lasso", block_shape=(4, 4), target_sparsity=0.5, total_steps=10)
+    assert list(bare.layers) == [""] and bare.block_sparsity() == 0.0  # a bare layer is fine where nothing is swapped
 
 
 def test_an_optimizer_built_before_the_swap_is_named_as_the_mistake():

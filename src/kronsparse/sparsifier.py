@@ -50,15 +50,17 @@ class Sparsifier:
         self.model = model
         found = find_layers(model, self.options.block_shape, layers, getattr(self.options, "candidates", None),
                             kinds=cls.layer_kinds)
-        if "" in found and cls.trains_factors:
-            raise ValueError("the model is itself the layer to swap: wrap it, e.g. nn.Sequential(layer)")
         self.layers = {name: self._swapped(name, m) for name, m in found.items()}
         self.method.prepare(model, self.layers)
         self.steps = 0
 
     def _swapped(self, name: str, module: nn.Module) -> nn.Module:
         new = self.method.swap(module)
-        return module if new is module else replace_module(self.model, name, new)
+        if new is module:
+            return module
+        if not name:
+            raise ValueError("the model is itself the layer to swap: wrap it, e.g. nn.Sequential(layer)")
+        return replace_module(self.model, name, new)
 
     @property
     def total_steps(self) -> int:

@@ -20,7 +20,7 @@ the model has a single weight layer and "norm" otherwise):
 - "decay": weight decay on A and B. S starts at 1 everywhere, so the prox shrinks every
   block alike and no block reaches zero until lambda is large; then many fall at once, with S near 0
   (a "cliff" in lambda). On the one-layer model this works (its argmax does not care that all
-  logits shrink together; it is what the README's table uses, 0.23 and 0.55 points above "norm");
+  logits shrink together; it is what the README's table uses, 0.25 and 0.55 points above "norm");
   a deep ReLU model loses 9.3 points (MLP, 10 epochs, 2x2: 88.87% vs 98.13% with "norm").
 - "norm": while sparsifying, every block's A[:, p, q] is rescaled to unit norm after each step and
   S[p, q] takes the norm (S*A, hence W, unchanged). |S[p, q]| is then the size of block (p, q), the

@@ -34,14 +34,16 @@ def test_every_file_exists(tiny_run):
 def test_table_equals_the_runs_metrics(tiny_run):
     out, specs = tiny_run
     rows = list(csv.DictReader((out / "table.csv").open()))
-    assert len(rows) == 2 * (2 + len(rep.SPARSE_METHODS)) + 1  # two block shapes (dense, kron norm), plus selection
+    assert len(rows) == 2 * (2 + len(rep.SPARSE_METHODS)) + 1 + 1  # two block shapes (dense, kron norm), selection, kron r4 at 2x16
+    assert sum(r["method"] == "kron" and r["rank"] == "4" for r in rows) == 1  # rank 4 only where 5x below dense
     assert {r["method"] for r in rows} == {"dense", "select", "kron (scale-pin norm)", *rep.SPARSE_METHODS}
     for row in rows:
         if row["method"] == "select":
             continue
         spec = next(s for s in specs if s.role == "table" and method_label({"method": s.cfg.method,
                     "config": s.cfg.to_dict()}) == row["method"]
-                    and f"{s.cfg.block_shape[0]}x{s.cfg.block_shape[1]}" == row["block"])
+                    and f"{s.cfg.block_shape[0]}x{s.cfg.block_shape[1]}" == row["block"]
+                    and row["rank"] in ("", str(s.cfg.rank)))
         m = json.loads((out / "runs" / spec.name / "metrics.json").read_text())
         for col in ("test_accuracy", "block_sparsity", "train_params", "train_macs", "inference_params"):
             assert float(row[col]) == pytest.approx(float(m[col]), rel=1e-12), (row["method"], col)

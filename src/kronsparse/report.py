@@ -106,8 +106,11 @@ def table_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def find(rows: list[dict], method: str, block: str) -> dict | None:
-    return next((r for r in rows if r["method"] == method and r["block"] == block), None)
+def find(rows: list[dict], method: str, block: str, rank: int | None = None) -> dict | None:
+    """The row of `method` at `block` (kron: rank 2, the paper's, unless `rank` says otherwise)."""
+    rank = rank if rank is not None else (2 if method == "kron" else None)
+    return next((r for r in rows if r["method"] == method and r["block"] == block
+                 and (rank is None or r["rank"] == rank)), None)
 
 
 def verdicts(rows: list[dict]) -> list[str]:
@@ -150,6 +153,14 @@ def verdicts(rows: list[dict]) -> list[str]:
             out.append(f"- The paper's 7.84K params / 7.85K FLOPs are the dense layer's cost: our dense run trains "
                        f"{weights:,.0f} weights (+10 biases) at {dense['train_paper_flops']:,.0f} paper FLOPs — "
                        f"{'matches' if ok else 'differs'}.")
+    k4, gl = find(rows, "kron", "2x16", rank=4), find(rows, "group-lasso", "2x16")
+    dense = find(rows, "dense", "2x16")
+    if k4 and gl and dense:
+        gap = k4["test_accuracy"] - gl["test_accuracy"]
+        out.append(f"- 2x16 at rank 4 ({k4['train_params']:,.0f} trainable parameters, "
+                   f"{dense['train_params'] / k4['train_params']:.1f}x fewer than dense): within 1.0 point of group "
+                   f"lasso: {100 * k4['test_accuracy']:.2f}% vs {100 * gl['test_accuracy']:.2f}% ({100 * gap:+.2f} "
+                   f"points) — {'holds' if gap >= -0.01 else 'does not hold'}.")
     for block in ("2x2", "2x16"):
         k, bm = find(rows, "kron", block), find(rows, "block-magnitude", block)
         if k and bm:

@@ -184,7 +184,7 @@ def test_the_scale_pin_numbers_are_their_metrics_files():
         assert m["model"] == "mlp" and m["config"]["epochs"] == 10 and m["block_sparsity"] == 0.6
     # the linear model's pins, from the reproduced table
     (table,) = tables(section("The paper's MNIST table, reproduced"))[:1]
-    acc = {(r[0], r[1]): mean(r[4]) for r in table[1:]}
+    acc = {(r[0], r[1]): mean(r[4]) for r in table[1:] if r[3] != "4"}  # the paper's rank; rank 4 has its own row
     linear = re.search(r"seeds 0-2: (\d+\.\d+)% at 2x2 and (\d+\.\d+)% at 2x16, against (\d+\.\d+)% and\s+(\d+\.\d+)%",
                        text).groups()
     assert list(linear) == [acc[("kron", "2x2")], acc[("kron", "2x16")], acc[("kron (scale-pin norm)", "2x2")],
@@ -194,7 +194,7 @@ def test_the_scale_pin_numbers_are_their_metrics_files():
 def test_the_gaps_in_the_reproduction_prose_follow_from_the_table():
     text = section("The paper's MNIST table, reproduced")
     (table,) = tables(text)[:1]
-    acc = {(r[0], r[1]): float(mean(r[4])) for r in table[1:]}
+    acc = {(r[0], r[1]): float(mean(r[4])) for r in table[1:] if r[3] != "4"}  # rank 2, the paper's; rank 4 below
     gap = {(m, b): acc[("kron", b)] - acc[(m, b)] for m, b in acc if ("kron", b) in acc}
 
     def shown(number: str, exact: float) -> bool:

@@ -158,7 +158,8 @@ def masks(runs, path: Path, out: Path) -> None:
                 lim = np.nanmax(np.abs(img)) if np.isfinite(img).any() else 1.0
                 image = ax.imshow(img / lim, cmap=cmap, vmin=-1, vmax=1)
         block = f"select→{_selected(m)}" if m["method"] == "select" else _block(m)
-        row[0].set_ylabel(f"{method_label(m)}\n{block}, {100 * m['block_sparsity']:.0f}% of blocks zero",
+        rank = f" r{m['rank']}" if m["method"] == "kron" else ""
+        row[0].set_ylabel(f"{method_label(m)}{rank}\n{block}, {100 * m['block_sparsity']:.0f}% of blocks zero",
                           fontsize=9, rotation=0, ha="right", va="center")
     if image is not None:
         bar = fig.colorbar(image, cax=fig.add_axes((0.89, 0.3, 0.015, 0.4)))

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kronsparse import KronLinear, costs  # noqa: E402
-from memory import peak_bytes  # noqa: E402
+from memory import fb_peak_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CASES = ("leaf", "mid", "no_grad")
@@ -56,18 +56,7 @@ def parse_cases(text: str) -> list[tuple]:
 
 
 def measure(layer: nn.Module, x0: torch.Tensor, gy: torch.Tensor, case: str, device) -> int:
-    model = nn.Sequential(_Mid() if case == "mid" else nn.Identity(), layer)
-
-    def fb():
-        model(x0).backward(gy)
-
-    fb()  # warm-up: cached reorder indices and the allocator's first touches are not per-step memory
-    layer.zero_grad(set_to_none=True)
-    x0.grad = None
-    peak = peak_bytes(fb, device)
-    layer.zero_grad(set_to_none=True)
-    x0.grad = None
-    return peak
+    return fb_peak_bytes(nn.Sequential(_Mid() if case == "mid" else nn.Identity(), layer), x0, gy, device)
 
 
 def model_bytes(i, o, block, r, n, variant: str, case: str) -> int:

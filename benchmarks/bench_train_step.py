@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kronsparse import KronLinear  # noqa: E402
 from kronsparse import functional as KF  # noqa: E402
 from kronsparse.costs import choose_path, dense_train_peak_bytes, path_macs, train_peak_bytes  # noqa: E402
-from memory import peak_bytes  # noqa: E402
+from memory import fb_peak_bytes  # noqa: E402
 
 KRON_PATHS = KF.PATHS  # the library's own list, so a new path is benchmarked too
 MODES = ("fb", "step", "step_x0")
@@ -186,20 +186,6 @@ def saved_bytes(module, x) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         module(x)
     return sum(seen.values())
-
-
-def fb_peak_bytes(module, x, gy, device) -> int:
-    """Peak bytes of one forward + backward (after a warm-up one), gradients cleared around it."""
-    def fb():
-        module(x).backward(gy)
-
-    fb()
-    module.zero_grad(set_to_none=True)
-    x.grad = None
-    peak = peak_bytes(fb, device)
-    module.zero_grad(set_to_none=True)
-    x.grad = None
-    return peak
 
 
 def model_peak(case: Case, path: str, need_x: bool, elem: int) -> int:

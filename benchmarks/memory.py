@@ -31,3 +31,19 @@ def peak_bytes(fn, device="cpu") -> int:
         live += nbytes
         peak = max(peak, live)
     return peak
+
+
+def fb_peak_bytes(module, x, gy, device="cpu") -> int:
+    """Peak bytes of one forward + backward of module(x) with upstream gradient gy, after a warm-up one
+    (cached reorder indices and the allocator's first touches are not per-step memory); gradients are
+    cleared around it."""
+    def fb():
+        module(x).backward(gy)
+
+    fb()
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    peak = peak_bytes(fb, device)
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    return peak

@@ -21,7 +21,7 @@ from torch import nn
 
 from kronsparse import Sparsifier
 from kronsparse.methods import METHODS
-from kronsparse.sparsifier import layer_weight
+from kronsparse.model_tree import layer_weight
 
 TARGET = 0.5
 OPTIMIZERS = {"sgd": lambda groups: torch.optim.SGD(groups, lr=0.05, momentum=0.9),

@@ -41,6 +41,15 @@ def check_block_shape(out_features: int, in_features: int, block_shape) -> tuple
     return bo, bi
 
 
+def tiles(in_features: int, out_features: int, block_shape) -> bool:
+    """True when block_shape = (bo, bi) tiles an (out, in) weight."""
+    try:
+        check_block_shape(out_features, in_features, block_shape)
+    except ValueError:
+        return False
+    return True
+
+
 def matrix_view(W: Tensor, block_shape) -> tuple[Tensor, tuple[int, int]]:
     """A weight as a matrix and its block shape: (out, in, kh, kw) in (bo, bi) channel blocks is
     (out, in*kh*kw) in (bo, bi*kh*kw) blocks; a matrix is returned as it is."""

@@ -9,7 +9,7 @@ from .costs import layer_costs
 from .functional import block_mask_of, check_block_shape
 from .blocks import matrix_view
 from .layers import KRON_LAYERS, KronLinear
-from .models import layer_dims, layer_weight
+from .model_tree import layer_dims, layer_weight
 
 
 @torch.no_grad()

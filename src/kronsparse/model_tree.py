@@ -6,7 +6,7 @@ from typing import Callable, Iterable
 
 from torch import Tensor, nn
 
-from .blocks import check_block_shape
+from .blocks import check_block_shape, tiles
 from .layers import KRON_LAYERS, KronSelectLinear
 
 LayerFilter = Callable[[str, nn.Module], bool]
@@ -37,16 +37,12 @@ def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if is_weight_layer(m)}
 
 
-def tiles(layer: nn.Module, block_shape) -> bool:
-    """True when block_shape tiles the layer's (out, in) weight (channels for a conv)."""
+def layer_tiled(layer: nn.Module, block_shape) -> bool:
+    """True when block_shape tiles the layer's (out, in) weight (channels for a conv); a Kronecker
+    layer only by its own block shape."""
     if isinstance(layer, KRON_LAYERS):
         return tuple(layer.block_shape) == tuple(block_shape)
-    i, o = layer_dims(layer)
-    try:
-        check_block_shape(o, i, block_shape)
-    except ValueError:
-        return False
-    return True
+    return tiles(*layer_dims(layer), block_shape)
 
 
 def find_layers(model: nn.Module, block_shape, layers: Iterable[str] | LayerFilter | None = None,
@@ -58,7 +54,7 @@ def find_layers(model: nn.Module, block_shape, layers: Iterable[str] | LayerFilt
     callable (name, module) -> bool choosing among the weight layers that are tiled. kinds: the
     module types the method can work on (exact types for nn.Linear and nn.Conv2d)."""
     shapes = [tuple(c) for c in candidates] if candidates else [tuple(block_shape)]
-    fits = lambda m: isinstance(m, KronSelectLinear) or all(tiles(m, s) for s in shapes)  # noqa: E731
+    fits = lambda m: isinstance(m, KronSelectLinear) or all(layer_tiled(m, s) for s in shapes)  # noqa: E731
     found = {n: m for n, m in weight_layers(model).items()
              if type(m) in kinds or any(k not in SPARSIFIABLE and isinstance(m, k) for k in kinds)}
     if layers is None or callable(layers):

@@ -9,10 +9,8 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from .functional import check_block_shape
-from .layers import KronConv2d, KronLinear
-from .model_tree import layer_dims, layer_weight  # noqa: F401  (re-exported: metrics reads them from here)
-from .layers import KronSelectLinear
+from .blocks import tiles
+from .layers import KronConv2d, KronLinear, KronSelectLinear
 from .vit import VIT_MODELS, build_vit
 
 LayerFactory = Callable[[int, int], nn.Module]
@@ -39,14 +37,6 @@ class FeedForward(nn.Module):
             if k < len(self.layers) - 1:
                 x = torch.relu(x)
         return x
-
-
-def tiles(in_features: int, out_features: int, block_shape) -> bool:
-    try:
-        check_block_shape(out_features, in_features, block_shape)
-    except ValueError:
-        return False
-    return True
 
 
 def build_model(name: str, factory: LayerFactory, num_features: int = 784, num_classes: int = 10) -> FeedForward:

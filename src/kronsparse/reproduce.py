@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from . import rundir
 from .config import TrainConfig, resolve_scale_pin
 from .limits import check_at_most
-from .models import ARCHITECTURES, build_model, dense_factory, kron_factory, tiles
+from .blocks import tiles
+from .models import ARCHITECTURES, build_model, dense_factory, kron_factory
 from .train import train
 
 SPARSE_METHODS = ("kron", "group-lasso", "elastic-group-lasso", "rigl", "iterative-pruning", "block-magnitude")

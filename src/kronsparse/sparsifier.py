@@ -20,7 +20,7 @@ from torch import nn
 from .functional import block_mask_of
 from .blocks import matrix_view
 from .methods import get_method
-from .model_tree import LayerFilter, find_layers, layer_weight, replace_module  # noqa: F401  (layer_weight re-exported)
+from .model_tree import LayerFilter, find_layers, layer_weight, replace_module
 
 
 class Sparsifier:

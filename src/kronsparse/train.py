@@ -21,7 +21,8 @@ from .checkpoint import candidates as checkpoint_candidates, list_checkpoints, s
 from .atomic import write_json, write_safetensors
 from .export import run_tensors
 from .metrics import accuracy, sparsity_metrics, training_costs
-from .models import build_model, layer_factory, layer_weight
+from .model_tree import layer_weight
+from .models import build_model, layer_factory
 from .methods import get_method
 from .sparsifier import Sparsifier
 

@@ -28,7 +28,8 @@ from .functional import block_mask_of
 from .atomic import write_text
 from .layers import KronLinear
 from .metrics import training_costs
-from .models import build_model, layer_factory, tiles
+from .blocks import tiles
+from .models import build_model, layer_factory
 from .vit import VIT_MODELS, ViT
 
 # The paper's Table 3 (CIFAR-100, 4x4 blocks; ViT-tiny), accuracy % and block sparsity %, METHOD.md §7.

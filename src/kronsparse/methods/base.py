@@ -63,8 +63,9 @@ class MethodOptions:
         return cls(**kwargs)
 
 
-def step_size(optimizer: torch.optim.Optimizer | None, param: Tensor, lr: float | None = None) -> float:
-    """The learning rate of param's group (the proximal threshold is lr * lambda); `lr` overrides it.
+def learning_rates(optimizer: torch.optim.Optimizer | None, params: list[Tensor], lr: float | None = None) -> list[float]:
+    """The learning rate of each param's group (the proximal threshold is lr * lambda), in one pass over
+    the optimizer's groups; `lr` overrides them all (tests without an optimizer).
 
     Under the Adam family this is not the step an entry takes (lr / sqrt(v_hat) per entry); the
     prox in Adam's metric was tried (threshold lr * lambda / sqrt(v_hat)) and collapsed LeNet-5 under
@@ -72,14 +73,14 @@ def step_size(optimizer: torch.optim.Optimizer | None, param: Tensor, lr: float 
     the steering's start (1e-3) is far above a conv net's S gradients. So lambda is steered in
     threshold units under every optimizer, and the final top-up guarantees the target."""
     if lr is not None:
-        return lr
+        return [lr] * len(params)
     if optimizer is None:
-        raise ValueError("step_size needs an optimizer or an lr")
-    for group in optimizer.param_groups:
-        if any(p is param for p in group["params"]):
-            return group["lr"]
-    raise ValueError("a sparsified layer's parameter is not in the optimizer: build the optimizer after the "
-                     "Sparsifier (it swaps layers), e.g. torch.optim.AdamW(sp.param_groups(), lr=...)")
+        raise ValueError("learning_rates needs an optimizer or an lr")
+    group_lr = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    if any(id(p) not in group_lr for p in params):
+        raise ValueError("a sparsified layer's parameter is not in the optimizer: build the optimizer after the "
+                         "Sparsifier (it swaps layers), e.g. torch.optim.AdamW(sp.param_groups(), lr=...)")
+    return [group_lr[id(p)] for p in params]
 
 
 def set_grad_hook(param: Tensor, fn=None) -> None:

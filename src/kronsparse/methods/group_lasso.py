@@ -15,7 +15,7 @@ phase), per layer by default (scope "global": one lambda for the model), the num
 never exceeds the ramp (the excess blocks of largest norm skip the shrink for that step), and the
 smallest active blocks are pruned at the end of the phase if the target is not reached, so the
 final block sparsity is the target (methods/steering.py). The threshold is lr * lambda with the
-optimizer's lr (methods/base.step_size).
+optimizer's lr (methods/base.learning_rates).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import block_mask_of, block_norms, expand_block_mask, group_lasso_penalty, group_shrink
-from .base import Method, mask_grad, step_size
+from .base import Method, learning_rates, mask_grad
 from .schedules import CubicSchedule
 from .steering import TargetSteering
 
@@ -76,7 +76,7 @@ class GroupLassoMethod(Method):
         if self.finalized or step >= self.sparsify_steps:
             self._apply_masks()
             return
-        steps = [step_size(optimizer, l.weight, lr) for l in self.layers]
+        steps = learning_rates(optimizer, [l.weight for l in self.layers], lr)
         self._prox(steps, step)
         if step >= self.sparsify_steps - 1:
             self.finalize(optimizer)

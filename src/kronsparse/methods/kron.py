@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ..functional import block_norms, soft_threshold
 from ..blocks import matrix_view
 from ..layers import KRON_LAYERS, KronConv2d, KronLinear, kron_like
-from .base import Method, MethodOptions, mask_grad, step_size
+from .base import Method, MethodOptions, learning_rates, mask_grad
 from .schedules import DelayedCubic
 from .steering import TargetSteering
 
@@ -161,7 +161,7 @@ class KronMethod(Method):
             self._apply_masks()
             return
         self._pin_scale()
-        self._prox([step_size(optimizer, l.S, lr) for l in self.layers], step)
+        self._prox(learning_rates(optimizer, [l.S for l in self.layers], lr), step)
         if step == self.sparsify_steps - 1:
             self.finalize(optimizer)
 

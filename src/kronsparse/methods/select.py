@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from ..functional import group_norm_shrink, soft_threshold
 from ..layers import KronSelectLinear, block_name
 from .schedules import DelayedCubic
+from .base import learning_rates
 from .steering import log_step
 from ..model_tree import replace_module
 from .kron import KronMethod, KronOptions, resolve_scale_pin
@@ -219,8 +220,8 @@ class SelectMethod(KronMethod):
     @torch.no_grad()
     def step(self, optimizer, step: int, lr: float | None = None) -> None:
         if self.selected is None:
-            lr = lr if lr is not None else next(g["lr"] for g in optimizer.param_groups if g["params"])
-            self._select_step(step, lr)
+            first_S = next(iter(self.layers[0].terms.values())).S  # every candidate's S shares one lr
+            self._select_step(step, learning_rates(optimizer, [first_S], lr)[0])
         else:
             super().step(optimizer, step, lr)
         self._record(step)

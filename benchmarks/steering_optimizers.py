@@ -16,9 +16,9 @@ from torch import nn
 from kronsparse import Sparsifier
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "steering-optimizers" / "result.json"
-OPTIMIZERS = {"sgd": lambda g: torch.optim.SGD(g, lr=0.05, momentum=0.9),
-              "adam": lambda g: torch.optim.Adam(g, lr=1e-3),
-              "adamw": lambda g: torch.optim.AdamW(g, lr=3e-3)}
+OPTIMIZERS = {"sgd": lambda sp: sp.optimizer(torch.optim.SGD, lr=0.05, momentum=0.9),
+              "adam": lambda sp: sp.optimizer(torch.optim.Adam, lr=1e-3),
+              "adamw": lambda sp: sp.optimizer(torch.optim.AdamW, lr=3e-3)}
 
 
 def run(name: str, steps: int = 3000, target: float = 0.5) -> dict:
@@ -28,7 +28,7 @@ def run(name: str, steps: int = 3000, target: float = 0.5) -> dict:
     x = torch.randn(64, 16, generator=g)
     y = (x @ torch.randn(3, 16, generator=g).t()).argmax(1)
     sp = Sparsifier(model, "kron", block_shape=(4, 4), rank=2, target_sparsity=target, total_steps=steps)
-    opt = OPTIMIZERS[name](sp.param_groups())
+    opt = OPTIMIZERS[name](sp)  # the factors at 8x the lr under Adam and AdamW
     for step in range(steps):
         batch = slice(16 * (step % 4), 16 * (step % 4 + 1))
         opt.zero_grad()
@@ -37,7 +37,7 @@ def run(name: str, steps: int = 3000, target: float = 0.5) -> dict:
         sp.step(opt)
     sp.finalize()
     zero = sum(round(s * 32) for s in sp.layer_sparsity().values())
-    return {"optimizer": name, "zero_blocks": zero, "topped_up_blocks": sp.method.topped_up,
+    return {"optimizer": name, "factor_lr": sp.summary()["factor_lr"], "zero_blocks": zero, "topped_up_blocks": sp.method.topped_up,
             "by_the_prox": zero - sp.method.topped_up, "final_lambda": sp.summary()["final_lambda"],
             "layer_sparsity": sp.layer_sparsity()}
 

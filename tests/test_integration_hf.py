@@ -30,7 +30,7 @@ def test_trainer_with_the_callback_ends_at_the_target_with_exact_zero_blocks(tmp
     model = transformers.ViTForImageClassification(config)
     steps = 24
     sp = Sparsifier(model, "kron", block_shape=(4, 4), rank=2, target_sparsity=0.5, total_steps=steps)
-    opt = torch.optim.AdamW(sp.param_groups(weight_decay=0.05), lr=1e-3)
+    opt = sp.optimizer(torch.optim.AdamW, lr=1e-3, weight_decay=0.05)
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8,
                                           report_to=[], save_strategy="steps", save_steps=12, logging_strategy="no",
                                           use_cpu=True, disable_tqdm=True)
@@ -56,7 +56,7 @@ def test_a_step_count_mismatch_is_refused(tmp_path):
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=10, report_to=[], use_cpu=True,
                                           save_strategy="no", disable_tqdm=True)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Images(),
-                                   optimizers=(torch.optim.AdamW(sp.param_groups(), lr=1e-3), None),
+                                   optimizers=(sp.optimizer(torch.optim.AdamW, lr=1e-3), None),
                                    callbacks=[SparsifierCallback(sp)])
     with pytest.raises(ValueError, match="total_steps=100"):
         trainer.train()

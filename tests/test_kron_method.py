@@ -21,7 +21,7 @@ def fit(lam: float | None, weight_decay: float, target=None, steps: int = 400, s
     sp = Sparsifier(model, "kron", block_shape=(2, 4), rank=2, lam=lam, target_sparsity=target,
                     weight_decay=weight_decay, sparsify_fraction=1.0 if target is None else 0.8, scale_pin=scale_pin,
                     total_steps=steps)
-    opt = torch.optim.SGD(sp.param_groups(), lr=0.02, momentum=0.9)
+    opt = sp.optimizer(torch.optim.SGD, lr=0.02, momentum=0.9)
     for step in range(steps):
         loss = (model(x) - y).pow(2).mean()
         opt.zero_grad()

@@ -98,7 +98,7 @@ def planted_fit(planted_shape, steps=1000, seed=0):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(inp, out))
     sp = Sparsifier(model, "select", candidates=[(2, 2), (2, 8), (2, 16)], rank=2, total_steps=steps)
-    opt = torch.optim.SGD(sp.param_groups(), lr=0.02, momentum=0.9)
+    opt = sp.optimizer(torch.optim.SGD, lr=0.02, momentum=0.9)
     for step in range(steps):
         loss = (model(x) - y).square().mean()
         opt.zero_grad()

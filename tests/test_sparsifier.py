@@ -12,6 +12,7 @@ What is checked, from the dense weights and independently of kronsparse.function
 
 import copy
 import importlib.util
+import warnings
 import math
 from pathlib import Path
 
@@ -24,8 +25,8 @@ from kronsparse.methods import METHODS
 from kronsparse.model_tree import layer_weight
 
 TARGET = 0.5
-OPTIMIZERS = {"sgd": lambda groups: torch.optim.SGD(groups, lr=0.05, momentum=0.9),
-              "adamw": lambda groups: torch.optim.AdamW(groups, lr=1e-2)}
+OPTIMIZERS = {"sgd": lambda sp: sp.optimizer(torch.optim.SGD, lr=0.05, momentum=0.9),
+              "adamw": lambda sp: sp.optimizer(torch.optim.AdamW, lr=1e-2)}
 SPARSE = ["kron", "select", "group-lasso", "elastic-group-lasso", "rigl", "iterative-pruning", "block-magnitude"]
 
 
@@ -92,7 +93,7 @@ def options(method: str) -> dict:
 
 def train(model, method, optimizer, batches, **kw):
     sp = Sparsifier(model, method, block_shape=(4, 4), total_steps=len(batches), **{**options(method), **kw})
-    opt = OPTIMIZERS[optimizer](sp.param_groups())
+    opt = OPTIMIZERS[optimizer](sp)
     for batch in batches:
         opt.zero_grad()
         loss_of(model, batch).backward()
@@ -174,7 +175,7 @@ def test_a_pruned_kron_block_never_revives_while_sparsifying(method, optimizer):
     model = Nested()
     batches = nested_batches(120)
     sp = Sparsifier(model, method, block_shape=(4, 4), total_steps=len(batches), **options(method))
-    opt = OPTIMIZERS[optimizer](sp.param_groups())
+    opt = OPTIMIZERS[optimizer](sp)
     seen, pruned_ever = {}, 0
     for batch in batches:
         opt.zero_grad()
@@ -199,7 +200,7 @@ def test_state_dict_round_trip_mid_run_is_bit_identical(method):
         torch.manual_seed(0)
         model = Nested()
         sp = Sparsifier(model, method, block_shape=(4, 4), total_steps=len(batches), **options(method))
-        return model, sp, OPTIMIZERS["adamw"](sp.param_groups())
+        return model, sp, OPTIMIZERS["adamw"](sp)
 
     def run(model, sp, opt, part):
         for batch in part:
@@ -258,15 +259,44 @@ def test_an_optimizer_built_before_the_swap_is_named_as_the_mistake():
 
 def test_kron_swaps_in_place_and_param_groups_keep_decay_off_S_biases_and_norms():
     model = Nested()
-    sp = Sparsifier(model, "kron", block_shape=(4, 4), rank=2, target_sparsity=0.5, total_steps=10)
+    sp = Sparsifier(model, "kron", block_shape=(4, 4), rank=2, target_sparsity=0.5, total_steps=10, factor_lr=1.0)
     assert type(model.proj).__name__ == "KronLinear" and type(model.stem).__name__ == "KronConv2d"
     assert type(model.head) is nn.Linear  # 3 outputs: not tiled
-    decay, rest = sp.param_groups(weight_decay=0.05)
-    assert decay["weight_decay"] == 0.05 and rest["weight_decay"] == 0.0
+    groups = sp.param_groups(weight_decay=0.05)
     names = {id(p): n for n, p in model.named_parameters()}
-    assert all(names[id(p)].endswith((".A", ".B", ".weight")) and "norm" not in names[id(p)] for p in decay["params"])
-    assert {names[id(p)] for p in rest["params"]} >= {"proj.S", "proj.bias", "blocks.0.norm.weight"}
-    assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
+    decay = [names[id(p)] for g in groups if g["weight_decay"] == 0.05 for p in g["params"]]
+    rest = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert all(n.endswith((".A", ".B", ".weight")) and "norm" not in n for n in decay)
+    assert rest >= {"proj.S", "proj.bias", "blocks.0.norm.weight"}
+    assert len(decay) + len(rest) == len(list(model.parameters()))
+    assert all("lr" not in g for g in groups)  # without lr: the optimizer's, for every group
+
+
+@pytest.mark.parametrize("cls, factor", [(torch.optim.AdamW, 8.0), (torch.optim.Adam, 8.0), (torch.optim.SGD, 1.0)])
+def test_factors_train_at_their_own_lr_multiple_under_adam_type_optimizers(cls, factor):
+    model = Nested()
+    sp = Sparsifier(model, "kron", block_shape=(4, 4), rank=2, target_sparsity=0.5, total_steps=10)
+    opt = sp.optimizer(cls, lr=1e-3, weight_decay=0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    lr_of = {names[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert len(lr_of) == len(names)
+    for name, lr in lr_of.items():
+        expected = 1e-3 * factor if name.endswith((".A", ".B", ".S")) else 1e-3
+        assert lr == pytest.approx(expected), name
+    decay_of = {names[id(p)]: g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay_of["proj.A"] == decay_of["proj.B"] == 0.05 and decay_of["proj.S"] == 0.0
+    explicit = Sparsifier(Nested(), "kron", block_shape=(4, 4), total_steps=10, factor_lr=3.0)
+    assert sorted(g["lr"] for g in explicit.optimizer(cls, lr=1e-3).param_groups) == pytest.approx([1e-3, 1e-3, 3e-3, 3e-3])
+
+
+def test_param_groups_without_lr_warn_that_the_factor_lr_is_not_applied():
+    sp = Sparsifier(Nested(), "kron", block_shape=(4, 4), total_steps=10)
+    with pytest.warns(UserWarning, match="Sparsifier.optimizer"):
+        sp.param_groups()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Sparsifier(Nested(), "kron", block_shape=(4, 4), total_steps=10, factor_lr=1.0).param_groups()
+        Sparsifier(Nested(), "kron", block_shape=(4, 4), total_steps=10).param_groups(lr=0.1, optimizer_cls=torch.optim.SGD)
 
 
 STEERING = Path(__file__).resolve().parents[1] / "benchmarks" / "steering_optimizers.py"

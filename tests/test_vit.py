@@ -126,7 +126,7 @@ def test_the_sparsifier_swaps_the_vit_of_the_users_loop():
     model = build_model("vit", dense_factory, 784, 10)
     sp = Sparsifier(model, "kron", block_shape=(4, 4), rank=4, target_sparsity=0.5, total_steps=6,
                     layers=ViT.sparsify_filter)
-    opt = torch.optim.AdamW(sp.param_groups(), lr=1e-3)
+    opt = sp.optimizer(torch.optim.AdamW, lr=1e-3)
     x, y = torch.randn(32, 784), torch.randint(0, 10, (32,))
     for _ in range(6):
         loss = nn.functional.cross_entropy(model(x), y)

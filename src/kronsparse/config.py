@@ -80,6 +80,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float | None = None  # None: method default (1e-3 on A, B for kron; 0 for dense)
     scale_pin: str = "auto"  # kron: how the scale is kept from escaping into A, see resolve_scale_pin
+    factor_lr: float | None = None  # kron/select: lr of A, B, S as a multiple of --lr; None: 8 under adam/adamw, else 1
     batch_size: int = 64
     epochs: int = 10
     sparsify_fraction: float = 0.7  # share of training that sparsifies; then the mask is frozen
@@ -108,12 +109,14 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
             if name in ("rank", "epochs", "batch_size"):
                 check_at_most(name, value)
-        for name in ("lr", "momentum", "lam", "weight_decay", "target_sparsity", "sparsify_fraction"):
+        for name in ("lr", "momentum", "lam", "weight_decay", "target_sparsity", "sparsify_fraction", "factor_lr"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(f"{_flag(name)} must be a finite number, got {value!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.factor_lr is not None and self.factor_lr <= 0:
+            raise ValueError(f"--factor-lr must be > 0, got {self.factor_lr}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay is not None and self.weight_decay < 0:

@@ -1,7 +1,7 @@
 """Sparsifier: every method of kronsparse on any PyTorch model, in the user's own training loop.
 
     sp = Sparsifier(model, method="kron", block_shape=(4, 4), rank=4, target_sparsity=0.5, total_steps=N)
-    opt = torch.optim.AdamW(sp.param_groups(weight_decay=0.05), lr=1e-3)
+    opt = sp.optimizer(torch.optim.AdamW, lr=1e-3, weight_decay=0.05)
     for step in range(N):
         ...; loss.backward(); opt.step(); sp.step(opt)
     sp.finalize()
@@ -66,10 +66,19 @@ class Sparsifier:
     def total_steps(self) -> int:
         return self.method.total_steps
 
-    def param_groups(self, weight_decay: float | None = None) -> list[dict]:
+    def param_groups(self, weight_decay: float | None = None, lr: float | None = None,
+                     optimizer_cls: type | None = None) -> list[dict]:
         """Parameter groups for the optimizer: weight decay (the method's default if None) on
-        weights and Kronecker factors A, B; never on S, biases or norms."""
-        return self.method.param_groups(self.model, weight_decay)
+        weights and Kronecker factors A, B; never on S, biases or norms. With `lr` (and the
+        optimizer's class) every group carries its lr: Kronecker factors train at `factor_lr` x lr
+        (8x under Adam-type optimizers, see KronOptions). `optimizer()` does all of this."""
+        return self.method.param_groups(self.model, weight_decay, lr, optimizer_cls)
+
+    def optimizer(self, optimizer_cls: type, lr: float, weight_decay: float | None = None,
+                  **kwargs) -> torch.optim.Optimizer:
+        """`optimizer_cls` over this model's parameter groups, e.g.
+        `sp.optimizer(torch.optim.AdamW, lr=1e-3, weight_decay=0.05)`; kwargs go to the optimizer."""
+        return optimizer_cls(self.param_groups(weight_decay, lr, optimizer_cls), lr=lr, **kwargs)
 
     @torch.no_grad()
     def step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -36,23 +36,27 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"unknown device {name!r}; use cpu or cuda") from None
 
 
-def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
-    """SGD (with momentum), Adam or AdamW; fused kernels where this torch has them for the device."""
-    classes = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-    if cfg.optimizer not in classes:
-        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid optimizers: {', '.join(sorted(classes))}")
-    kw = {"lr": cfg.lr, **({"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {})}
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def make_optimizer(cfg: TrainConfig, sparsifier: Sparsifier) -> torch.optim.Optimizer:
+    """SGD (with momentum), Adam or AdamW over the sparsifier's groups (Kronecker factors at their
+    own lr); fused kernels where this torch has them for the device."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid optimizers: {', '.join(sorted(OPTIMIZERS))}")
+    cls = OPTIMIZERS[cfg.optimizer]
+    kw = {"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}
     try:  # one call over all tensors instead of a Python loop (KronLinear has 4 of them)
-        return classes[cfg.optimizer](groups, fused=True, **kw)
+        return sparsifier.optimizer(cls, cfg.lr, fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):
-        return classes[cfg.optimizer](groups, foreach=True, **kw)
+        return sparsifier.optimizer(cls, cfg.lr, foreach=True, **kw)
 
 
 def method_options(cfg: TrainConfig, steps_per_epoch: int) -> dict:
     """The Sparsifier options a config means (each method takes the ones its Options know)."""
     values = {"target_sparsity": cfg.target_sparsity, "lam": cfg.lam, "sparsify_fraction": cfg.sparsify_fraction,
               "weight_decay": cfg.weight_decay, "seed": cfg.seed, "rank": cfg.rank, "scale_pin": cfg.scale_pin,
-              "path": cfg.path, "candidates": cfg.candidates, "steps_per_epoch": steps_per_epoch}
+              "path": cfg.path, "candidates": cfg.candidates, "factor_lr": cfg.factor_lr, "steps_per_epoch": steps_per_epoch}
     known = {f.name for f in dataclasses.fields(get_method(cfg.method).Options)}
     return {k: v for k, v in values.items() if k in known and v is not None}
 
@@ -92,7 +96,7 @@ class Run:
                                      layers=getattr(self.model, "sparsify_filter", None),  # vit: not its patch embedding
                                      **method_options(cfg, self.steps_per_epoch))
         self.method = self.sparsifier.method
-        self.optimizer = make_optimizer(cfg, self.sparsifier.param_groups())
+        self.optimizer = make_optimizer(cfg, self.sparsifier)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0

@@ -1,14 +1,15 @@
 """Drive a kronsparse Sparsifier from a Hugging Face `transformers.Trainer` (extra: kronsparse[hf]).
 
     sp = Sparsifier(model, "kron", block_shape=(4, 4), rank=4, target_sparsity=0.5, total_steps=max_steps)
-    opt = torch.optim.AdamW(sp.param_groups(weight_decay=0.05), lr=1e-3)
+    opt = sp.optimizer(torch.optim.AdamW, lr=1e-3, weight_decay=0.05)
     trainer = Trainer(model=model, args=TrainingArguments(..., max_steps=max_steps), optimizers=(opt, None),
                       callbacks=[SparsifierCallback(sp)], ...)
     trainer.train()   # sp.step after every optimizer step, sp.finalize at the end
 
-Build the Sparsifier before the Trainer (it swaps layers) and give the Trainer an optimizer over
-`sp.param_groups()`, so S, biases and norms get no weight decay. Each checkpoint folder gets the
-Sparsifier's state as `sparsifier.pt`; to resume, `sp.load_state_dict(torch.load(path))` before
+Build the Sparsifier before the Trainer (it swaps layers) and give the Trainer the optimizer
+`sp.optimizer(...)` builds, so S, biases and norms get no weight decay and the Kronecker factors
+their own learning rate. Each checkpoint folder gets the Sparsifier's state as `sparsifier.pt`; to
+resume, `sp.load_state_dict(torch.load(path))` before
 `trainer.train(resume_from_checkpoint=...)`.
 """
 

@@ -4,7 +4,7 @@ A method is driven by a `kronsparse.Sparsifier` (or by `kronsparse train`, which
 
 - `prepare(model, layers)`: the layers it sparsifies, by name (found through `named_modules()`);
   methods that train Kronecker factors get them already swapped in.
-- `param_groups(model, weight_decay)`: how the optimizer treats each parameter.
+- `param_groups(model, weight_decay, lr, optimizer_cls)`: how the optimizer treats each parameter.
 - `step(optimizer, step)`: after every `optimizer.step()`: proximal maps, masks, RigL updates. The
   learning rate is read from the optimizer.
 - `finalize(optimizer)`: exact zero blocks everywhere (the last top-up, pruning folded into plain
@@ -83,6 +83,21 @@ def learning_rates(optimizer: torch.optim.Optimizer | None, params: list[Tensor]
     return [group_lr[id(p)] for p in params]
 
 
+# Optimizers whose step is normalised per entry (about lr whatever the gradient's size)
+ADAPTIVE_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,
+                       torch.optim.RAdam, torch.optim.Adagrad, torch.optim.RMSprop)
+
+
+def with_lr(groups: list[dict], lr: float | None) -> list[dict]:
+    """Groups with their learning rate: lr times the group's "lr_scale" (1 if none); unchanged
+    without lr. "lr_scale" is dropped either way (optimizers do not know it)."""
+    out = []
+    for g in groups:
+        scale = g.pop("lr_scale", 1.0)
+        out.append(g if lr is None else {**g, "lr": lr * scale})
+    return out
+
+
 def set_grad_hook(param: Tensor, fn=None) -> None:
     """From now on param's gradient passes through fn(grad) -> grad (None: unchanged). One hook per
     parameter, whose function lives on the parameter: a later method on the same model replaces it."""
@@ -138,12 +153,14 @@ class Method:
         The matrix is a view, so in-place changes reach W."""
         return matrix_view(W, self.options.block_shape)
 
-    def param_groups(self, model: nn.Module, weight_decay: float | None = None) -> list[dict]:
-        """Weight decay on weights, never on biases or other vectors (norms)."""
+    def param_groups(self, model: nn.Module, weight_decay: float | None = None, lr: float | None = None,
+                     optimizer_cls: type | None = None) -> list[dict]:
+        """Weight decay on weights, never on biases or other vectors (norms). With `lr`, every group
+        carries its learning rate (methods that train Kronecker factors give those their own)."""
         wd = self.weight_decay(weight_decay)
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        return [{"params": [p for n, p in params if p.dim() > 1], "weight_decay": wd},
-                {"params": [p for n, p in params if p.dim() <= 1], "weight_decay": 0.0}]
+        return with_lr([{"params": [p for n, p in params if p.dim() > 1], "weight_decay": wd},
+                        {"params": [p for n, p in params if p.dim() <= 1], "weight_decay": 0.0}], lr)
 
     def weight_decay(self, override: float | None = None) -> float:
         for value in (override, self.options.weight_decay):

@@ -48,6 +48,18 @@ for _k in (1.0, 2.0, 4.0, 8.0, 16.0):
         VARIANTS[f"kron-nosparse-lr{_k:g}"] = ({**NONE, "factor_lr": _k}, f"factors at {_k:g}x the lr, no penalty")
 for _k in (4.0, 8.0):
     VARIANTS[f"kron-floor-lr{_k:g}"] = ({**SPARSE, "_floor": True, "factor_lr": _k}, f"floor, factors at {_k:g}x the lr")
+for _lam in (0.01, 0.03, 0.1, 0.3):  # where lambda's steering starts (1e-3 by default, set for SGD)
+    VARIANTS[f"kron-lam{_lam:g}"] = ({**SPARSE, "lam": _lam}, f"lambda steered from {_lam:g} (default 1e-3)")
+VARIANTS["group-lasso"] = ({"method": "group-lasso", "target_sparsity": 0.5}, "group lasso, lambda steered from 1e-3")
+VARIANTS["group-lasso-lam0.1"] = ({"method": "group-lasso", "target_sparsity": 0.5, "lam": 0.1},
+                                  "group lasso, lambda steered from 0.1")
+# the same at DeiT-tiny's width (hidden 192, 3 heads, MLP 768; 4 blocks, patch 7): is 8x right for wider layers?
+WIDE = {"_vit": {"hidden": 192, "depth": 4, "heads": 3, "mlp": 768, "patch": 7}}
+VARIANTS["wide-dense"] = ({**WIDE, "method": "dense"}, "hidden 192: dense W")
+VARIANTS["wide-block-magnitude"] = ({**WIDE, "method": "block-magnitude", "target_sparsity": 0.5},
+                                    "hidden 192: block magnitude pruning")
+for _k in (1.0, 8.0, 16.0):
+    VARIANTS[f"wide-kron-lr{_k:g}"] = ({**WIDE, **SPARSE, "factor_lr": _k}, f"hidden 192: factors at {_k:g}x the lr")
 MAIN = {"_base": MNIST, "method": "kron", "block_shape": (2, 2), "rank": 2, "target_sparsity": 0.6}
 R4 = {"_base": MNIST, "method": "kron", "block_shape": (2, 16), "rank": 4, "target_sparsity": 0.5}
 VARIANTS["mnist-main"] = (MAIN, "MNIST main job: linear, 2x2, rank 2, 60%, SGD (factors at x1 under SGD)")
@@ -98,6 +110,10 @@ def _one(name: str, seed: int) -> dict:
     if overrides.pop("_floor", False):
         _patch_floor()
     base = overrides.pop("_base", QUICK)
+    if "_vit" in overrides:  # this worker's "vit" has another shape
+        from kronsparse import vit
+
+        vit.VIT_MODELS["vit"] = vit.ViTSpec(**overrides.pop("_vit"))
     cfg = TrainConfig(**{**base, **overrides, "seed": seed})
     with tempfile.TemporaryDirectory() as tmp:
         m = train(cfg, out=Path(tmp) / "run", progress=False)

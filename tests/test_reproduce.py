@@ -111,3 +111,20 @@ def test_every_plot_has_a_title_labelled_axes_and_a_legend_or_colour_bar(tiny_ru
             for ax in fig.axes:
                 assert ax.get_xlabel() and (ax.get_ylabel() or ax is not fig.axes[0]), name
             assert any(label.startswith("select") for label in labels), name
+
+
+@pytest.mark.parametrize("which", ["mnist", "vit"])
+def test_a_reports_command_makes_the_runs_config(which):
+    """The command a report prints for a run, parsed by the CLI, gives back that run's config
+    (lambda and the factor lr included, where a run set them)."""
+    import shlex
+
+    from kronsparse import vit_report
+    from kronsparse.cli import build_parser, config_from_args
+
+    base = dict(method="kron", block_shape=(4, 4), rank=4, target_sparsity=0.5, lam=0.1, factor_lr=4.0, seed=3)
+    cfg = TrainConfig(**base) if which == "mnist" else TrainConfig(
+        **base, model="vit", dataset="fashion-mnist", optimizer="adamw", lr=1e-3, batch_size=128, epochs=3, n_train=20000)
+    line = command_of({"config": cfg.to_dict()}) if which == "mnist" else vit_report.command_of(cfg.to_dict())
+    argv = shlex.split(line.replace("--out DIR", "--out unused"))[1:]
+    assert config_from_args(build_parser().parse_args(argv)).to_dict() == cfg.to_dict()

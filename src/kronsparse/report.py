@@ -72,6 +72,9 @@ def command_of(m: dict) -> str:
         parts.append("--no-standardize")
     if c.get("method") in ("kron", "select") and explicit_scale_pin(c):
         parts.append(f"--scale-pin {c['scale_pin']}")
+    for key in ("lam", "factor_lr"):
+        if c.get(key) is not None:
+            parts.append(f"{'--lambda' if key == 'lam' else '--factor-lr'} {c[key]:g}")
     for key in ("n_train", "n_test"):
         if c.get(key):
             parts.append(f"--{key.replace('_', '-')} {c[key]}")

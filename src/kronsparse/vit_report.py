@@ -179,6 +179,9 @@ def command_of(c: dict) -> str:
         parts.append("--candidates " + ",".join(block_name(b) for b in c["candidates"]))
     if c.get("standardize"):
         parts.append("--standardize")
+    for key in ("lam", "factor_lr"):
+        if c.get(key) is not None:
+            parts.append(f"{'--lambda' if key == 'lam' else '--factor-lr'} {c[key]:g}")
     for key in ("n_train", "n_test"):
         if c.get(key):
             parts.append(f"--{key.replace('_', '-')} {c[key]}")

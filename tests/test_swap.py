@@ -74,3 +74,14 @@ def test_fresh_init_keeps_the_dense_weight_variance_where_svd_of_a_random_weight
     assert torch.equal(fresh[0].bias, dense[0].bias) and isinstance(fresh[0], KronLinear)
     with pytest.raises(ValueError, match="unknown init"):
         swap_linear_(copy.deepcopy(dense), block_shape, init="zeros")
+
+
+def test_weight_layers_do_not_descend_into_a_weight_layer():
+    """A KronSelectLinear's candidate terms are part of it, not layers of the model (the one-layer
+    rule of the scale pin and the ViT's metrics count layers)."""
+    from kronsparse.layers import KronSelectLinear
+    from kronsparse.model_tree import weight_layers
+
+    model = nn.Sequential(KronSelectLinear(16, 8, [(2, 2), (4, 4)], rank=1), nn.ReLU(), nn.Linear(8, 4))
+    assert list(weight_layers(model)) == ["0", "2"]
+    assert list(weight_layers(model[0])) == [""]

@@ -68,6 +68,8 @@ def test_train_vit_reaches_the_target_in_every_layer(method, tmp_path):
     assert m["block_sparsity"] == 0.5
     assert 0 not in m["sparsified_layers"]  # the patch embedding stays dense
     assert len(m["sparsified_layers"]) == 16  # qkv, proj, fc1, fc2 of 4 blocks; 4x4 does not tile the head
+    if method != "rigl":  # the Kronecker factors train at 8x AdamW's lr
+        assert m["factor_lr"] == 8.0
 
 
 def test_reproduce_fashion_vit_writes_the_report(tmp_path, monkeypatch):
@@ -104,19 +106,6 @@ def test_train_vit_on_cuda(tmp_path):
     assert m["block_sparsity"] == 0.5 and m["device"].startswith("cuda")
 
 
-def test_the_readme_vit_tables_are_the_committed_runs():
-    """The README's fashion-vit tables equal the table.md files the commands wrote."""
-    from pathlib import Path
-
-    from test_readme_results import section, tables
-
-    root = Path(__file__).resolve().parents[1]
-    found = tables(section("Vision transformers: Table 3 and block-size selection in miniature"))
-    for table, folder in zip(found, ("fashion-vit-quick", "fashion-vit-3seeds")):
-        assert table == tables((root / "results" / folder / "table.md").read_text(encoding="utf-8"))[0]
-    assert len(found) == 2
-
-
 def test_the_sparsifier_swaps_the_vit_of_the_users_loop():
     """The user's path: our ViT built with nn.Linear, the Sparsifier swaps every tiled Linear."""
     from kronsparse import Sparsifier
@@ -137,3 +126,19 @@ def test_the_sparsifier_swaps_the_vit_of_the_users_loop():
     sp.finalize()
     assert len(sp.layers) == 16 and sp.block_sparsity() == 0.5
     assert isinstance(model.blocks[0].attn.qkv, KronLinear) and type(model.patch_embed) is nn.Conv2d
+
+
+def test_a_select_vit_lists_each_layer_once_so_metrics_run_before_the_selection():
+    """The full fashion-vit run evaluates after epoch 1, before select has chosen: the ViT's layers
+    must be its weight layers (one per position), not also the candidate terms inside them."""
+    from kronsparse.models import build_model, layer_factory
+    from kronsparse.sparsifier import Sparsifier
+
+    cfg = TrainConfig(method="select", model="vit", block_shape=(2, 2), candidates=((2, 2), (4, 4)), rank=2)
+    model = build_model("vit", layer_factory(cfg), 784, 10)
+    sp = Sparsifier(model, "select", block_shape=(2, 2), candidates=((2, 2), (4, 4)), target_sparsity=0.5,
+                    total_steps=100, layers=model.sparsify_filter)
+    assert sp.method.selected is None
+    assert len(model.layers) == len(model.positions) == 1 + 16 + 1
+    x = torch.randn(4, 784)
+    assert model(x).shape == (4, 10)

@@ -141,6 +141,9 @@ MUTATIONS = [
              "return torch.nn.functional.linear(x, _build_weight(S * A, B).detach(), bias)",
              ["tests/test_train.py::test_one_epoch_writes_files_that_agree_with_the_json",
               "tests/test_train.py::test_the_method_learns_on_the_linear_model"]),
+    Mutation("factor-lr-ignored", "Kronecker factors at 8x the lr under Adam-type optimizers", "src/kronsparse/methods/kron.py",
+             "        return ADAPTIVE_FACTOR_LR if adaptive else 1.0\n", "        return 1.0\n",
+             ["tests/test_sparsifier.py::test_factors_train_at_their_own_lr_multiple_under_adam_type_optimizers"]),
 ]
 
 

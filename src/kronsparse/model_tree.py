@@ -33,8 +33,14 @@ def is_weight_layer(module: nn.Module) -> bool:
 
 
 def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every weight layer of `model` by name (the model itself is named "")."""
-    return {name: m for name, m in model.named_modules() if is_weight_layer(m)}
+    """Every weight layer of `model` by name (the model itself is named ""), in registration order;
+    not those inside another (a KronSelectLinear's candidate terms are part of it)."""
+    found: dict[str, nn.Module] = {}
+    for name, m in model.named_modules():  # parents come before their children
+        inside = any(outer == "" or name.startswith(outer + ".") for outer in found)
+        if not inside and is_weight_layer(m):
+            found[name] = m
+    return found
 
 
 def layer_tiled(layer: nn.Module, block_shape) -> bool:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from .model_tree import is_weight_layer
+from .model_tree import weight_layers
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class ViT(nn.Module):
     @property
     def layers(self) -> list[nn.Module]:
         """The weight layers in forward order, as they are now (a Sparsifier may have swapped some)."""
-        return [m for m in self.modules() if is_weight_layer(m)]
+        return list(weight_layers(self).values())
 
     @property
     def positions(self) -> list[int]:

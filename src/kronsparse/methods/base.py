@@ -93,8 +93,8 @@ def with_lr(groups: list[dict], lr: float | None) -> list[dict]:
     without lr. "lr_scale" is dropped either way (optimizers do not know it)."""
     out = []
     for g in groups:
-        scale = g.pop("lr_scale", 1.0)
-        out.append(g if lr is None else {**g, "lr": lr * scale})
+        plain = {k: v for k, v in g.items() if k != "lr_scale"}
+        out.append(plain if lr is None else {**plain, "lr": lr * g.get("lr_scale", 1.0)})
     return out
 
 

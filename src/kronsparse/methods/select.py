@@ -51,7 +51,7 @@ from .schedules import DelayedCubic
 from .base import learning_rates
 from .steering import log_step
 from ..model_tree import replace_module
-from .kron import KronMethod, KronOptions, resolve_scale_pin
+from .kron import KronMethod, KronOptions
 
 SELECTION_RULE = ("the candidate left when the group lasso has zeroed all others; if several survive the "
                   "selection phase, the one carrying the most weight (largest ||W_k||_F)")
@@ -131,7 +131,9 @@ class SelectMethod(KronMethod):
         if layers is None:
             layers = {n: m for n, m in model.named_modules() if isinstance(m, KronSelectLinear)}
         self.model = model
-        self.pin = self.pin or resolve_scale_pin(self.options.scale_pin, model)
+        # "auto" is "norm" on every model: every select result was made so (the one-layer rule of
+        # kron.resolve_scale_pin counted the candidate terms as layers until 2026-12-01)
+        self.pin = self.pin or "norm"
         self.names = [n for n, l in layers.items() if isinstance(l, KronSelectLinear)]
         self.layers = [layers[n] for n in self.names]
         if not self.layers:

@@ -253,3 +253,29 @@ def test_the_quick_prose_gaps_follow_from_the_quick_table():
     for shown, block in ((gap_2x2, "2x2"), (gap_2x16, "2x16")):
         assert abs(float(shown) - (acc[("block-magnitude", block)] - acc[("kron", block)])) <= 0.05 + 1e-9
     assert f"(2x2: {acc[('kron (scale-pin decay)', '2x2')]:.2f}% at the end)" in text
+
+
+VIT = "Vision transformers: Table 3 and block-size selection in miniature"
+
+
+def report_claims(path: Path) -> list[str]:
+    report = path.read_text(encoding="utf-8")
+    return [l for l in report.split("## The paper's claims")[1].split("\n## ")[0].splitlines() if l.startswith("- ")]
+
+
+def test_the_vit_tables_and_claims_are_their_reports():
+    """Quick run, 3 seeds of the quick setting, the full run: each README table is its table.md,
+    and the claims the README lists are those of the full run's report."""
+    text = section(VIT)
+    files = [tables((ROOT / "results" / name / "table.md").read_text(encoding="utf-8"))[0]
+             for name in ("fashion-vit-quick", "fashion-vit-3seeds", "fashion-vit-full")]
+    assert tables(text) == files
+    readme_claims = [l for l in text.split("The paper's claims over the full run's three seeds")[1].splitlines()
+                     if l.startswith("- ")]
+    assert readme_claims == report_claims(ROOT / "results/fashion-vit-full/report.md")
+
+
+def test_the_variants_table_is_its_file():
+    text = section("The method's accuracy gap on the ViT")
+    (table,) = tables((ROOT / "results/vit-variants/table.md").read_text(encoding="utf-8"))
+    assert tables(text)[0] == table

@@ -2,7 +2,7 @@
 per run, one thread each. A variant is the fashion-vit quick setting (3 epochs on the first 20,000
 Fashion-MNIST training images, AdamW 1e-3, batch 128, 4x4 blocks, rank 4, 50% target) unless its
 name says otherwise: full- (10 epochs on all 60,000 images), wide- (hidden 192, MLP 768, 3 heads),
-mnist- (the README's MNIST linear model under SGD). Variants that are not library options (the
+mnist- (the README's MNIST linear model under SGD), adam- (MNIST MLP and LeNet-5 under Adam). Variants that are not library options (the
 ramp as a floor) patch the method in their own worker.
 
     KRONSPARSE_DATA=../shared/data python benchmarks/vit_variants.py --out results/vit-variants \
@@ -70,6 +70,16 @@ VARIANTS["full-kron-nosparse"] = ({"_base": FULL, **NONE}, "full setting: Kronec
 VARIANTS["full-kron-r8"] = ({"_base": FULL, **SPARSE, "rank": 8}, "full setting: rank 8 (8x lr), 50%")
 for _k in (4.0, 16.0):
     VARIANTS[f"full-kron-lr{_k:g}"] = ({"_base": FULL, **SPARSE, "factor_lr": _k}, f"full setting: factors at {_k:g}x the lr, 50%")
+# the default's reach: Adam on the MNIST MLP (784-300-100-10) and LeNet-5, 2 epochs, 2x2 blocks, rank 2, 60%
+ADAM = {**MNIST, "optimizer": "adam", "lr": 1e-3, "epochs": 2}
+for _model in ("mlp", "lenet5"):
+    _b = {"_base": {**ADAM, "model": _model}, "block_shape": (2, 2), "rank": 2}
+    VARIANTS[f"adam-{_model}-dense"] = ({**_b, "method": "dense"}, f"Adam, MNIST {_model}: dense W")
+    VARIANTS[f"adam-{_model}-block-magnitude"] = ({**_b, "method": "block-magnitude", "target_sparsity": 0.6},
+                                                 f"Adam, MNIST {_model}: block magnitude pruning, 60% of 2x2")
+    for _k in (1.0, 8.0):
+        VARIANTS[f"adam-{_model}-kron-lr{_k:g}"] = ({**_b, "method": "kron", "target_sparsity": 0.6, "factor_lr": _k},
+                                                   f"Adam, MNIST {_model}: kron 60% of 2x2, factors at {_k:g}x the lr")
 MAIN = {"_base": MNIST, "method": "kron", "block_shape": (2, 2), "rank": 2, "target_sparsity": 0.6}
 R4 = {"_base": MNIST, "method": "kron", "block_shape": (2, 16), "rank": 4, "target_sparsity": 0.5}
 VARIANTS["mnist-main"] = (MAIN, "MNIST main job: linear, 2x2, rank 2, 60%, SGD (factors at x1 under SGD)")

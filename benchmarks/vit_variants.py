@@ -2,8 +2,9 @@
 per run, one thread each. A variant is the fashion-vit quick setting (3 epochs on the first 20,000
 Fashion-MNIST training images, AdamW 1e-3, batch 128, 4x4 blocks, rank 4, 50% target) unless its
 name says otherwise: full- (10 epochs on all 60,000 images), wide- (hidden 192, MLP 768, 3 heads),
-mnist- (the README's MNIST linear model under SGD), adam- (MNIST MLP and LeNet-5 under Adam). Variants that are not library options (the
-ramp as a floor) patch the method in their own worker.
+mnist- (the README's MNIST linear model under SGD), adam- and sgd- (MNIST MLP and LeNet-5, 2
+epochs, under Adam or SGD; mlp10: 10 epochs; sgd05: SGD at lr 0.05). Variants that are not library options (the ramp as a floor) patch the
+method in their own worker.
 
     KRONSPARSE_DATA=../shared/data python benchmarks/vit_variants.py --out results/vit-variants \
         --seeds 0,1,2 --jobs 2 VARIANT [VARIANT ...]
@@ -80,6 +81,33 @@ for _model in ("mlp", "lenet5"):
     for _k in (1.0, 8.0):
         VARIANTS[f"adam-{_model}-kron-lr{_k:g}"] = ({**_b, "method": "kron", "target_sparsity": 0.6, "factor_lr": _k},
                                                    f"Adam, MNIST {_model}: kron 60% of 2x2, factors at {_k:g}x the lr")
+# and under SGD on the MLP (the quick row: 2 epochs, 2x2, rank 2, 60%, SGD 0.01)
+_b = {"_base": {**MNIST, "model": "mlp", "epochs": 2}, "block_shape": (2, 2), "rank": 2}
+VARIANTS["sgd-mlp-block-magnitude"] = ({**_b, "method": "block-magnitude", "target_sparsity": 0.6},
+                                       "SGD, MNIST mlp: block magnitude pruning, 60% of 2x2")
+for _k in (1.0, 2.0, 4.0, 8.0):
+    VARIANTS[f"sgd-mlp-kron-lr{_k:g}"] = ({**_b, "method": "kron", "target_sparsity": 0.6, "factor_lr": _k},
+                                         f"SGD, MNIST mlp: kron 60% of 2x2, factors at {_k:g}x the lr")
+_b = {"_base": {**MNIST, "model": "mlp", "epochs": 2, "lr": 0.05}, "block_shape": (2, 2), "rank": 2}
+for _k in (1.0, 8.0):  # SGD at 5x the README's lr: does 8x still train?
+    VARIANTS[f"sgd05-mlp-kron-lr{_k:g}"] = ({**_b, "method": "kron", "target_sparsity": 0.6, "factor_lr": _k},
+                                           f"SGD lr 0.05, MNIST mlp: kron 60% of 2x2, factors at {_k:g}x the lr")
+_b = {"_base": {**MNIST, "model": "lenet5", "epochs": 2}, "block_shape": (2, 2), "rank": 2}
+VARIANTS["sgd-lenet5-block-magnitude"] = ({**_b, "method": "block-magnitude", "target_sparsity": 0.6},
+                                          "SGD, MNIST lenet5: block magnitude pruning, 60% of 2x2")
+for _k in (1.0, 8.0):
+    VARIANTS[f"sgd-lenet5-kron-lr{_k:g}"] = ({**_b, "method": "kron", "target_sparsity": 0.6, "factor_lr": _k},
+                                            f"SGD, MNIST lenet5: kron 60% of 2x2, factors at {_k:g}x the lr")
+_b = {"_base": {**MNIST, "model": "mlp"}, "block_shape": (2, 2), "rank": 2}
+VARIANTS["sgd-mlp10-block-magnitude"] = ({**_b, "method": "block-magnitude", "target_sparsity": 0.6},
+                                         "SGD, MNIST mlp, 10 epochs: block magnitude pruning, 60% of 2x2")
+for _k in (1.0, 8.0):
+    VARIANTS[f"sgd-mlp10-kron-lr{_k:g}"] = ({**_b, "method": "kron", "target_sparsity": 0.6, "factor_lr": _k},
+                                           f"SGD, MNIST mlp, 10 epochs: kron 60% of 2x2, factors at {_k:g}x the lr")
+for _k in (1.0, 8.0):  # the one-layer model under Adam (lr 1e-3, 10 epochs, the main job's blocks)
+    VARIANTS[f"adam-linear-kron-lr{_k:g}"] = ({"_base": {**MNIST, "optimizer": "adam", "lr": 1e-3}, "method": "kron",
+                                              "block_shape": (2, 2), "rank": 2, "target_sparsity": 0.6, "factor_lr": _k},
+                                             f"Adam, MNIST linear, 10 epochs: kron 60% of 2x2, factors at {_k:g}x the lr")
 MAIN = {"_base": MNIST, "method": "kron", "block_shape": (2, 2), "rank": 2, "target_sparsity": 0.6}
 R4 = {"_base": MNIST, "method": "kron", "block_shape": (2, 16), "rank": 4, "target_sparsity": 0.5}
 VARIANTS["mnist-main"] = (MAIN, "MNIST main job: linear, 2x2, rank 2, 60%, SGD (factors at x1 under SGD)")
@@ -135,12 +163,17 @@ def _one(name: str, seed: int) -> dict:
 
         vit.VIT_MODELS["vit"] = vit.ViTSpec(**overrides.pop("_vit"))
     cfg = TrainConfig(**{**base, **overrides, "seed": seed})
+    settings = {k: v for k, v in VARIANTS[name][0].items() if k != "_base"}
     with tempfile.TemporaryDirectory() as tmp:
-        m = train(cfg, out=Path(tmp) / "run", progress=False)
+        try:
+            m = train(cfg, out=Path(tmp) / "run", progress=False)
+        except FloatingPointError as err:  # a diverged run is a result too
+            return {"variant": name, "seed": seed, "test_accuracy": None, "diverged": str(err).split(";")[0],
+                    "block_sparsity": None, "trainable_params": None, "settings": settings}
     return {"variant": name, "seed": seed, "test_accuracy": m["test_accuracy"], "block_sparsity": m["block_sparsity"],
             "factor_lr": m.get("factor_lr"),
             "trainable_params": m.get("train_params"), "topped_up_blocks": m.get("topped_up_blocks"),
-            "wall_seconds": m["wall_seconds"], "settings": {k: v for k, v in VARIANTS[name][0].items() if k != "_base"}}
+            "wall_seconds": m["wall_seconds"], "settings": settings}
 
 
 def write_table(out: Path) -> None:
@@ -151,6 +184,11 @@ def write_table(out: Path) -> None:
     lines = ["| variant | what changes | seeds | accuracy % (mean ± std over seeds) | block sparsity % | train params |",
              "|---|---|---|---|---|---|"]
     for name, rs in by.items():
+        if any(r["test_accuracy"] is None for r in rs):
+            failed = next(r for r in rs if r["test_accuracy"] is None)
+            lines.append(f"| {name} | {VARIANTS.get(name, ({}, ''))[1]} | {len(rs)} | {failed['diverged']} (seed "
+                         f"{failed['seed']}) |  |  |")
+            continue
         acc = [100 * r["test_accuracy"] for r in rs]
         spread = f" ± {statistics.stdev(acc):.2f}" if len(acc) > 1 else ""
         params = next((r["trainable_params"] for r in rs if r["trainable_params"]), None)
@@ -186,8 +224,9 @@ def main() -> None:
         for r in pool.map(_one, [t[0] for t in todo], [t[1] for t in todo]):
             with log.open("a") as f:
                 f.write(json.dumps(r) + "\n")
-            print(f"{r['variant']} seed {r['seed']}: {100 * r['test_accuracy']:.2f}% at {100 * r['block_sparsity']:.2f}%",
-                  flush=True)
+            result = (r.get("diverged") if r["test_accuracy"] is None else
+                      f"{100 * r['test_accuracy']:.2f}% at {100 * r['block_sparsity']:.2f}%")
+            print(f"{r['variant']} seed {r['seed']}: {result}", flush=True)
             write_table(a.out)
 
 

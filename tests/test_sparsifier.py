@@ -285,6 +285,11 @@ def test_factors_train_at_their_own_lr_multiple_under_adam_type_optimizers(cls, 
         assert lr == pytest.approx(expected), name
     decay_of = {names[id(p)]: g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     assert decay_of["proj.A"] == decay_of["proj.B"] == 0.05 and decay_of["proj.S"] == 0.0
+    for method, kw in (("kron", {}), ("select", {"candidates": [(2, 2), (4, 4)]})):  # the paper's one-layer model
+        one = Sparsifier(nn.Sequential(nn.Linear(64, 8)), method, block_shape=(2, 2), total_steps=10, **kw)
+        assert {g["lr"] for g in one.optimizer(cls, lr=1e-3).param_groups} == {1e-3}
+    decay_pin = Sparsifier(Nested(), "kron", block_shape=(4, 4), total_steps=10, scale_pin="decay")
+    assert {g["lr"] for g in decay_pin.optimizer(cls, lr=1e-3).param_groups} == {1e-3}
     explicit = Sparsifier(Nested(), "kron", block_shape=(4, 4), total_steps=10, factor_lr=3.0)
     assert sorted(g["lr"] for g in explicit.optimizer(cls, lr=1e-3).param_groups) == pytest.approx([1e-3, 1e-3, 3e-3, 3e-3])
 

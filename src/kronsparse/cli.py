@@ -64,7 +64,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "carrying its size); auto: decay on the linear model, norm on deeper ones (default: %(default)s)")
     p.add_argument("--factor-lr", type=float, default=None, metavar="X",
                    help="kron, select: learning rate of the factors A, B, S as a multiple of --lr "
-                        "(default: 8 with adam/adamw, 1 with sgd)")
+                        "(default: 8 with adam/adamw on models deeper than one layer, else 1)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="(default: %(default)s)")
     p.add_argument("--epochs", type=int, default=d["epochs"].default, help="(default: %(default)s)")
     p.add_argument("--sparsify-fraction", type=float, default=d["sparsify_fraction"].default, metavar="F",

@@ -320,3 +320,9 @@ def test_the_target_is_reached_under_every_optimizer(optimizer):
     if optimizer == "sgd":
         assert result["topped_up_blocks"] <= 0.25 * math.ceil(TARGET * 32) * 2  # 32 blocks in each tiled layer
     assert result["layer_sparsity"] == {"0": TARGET, "2": TARGET}
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_factor_lr_that_is_not_a_positive_number_is_refused(value):
+    with pytest.raises(ValueError, match="factor_lr must be a finite number > 0"):
+        Sparsifier(Nested(), "kron", block_shape=(4, 4), total_steps=10, factor_lr=value)

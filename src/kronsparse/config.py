@@ -38,6 +38,11 @@ def _flag(name: str) -> str:
     return "--lambda" if name == "lam" else "--" + name.replace("_", "-")
 
 
+def optional_flags(c: dict) -> list[str]:
+    """`--lambda X`, `--factor-lr X` for the options config `c` set (None: the default, no flag)."""
+    return [f"{_flag(k)} {c[k]:g}" for k in ("lam", "factor_lr") if c.get(k) is not None]
+
+
 def check_device_name(name: str) -> None:
     """A device kronsparse can train on (cpu, cuda, cuda:N, mps); availability is checked at run time."""
     import torch

@@ -11,7 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
-from .config import explicit_scale_pin, method_label
+from .config import explicit_scale_pin, method_label, optional_flags
 from .atomic import write_text
 
 COLUMNS = ("test_accuracy", "block_sparsity", "weight_sparsity", "train_params", "train_macs",
@@ -72,9 +72,7 @@ def command_of(m: dict) -> str:
         parts.append("--no-standardize")
     if c.get("method") in ("kron", "select") and explicit_scale_pin(c):
         parts.append(f"--scale-pin {c['scale_pin']}")
-    for key in ("lam", "factor_lr"):
-        if c.get(key) is not None:
-            parts.append(f"{'--lambda' if key == 'lam' else '--factor-lr'} {c[key]:g}")
+    parts += optional_flags(c)
     for key in ("n_train", "n_test"):
         if c.get(key):
             parts.append(f"--{key.replace('_', '-')} {c[key]}")

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .blocks import matrix_view
-from .config import TrainConfig
+from .config import TrainConfig, optional_flags
 from .functional import block_mask_of
 from .atomic import write_text
 from .layers import KronLinear
@@ -179,9 +179,7 @@ def command_of(c: dict) -> str:
         parts.append("--candidates " + ",".join(block_name(b) for b in c["candidates"]))
     if c.get("standardize"):
         parts.append("--standardize")
-    for key in ("lam", "factor_lr"):
-        if c.get(key) is not None:
-            parts.append(f"{'--lambda' if key == 'lam' else '--factor-lr'} {c[key]:g}")
+    parts += optional_flags(c)
     for key in ("n_train", "n_test"):
         if c.get(key):
             parts.append(f"--{key.replace('_', '-')} {c[key]}")

@@ -156,32 +156,29 @@ class KronMethod(Method):
             mask_grad(layer.S, mask)
 
     def factor_lr(self, model: nn.Module, optimizer_cls: type | None) -> float:
-        """The factors' learning rate as a multiple of the optimizer's (KronOptions.factor_lr)."""
+        """The factors' learning rate as a multiple of the optimizer's (KronOptions.factor_lr): 1 on
+        a model with one weight layer or with the "decay" scale pin, else 8 under Adam-type optimizers."""
         if self.options.factor_lr is not None:
             return self.options.factor_lr
-        if self.one_layer_or_decay(model):
+        from ..model_tree import weight_layers
+
+        if self.pin == "decay" or len(weight_layers(model)) == 1:
             return 1.0
         adaptive = optimizer_cls is not None and issubclass(optimizer_cls, ADAPTIVE_OPTIMIZERS)
         return ADAPTIVE_FACTOR_LR if adaptive else 1.0
-
-    def one_layer_or_decay(self, model: nn.Module) -> bool:
-        """A model with one weight layer, or the "decay" scale pin: where the factor lr stays 1."""
-        from ..model_tree import weight_layers
-
-        return self.pin == "decay" or len(weight_layers(model)) == 1
 
     def param_groups(self, model: nn.Module, weight_decay: float | None = None, lr: float | None = None,
                      optimizer_cls: type | None = None) -> list[dict]:
         """Weight decay on A, B (and the weights of layers left dense); never on S, biases or norms.
         With `lr`, A, B and S train at factor_lr x lr and everything else at lr; without it every
-        group takes the optimizer's lr (a warning says so where the factors would want more)."""
-        scale = self.factor_lr(model, optimizer_cls)
-        unknown = optimizer_cls is None and self.options.factor_lr is None and not self.one_layer_or_decay(model)
-        if lr is None and (scale != 1.0 or unknown):
+        group takes the optimizer's lr (a warning says so where the factors would want more; an
+        unnamed optimizer counts as Adam-type)."""
+        if lr is None and self.factor_lr(model, optimizer_cls or torch.optim.AdamW) != 1.0:
             warnings.warn("kronsparse: the Kronecker factors (A, B, S) train at the optimizer's lr; under Adam-type "
                           f"optimizers they train better at {ADAPTIVE_FACTOR_LR:g}x it: build the optimizer with "
                           "Sparsifier.optimizer(torch.optim.AdamW, lr=...) or pass lr= and optimizer_cls= to "
                           "param_groups (factor_lr=1 keeps the optimizer's lr and silences this)", stacklevel=3)
+        scale = self.factor_lr(model, optimizer_cls)
         self.used_factor_lr = scale if lr is not None else 1.0
         groups: dict[tuple[bool, bool], list] = {}
         for name, p in model.named_parameters():

@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train_step import time_round_robin  # noqa: E402
-from kronsparse.config import TrainConfig, parse_block  # noqa: E402
-from kronsparse.metrics import training_costs  # noqa: E402
-from kronsparse.train import Run, load_data  # noqa: E402
+from kronsparse.blocks import parse_block
+from kronsparse.training.config import TrainConfig  # noqa: E402
+from kronsparse.training.metrics import training_costs  # noqa: E402
+from kronsparse.training.train import Run, load_data  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -149,8 +149,8 @@ def _patch_floor() -> None:
 def _one(name: str, seed: int) -> dict:
     import torch
 
-    from kronsparse.config import TrainConfig
-    from kronsparse.train import train
+    from kronsparse.training.config import TrainConfig
+    from kronsparse.training.train import train
 
     torch.set_num_threads(1)
     overrides, _ = VARIANTS[name]
@@ -159,7 +159,7 @@ def _one(name: str, seed: int) -> dict:
         _patch_floor()
     base = overrides.pop("_base", QUICK)
     if "_vit" in overrides:  # this worker's "vit" has another shape
-        from kronsparse import vit
+        from kronsparse.training import vit
 
         vit.VIT_MODELS["vit"] = vit.ViTSpec(**overrides.pop("_vit"))
     cfg = TrainConfig(**{**base, **overrides, "seed": seed})

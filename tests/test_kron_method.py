@@ -6,7 +6,7 @@ import torch
 from kronsparse.functional import block_mask_of, kron_weight
 from kronsparse.layers import KronLinear
 from kronsparse.methods.kron import KronMethod, KronOptions
-from kronsparse.models import FeedForward, build_model, kron_factory
+from kronsparse.training.models import FeedForward, build_model, kron_factory
 from kronsparse.sparsifier import Sparsifier
 
 

@@ -84,11 +84,11 @@ MUTATIONS = [
              "        Path(tmp).unlink()\n",
              ["tests/test_resume.py::test_sigkill_during_a_write_never_leaves_a_truncated_file"]),
     # -- resume determinism -----------------------------------------------------------------
-    Mutation("resume-redraws-the-epoch-order", "resume determinism", "src/kronsparse/train.py",
+    Mutation("resume-redraws-the-epoch-order", "resume determinism", "src/kronsparse/training/train.py",
              'self.step, self.order, self.epoch_loss = state["step"], state["order"], state["epoch_loss"]',
              'self.step, self.order, self.epoch_loss = state["step"], None, state["epoch_loss"]',
              ["tests/test_resume.py::test_resume_in_process_after_an_exception_mid_epoch"]),
-    Mutation("resume-drops-the-optimizer-state", "resume determinism", "src/kronsparse/train.py",
+    Mutation("resume-drops-the-optimizer-state", "resume determinism", "src/kronsparse/training/train.py",
              '        self.optimizer.load_state_dict(state["optimizer"])\n',
              "",
              ["tests/test_resume.py::test_resume_in_process_after_an_exception_mid_epoch"]),
@@ -127,7 +127,7 @@ MUTATIONS = [
              ["tests/test_inference.py", "tests/test_export.py"]),
     # -- data ---------------------------------------------------------------------------------
     Mutation("wrong-fashion-mnist-checksum", "the checksum registry holds the real files' sums",
-             "src/kronsparse/data.py",
+             "src/kronsparse/training/data.py",
              '"0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"',
              '"0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c35"',
              ["tests/test_data.py::test_registry_checksums_are_those_of_the_real_files"]),

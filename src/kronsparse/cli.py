@@ -1,14 +1,20 @@
-"""The command line: `kronsparse train | shapes | reproduce | export`. User mistakes get one line and exit code 2."""
+"""The command line: `kronsparse train | shapes | reproduce | export`. User mistakes get one line and exit code 2.
+
+The door of the application: the training app (training/) and the experiments (experiments/) are
+imported by the functions that need them, so `import kronsparse.cli` loads only the library.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .config import SCALE_PINS, TrainConfig, parse_block
+from .blocks import parse_block
+from .costs import layer_costs, plan_block_shapes
+from .methods import METHODS
+from .methods.kron import SCALE_PINS
 
 ROW_KEYS = ("method", "model", "dataset", "paper_block_name", "rank", "test_accuracy", "block_sparsity",
             "weight_sparsity", "train_params", "train_macs", "inference_params", "wall_seconds")
@@ -22,15 +28,16 @@ def _blocks(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(parse_block(t) for t in text.split(",") if t)
 
 
-METHOD_NAMES = ("kron", "select", "group-lasso", "elastic-group-lasso", "rigl", "iterative-pruning",
-                "block-magnitude", "dense")  # methods.METHODS (a test keeps them equal); no torch import for --help
-MODEL_NAMES = ("linear", "mlp", "lenet5", "vit", "vit-tiny")  # models.ARCHITECTURES
+METHOD_NAMES = tuple(METHODS)
+MODEL_NAMES = ("linear", "mlp", "lenet5", "vit", "vit-tiny")  # training.models.ARCHITECTURES (a test keeps them equal)
 THREADS_HELP = ("1: on a machine busy with other jobs, OpenMP's spin-waiting made 2 threads 8-30x slower "
                 "on these models (README, Training); OMP_WAIT_POLICY=PASSIVE softens that")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     """Every option says what it means and its default (%(default)s); defaults are TrainConfig's."""
+    from .training.config import TrainConfig
+
     d = TrainConfig.__dataclass_fields__
     p.add_argument("--method", default=d["method"].default, metavar="NAME",
                    help=f"training method: {', '.join(METHOD_NAMES)} (default: %(default)s)")
@@ -92,7 +99,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT (default: off)")
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_from_args(args: argparse.Namespace):
+    """The TrainConfig of `kronsparse train`'s arguments."""
+    from .training.config import TrainConfig
+
     names = {f.name for f in fields(TrainConfig)} - {"candidates"}
     values = {k: v for k, v in vars(args).items() if k in names}
     values["block_shape"] = parse_block(args.block)
@@ -101,7 +111,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .training.train import train
 
     cfg = config_from_args(args)
     progress = not args.no_progress and sys.stderr.isatty()  # bars belong to a terminal, not a log
@@ -124,8 +134,6 @@ def print_row(metrics: dict) -> None:
 
 
 def cmd_shapes(args: argparse.Namespace) -> int:
-    from .costs import layer_costs, plan_block_shapes
-
     for name in ("in_features", "out_features", "rank"):
         if getattr(args, name) < 1:
             raise UserError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(args, name)}")
@@ -143,7 +151,7 @@ def cmd_shapes(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import reproduce
+    from .experiments import reproduce
 
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -151,20 +159,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise UserError(f"--seeds must be integers separated by commas, got {args.seeds!r}") from None
     overrides = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test), ("epochs", args.epochs),
                                    ("device", args.device), ("model", args.model)) if v is not None}
-    if args.experiment == "fashion-vit":  # vit_reproduce.py: its own plan, runner and report
-        from .vit_reproduce import reproduce_vit
-
-        reproduce_vit(args.out, seeds, quick=args.quick, jobs=args.jobs, overrides=overrides)
-    elif "model" in overrides:
-        raise UserError(f"--model is for fashion-vit; {args.experiment} trains its own model")
-    else:
-        reproduce(args.experiment, args.out, seeds, quick=args.quick, jobs=args.jobs, overrides=overrides)
+    reproduce(args.experiment, args.out, seeds, quick=args.quick, jobs=args.jobs, overrides=overrides)
     print((Path(args.out) / "report.md").read_text())
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_run
+    from .training.run_folder import export_run
 
     path = export_run(args.run_dir, args.format, args.out)
     print(f"wrote {path} ({args.format})")
@@ -227,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import DataError
+    from .training.data import DataError
 
     args = build_parser().parse_args(argv)
     try:

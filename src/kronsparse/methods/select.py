@@ -38,7 +38,6 @@ Decisions:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -46,7 +45,8 @@ from torch import nn
 from dataclasses import dataclass
 
 from ..functional import group_norm_shrink, soft_threshold
-from ..layers import KronSelectLinear, block_name
+from ..blocks import block_name
+from ..layers import DEFAULT_CANDIDATES, KronSelectLinear
 from .schedules import DelayedCubic
 from .base import learning_rates
 from .steering import log_step
@@ -69,7 +69,7 @@ class SelectOptions(KronOptions):
     """KronOptions plus the candidate block shapes (block_shape is ignored: the run picks one) and
     the steps of an epoch (for the per-epoch norms in the summary; default: a tenth of training)."""
 
-    candidates: tuple[tuple[int, int], ...] = ((2, 2), (2, 8), (2, 16))
+    candidates: tuple[tuple[int, int], ...] = DEFAULT_CANDIDATES
     steps_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
@@ -282,14 +282,6 @@ class SelectMethod(KronMethod):
                 "selection_train_params": self.selection_params, "group_norms_plot": PLOT_NAME,
                 "group_norms": {n: list(v) for n, v in self.epoch_norms.items()},
                 "weight_norms": {n: list(v) for n, v in self.epoch_weight_norms.items()}}
-
-    def write_files(self, out: Path) -> list[Path]:
-        """group_norms.png in `out`: the candidates' norms over training (plots.group_norms)."""
-        from ..plots import group_norms  # matplotlib only where a picture is drawn
-
-        path = Path(out) / PLOT_NAME
-        group_norms(self.trace, self.steps_per_epoch, self.selected_at, path)
-        return [path]
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "group_lam": self.group_lam, "removed_at": dict(self.removed_at),

@@ -29,7 +29,6 @@ from kronsparse.training.metrics import training_costs  # noqa: E402
 from kronsparse.training.train import Run, load_data  # noqa: E402
 
 
-
 def make_run(method: str, block, rank: int, target: float | None, ds, device: str = "cpu") -> Run:
     cfg = TrainConfig(method=method, block_shape=block, rank=rank, target_sparsity=target, epochs=100, device=device)
     return Run(cfg, ds, torch.device(device))

@@ -17,23 +17,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from kronsparse import KronLinear
-from kronsparse.experiments import mnist as rep
-from kronsparse.experiments.common import check_identity
-from kronsparse.training import run_folder as rundir
-from kronsparse.training.checkpoint import list_checkpoints, load_latest, save_checkpoint
 from kronsparse.cli import main
-from kronsparse.training.config import TrainConfig
-from kronsparse.training.data import DATASETS, TRAIN_IMAGES, DataError, load_npz, search_dirs
+from kronsparse.experiments import mnist as rep
+from kronsparse.experiments.runner import check_identity
 from kronsparse.export import ExportError, export_model
 from kronsparse.functional import divisors
-from kronsparse.training.run_folder import load_model
+from kronsparse.training import run_folder as rundir
+from kronsparse.training.checkpoint import list_checkpoints, load_latest, save_checkpoint
+from kronsparse.training.config import TrainConfig
+from kronsparse.training.data import DATASETS, TRAIN_IMAGES, DataError, load_npz, search_dirs
 from kronsparse.training.models import FeedForward
+from kronsparse.training.run_folder import load_model
 from kronsparse.training.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")
@@ -277,7 +278,8 @@ def test_huge_finite_inputs_are_blamed_on_the_inputs_not_the_lr(capsys, tmp_path
     x = np.ones((64, 4), np.float32)
     x[:, 0] = 3e38
     path = npz(tmp_path / "huge.npz", x, np.arange(64) % 2)
-    err = one_line_error(capsys, ["train", *TINY, "--no-standardize", "--dataset", f"npz:{path}", "--out", str(tmp_path / "o")], code=3)
+    err = one_line_error(capsys, ["train", *TINY, "--no-standardize", "--dataset", f"npz:{path}", "--out", str(tmp_path / "o")],
+                         code=3)
     assert "|x| = 3e+38" in err and "learning rate" not in err
 
 

@@ -10,9 +10,9 @@ from torch import nn
 
 from kronsparse import KronLinear, swap_linear_
 from kronsparse.cli import main
-from kronsparse.training.config import TrainConfig
 from kronsparse.export import FORMATS, export_model, read_export
 from kronsparse.inference import BlockSparseLinear, bsr_matmul, load_layers, replace_layers_
+from kronsparse.training.config import TrainConfig
 from kronsparse.training.run_folder import export_run, load_model
 from kronsparse.training.train import train
 

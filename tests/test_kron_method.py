@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from kronsparse.functional import block_mask_of, kron_weight
+from kronsparse.functional import kron_weight
 from kronsparse.layers import KronLinear
 from kronsparse.methods.kron import KronMethod, KronOptions
-from kronsparse.training.models import FeedForward, build_model, kron_factory
 from kronsparse.sparsifier import Sparsifier
+from kronsparse.training.models import FeedForward, build_model, kron_factory
 
 
 def fit(lam: float | None, weight_decay: float, target=None, steps: int = 400, scale_pin: str = "decay"):

@@ -8,8 +8,8 @@ import pytest
 from kronsparse.experiments import mnist as rep
 from kronsparse.experiments import reproduce
 from kronsparse.experiments.common import method_label
-from kronsparse.training.config import TrainConfig
 from kronsparse.experiments.mnist import command_of
+from kronsparse.training.config import TrainConfig
 
 TINY = {"n_train": 300, "n_test": 100, "epochs": 1}
 
@@ -36,7 +36,8 @@ def test_every_file_exists(tiny_run):
 def test_table_equals_the_runs_metrics(tiny_run):
     out, specs = tiny_run
     rows = list(csv.DictReader((out / "table.csv").open()))
-    assert len(rows) == 2 * (2 + len(rep.SPARSE_METHODS)) + 1 + 1  # two block shapes (dense, kron norm), selection, kron r4 at 2x16
+    # two block shapes (dense, kron norm), selection, kron r4 at 2x16
+    assert len(rows) == 2 * (2 + len(rep.SPARSE_METHODS)) + 1 + 1
     assert sum(r["method"] == "kron" and r["rank"] == "4" for r in rows) == 1  # rank 4 only where 5x below dense
     assert {r["method"] for r in rows} == {"dense", "select", "kron (scale-pin norm)", *rep.SPARSE_METHODS}
     for row in rows:
@@ -59,7 +60,7 @@ def test_started_again_it_skips_finished_runs(tiny_run, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr("kronsparse.experiments.common.train", no_training)
+    monkeypatch.setattr("kronsparse.experiments.runner.train", no_training)
     reproduce("mnist-linear", out, seeds=[0], quick=True, overrides=TINY)
 
 
@@ -121,8 +122,8 @@ def test_a_reports_command_makes_the_runs_config(which):
     (lambda and the factor lr included, where a run set them)."""
     import shlex
 
-    from kronsparse.experiments import vit as vit_report
     from kronsparse.cli import build_parser, config_from_args
+    from kronsparse.experiments import vit as vit_report
 
     base = dict(method="kron", block_shape=(4, 4), rank=4, target_sparsity=0.5, lam=0.1, factor_lr=4.0, seed=3)
     cfg = TrainConfig(**base) if which == "mnist" else TrainConfig(

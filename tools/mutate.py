@@ -75,7 +75,8 @@ MUTATIONS = [
              "            self._apply_masks()\n",
              "        if self.finalized or step >= self.sparsify_steps or (self.lam == 0 and self.steering is None):\n"
              "            pass\n",
-             ["tests/test_kron_method.py", "tests/test_sparsifier.py::test_finalize_reaches_the_target_and_zero_blocks_stay_zero"]),
+             ["tests/test_kron_method.py",
+              "tests/test_sparsifier.py::test_finalize_reaches_the_target_and_zero_blocks_stay_zero"]),
     # -- atomic writes ----------------------------------------------------------------------
     Mutation("atomic-write-in-place", "atomic writes", "src/kronsparse/atomic.py",
              "        write(tmp)\n        with open(tmp, \"rb+\") as f:\n            os.fsync(f.fileno())\n"

@@ -251,7 +251,8 @@ def plan_block_shapes(in_features: int, out_features: int, rank: int, bias: bool
     for bo in out_divs:
         for bi in in_divs:
             m = path_macs(in_features, out_features, (bo, bi), rank)
-            rows.append(ShapeRow((bo, bi), paper_block_name((bo, bi)), train_params(in_features, out_features, (bo, bi), rank, bias),
+            params = train_params(in_features, out_features, (bo, bi), rank, bias)
+            rows.append(ShapeRow((bo, bi), paper_block_name((bo, bi)), params,
                                  min(m.input_first, m.factors_first, m.materialize), False))
     fewest = min(r.train_params for r in rows)
     return [ShapeRow(r.block_shape, r.paper_name, r.train_params, r.macs, r.train_params == fewest) for r in rows]

@@ -34,7 +34,8 @@ from ..methods import get_method
 from ..training import run_folder
 from ..training.config import TrainConfig
 from ..training.metrics import training_costs
-from ..training.models import build_model, layer_factory
+from ..training.models import build_model
+from ..training.train import layer_factory
 from ..training.vit import VIT_MODELS, ViT
 from . import plots
 from .common import Experiment, Spec, holds, mean_std, memory_file, table_csv
@@ -107,8 +108,8 @@ PAPER_TRAIN_PARAMS, PAPER_TRAIN_FLOPS = 0.16e6, 65.37e6  # the authors' profiler
 DEIT_TINY_FULL_COUNT = 1_884_116  # tests/test_vit.py checks it against the formula
 
 HEAD = ["method", "block", "rank", "accuracy %", "block sparsity %", "within 1 block/layer", "weight sparsity %",
-        "zero blocks from top-up %", "train params", "fwd MACs/sample (ours)", "fwd MACs/sample (flop_counter)", "train FLOPs/sample (fwd+bwd)",
-        "wall s", "peak memory MiB"]
+        "zero blocks from top-up %", "train params", "fwd MACs/sample (ours)", "fwd MACs/sample (flop_counter)",
+        "train FLOPs/sample (fwd+bwd)", "wall s", "peak memory MiB"]
 
 
 def load_runs(specs: list[Spec], out: Path) -> list[dict]:

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..functional import block_norms, soft_threshold
 from ..blocks import matrix_view
+from ..functional import block_norms, soft_threshold
 from ..layers import INITS, KRON_LAYERS, KronConv2d, KronLinear, kron_like
 from ..model_tree import weight_layers
 from .base import ADAPTIVE_OPTIMIZERS, Method, MethodOptions, learning_rates, mask_grad, with_lr

@@ -38,20 +38,19 @@ Decisions:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from dataclasses import dataclass
-
-from ..functional import group_norm_shrink, soft_threshold
 from ..blocks import block_name
+from ..functional import group_norm_shrink, soft_threshold
 from ..layers import DEFAULT_CANDIDATES, KronSelectLinear
-from .schedules import DelayedCubic
-from .base import learning_rates
-from .steering import log_step
 from ..model_tree import replace_module
+from .base import learning_rates
 from .kron import KronMethod, KronOptions
+from .schedules import DelayedCubic
+from .steering import log_step
 
 SELECTION_RULE = ("the candidate left when the group lasso has zeroed all others; if several survive the "
                   "selection phase, the one carrying the most weight (largest ||W_k||_F)")

@@ -45,7 +45,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float | None = None  # None: method default (1e-3 on A, B for kron; 0 for dense)
     scale_pin: str = "auto"  # kron: how the scale is kept from escaping into A, see methods/kron.py
-    factor_lr: float | None = None  # kron/select: lr of A, B, S as a multiple of --lr; None: 8 under adam/adamw (deep models), else 1
+    # kron/select: lr of A, B, S as a multiple of --lr; None: 8 under adam/adamw (deep models), else 1
+    factor_lr: float | None = None
     batch_size: int = 64
     epochs: int = 10
     sparsify_fraction: float = 0.7  # share of training that sparsifies; then the mask is frozen

@@ -11,9 +11,7 @@ from torch import Tensor, nn
 
 from ..blocks import tiles
 from ..layers import KronConv2d, KronLinear, KronSelectLinear
-from ..methods import get_method
 from ..methods.kron import resolve_scale_pin as kron_scale_pin
-from ..methods.select import SelectMethod
 from .vit import VIT_MODELS, build_vit
 
 LayerFactory = Callable[[int, int], nn.Module]
@@ -94,17 +92,6 @@ def dense_factory(i: int, o: int) -> nn.Module:
 
 
 dense_factory.conv = lambda i, o, kernel_size, padding=0: nn.Conv2d(i, o, kernel_size, padding=padding)
-
-
-def layer_factory(cfg) -> LayerFactory:
-    """The layers a run's model is built from: Kronecker layers for the methods that train factors
-    (built with their own init, so the Sparsifier takes them as they are), dense ones otherwise."""
-    method = get_method(cfg.method)
-    if not method.trains_factors:
-        return dense_factory
-    if issubclass(method, SelectMethod):
-        return select_factory(cfg.candidates, cfg.rank, cfg.path)
-    return kron_factory(cfg.block_shape, cfg.rank, cfg.path)
 
 
 def select_factory(candidates, rank: int, path: str = "auto") -> LayerFactory:

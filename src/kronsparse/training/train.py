@@ -26,7 +26,7 @@ from .checkpoint import candidates as checkpoint_candidates
 from .checkpoint import list_checkpoints, save_checkpoint
 from .config import TrainConfig
 from .metrics import accuracy, sparsity_metrics, training_costs
-from .models import build_model, layer_factory
+from .models import LayerFactory, build_model, dense_factory, kron_factory, select_factory
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,6 +39,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def layer_factory(cfg) -> LayerFactory:
+    """The layers a run's model is built from: Kronecker layers for the methods that train factors
+    (built with their own init, so the Sparsifier takes them as they are), dense ones otherwise."""
+    method = get_method(cfg.method)
+    if not method.trains_factors:
+        return dense_factory
+    if issubclass(method, SelectMethod):
+        return select_factory(cfg.candidates, cfg.rank, cfg.path)
+    return kron_factory(cfg.block_shape, cfg.rank, cfg.path)
 
 
 def make_optimizer(cfg: TrainConfig, sparsifier: Sparsifier) -> torch.optim.Optimizer:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from .blocks import parse_block
 from .costs import layer_costs, plan_block_shapes
-from .methods import METHODS
 from .methods.kron import SCALE_PINS
 
 ROW_KEYS = ("method", "model", "dataset", "paper_block_name", "rank", "test_accuracy", "block_sparsity",
@@ -28,8 +27,10 @@ def _blocks(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(parse_block(t) for t in text.split(",") if t)
 
 
-METHOD_NAMES = tuple(METHODS)
-MODEL_NAMES = ("linear", "mlp", "lenet5", "vit", "vit-tiny")  # training.models.ARCHITECTURES (a test keeps them equal)
+# the help's order (the paper's method first); a test keeps them equal to methods.METHODS and training.models.ARCHITECTURES
+METHOD_NAMES = ("kron", "select", "group-lasso", "elastic-group-lasso", "rigl", "iterative-pruning",
+                "block-magnitude", "dense")
+MODEL_NAMES = ("linear", "mlp", "lenet5", "vit", "vit-tiny")
 THREADS_HELP = ("1: on a machine busy with other jobs, OpenMP's spin-waiting made 2 threads 8-30x slower "
                 "on these models (README, Training); OMP_WAIT_POLICY=PASSIVE softens that")
 

@@ -29,18 +29,24 @@ class Spec:
 
 
 class Experiment:
-    """What an experiment gives the pipeline: its base config, its plan and its report."""
+    """What an experiment gives the pipeline (runner.reproduce_experiment): its base config, its plan
+    and its report. A new experiment subclasses this in a module of its own and is named in
+    experiments.EXPERIMENTS; `kronsparse reproduce NAME` then runs it."""
 
-    name: str
+    name: str  # the name `kronsparse reproduce` takes
     fresh_process = False  # True: every run in a newly spawned process, its peak memory recorded
 
     def base_config(self, quick: bool, overrides: dict) -> TrainConfig:
+        """The config every run starts from; `overrides` are the command line's (n_train, n_test,
+        epochs, device, model): ValueError for one the experiment cannot take."""
         raise NotImplementedError
 
     def plan(self, seeds: list[int], quick: bool, base: TrainConfig) -> list[Spec]:
+        """Every run, each with a name of its own (its folder in DIR/runs/); with `quick` one seed."""
         raise NotImplementedError
 
     def write_report(self, specs: list[Spec], out: Path) -> None:
+        """table.md, table.csv and report.md in `out` (the command prints report.md), from the runs."""
         raise NotImplementedError
 
 

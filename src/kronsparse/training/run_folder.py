@@ -201,7 +201,7 @@ def run_entries(run_dir) -> tuple[list[LayerEntry], str, tuple[int, int]]:
         raise ExportError(f"{weights_path}: not a readable safetensors file ({_first_line(err)})") from None
     if model not in ("linear", "mlp", "lenet5") or not any(k in t for k in ("weight", "layers.0.weight")):
         raise ExportError(f"{run_dir}: model {model!r} with tensors {sorted(t)[:4]} is not a run of `kronsparse train`")
-    count = 1 if model == "linear" else len({k.split(".")[1] for k in t if k.startswith("layers.")})
+    count = _layer_count(model, t)
     padding = _conv_padding(model)
     entries = []
     for k in range(count):
@@ -225,6 +225,11 @@ def _key(name: str, leaf: str) -> str:
 def run_key(model_name: str, k: int, leaf: str) -> str:
     """The key of layer k's `leaf` ("weight", "bias", "kron.S", ...) in a run's model.safetensors."""
     return _key("" if model_name == "linear" else f"layers.{k}", leaf)
+
+
+def _layer_count(model_name: str, tensors: dict) -> int:
+    """How many layers a run's model.safetensors holds (the one-layer "linear" model's keys have no index)."""
+    return 1 if model_name == "linear" else len({k.split(".")[1] for k in tensors if k.startswith("layers.")})
 
 
 def run_tensors(model: nn.Module, model_name: str) -> dict[str, Tensor]:
@@ -252,8 +257,7 @@ def export_run(run_dir, fmt: str = "dense", out=None) -> Path:
     out = Path(out) if out is not None else Path(run_dir) / f"model.{fmt}.safetensors"
     if out.is_dir() or not out.name:
         raise ExportError(f"--out {out} is a folder; give the file to write, e.g. {out / f'model.{fmt}.safetensors'}")
-    if out.resolve().parent == Path(run_dir).resolve() and out.name in ("model.safetensors", "metrics.json",
-                                                                          "config.json", "manifest.json"):
+    if out.resolve().parent == Path(run_dir).resolve() and out.name in (*RESULT_FILES, MANIFEST):
         raise ExportError(f"--out {out} would overwrite the run's own {out.name}")
     return write_export(out, entries, {}, fmt, model, block_shape)
 
@@ -261,8 +265,7 @@ def export_run(run_dir, fmt: str = "dense", out=None) -> Path:
 def layer_weights(run_dir, model_name: str) -> list[Tensor]:
     """The dense weight of every layer of a run's model.safetensors, in order (exact zero blocks)."""
     t = load_file(str(Path(run_dir) / "model.safetensors"))
-    count = 1 if model_name == "linear" else len({k.split(".")[1] for k in t if k.startswith("layers.")})
-    return [t[run_key(model_name, k, "weight")] for k in range(count)]
+    return [t[run_key(model_name, k, "weight")] for k in range(_layer_count(model_name, t))]
 
 
 def load_model(path, representation: str = "auto") -> nn.Module:

@@ -50,7 +50,7 @@ from ..layers import KronSelectLinear, block_name
 from .schedules import DelayedCubic
 from .base import learning_rates
 from .steering import log_step
-from ..model_tree import replace_module
+from ..model_tree import as_linear, replace_module
 from .kron import KronMethod, KronOptions
 
 SELECTION_RULE = ("the candidate left when the group lasso has zeroed all others; if several survive the "
@@ -119,6 +119,7 @@ class SelectMethod(KronMethod):
             return module
         if self.options.init != "fresh":
             raise ValueError("method 'select' trains its candidates from scratch (init='fresh')")
+        module = as_linear(module)  # a Conv1D as the nn.Linear it is
         W = module.weight
         layer = KronSelectLinear(module.in_features, module.out_features, self.options.candidates, self.options.rank,
                                  module.bias is not None, device=W.device, dtype=W.dtype, path=self.options.path)

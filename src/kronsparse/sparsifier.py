@@ -178,6 +178,14 @@ class Sparsifier:
                          self.method.layer_kinds, getattr(self.options, "candidates", None), self.method.summary(),
                          self._counts("block"))
 
+    def export(self, path, fmt: str = "dense"):
+        """The model as one safetensors file (kronsparse.export): "dense", "bsr" (the sparsified layers
+        in their blocks, the rest dense) or "factors" (Kronecker layers as S, A, B). Read it back with
+        kronsparse.inference (replace_layers_, load_layers) or, "dense", with model.load_state_dict."""
+        from .export import export_model
+
+        return export_model(self.model, path, fmt, "custom", {n: self.block_shape for n in self.layers})
+
     @torch.no_grad()
     def squash(self) -> nn.Module:
         """A plain model, in place: finalize (if not done), then every Kronecker layer becomes the

@@ -17,12 +17,11 @@ weight-sized tensor ever exists: their peak training memory is below dense nn.Li
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
 from .costs import choose_path, chunk_rows
+from .memo import memoised
 
 PATHS = ("auto", "input_first", "factors_first", "materialize")
 
@@ -43,7 +42,7 @@ _GATHER_MAX = 1 << 16
 _GATHER_RUN, _GATHER_MAX_SHORT_RUNS = 2, 1 << 20
 
 
-@functools.lru_cache(maxsize=64)
+@memoised(maxsize=64)
 def _reorder_index(grid: tuple[int, int, int, int], to_blocks: bool, device: torch.device) -> Tensor:
     m1, n1, bo, bi = grid
     idx = torch.arange(m1 * n1 * bo * bi, device=device)

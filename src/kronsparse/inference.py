@@ -250,16 +250,16 @@ def replace_layers_(model: nn.Module, path, representation: str = "auto") -> nn.
     becomes a BlockSparseLinear / BlockSparseConv2d, every other tensor is loaded as it is."""
     meta, tensors = read_export(path)
     layers = layers_from_export(meta, tensors, representation)
+    owned = set(layers)
+    rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in owned
+            and not any(k.startswith(n + ".weight.") for n in owned)}
+    check_ties(path, model, {**rest, **{f"{n}.weight": layer.weight for n, layer in layers.items()}})
     for name, layer in layers.items():
         parent, _, child = name.rpartition(".")
         try:
             setattr(model.get_submodule(parent) if parent else model, child, layer)
         except AttributeError:
             raise ExportError(f"{path}: the model has no submodule {parent!r} for layer {name!r}") from None
-    owned = set(layers)
-    rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in owned
-            and not any(k.startswith(n + ".weight.") for n in owned)}
-    check_ties(path, model, rest)
     try:
         missing, unexpected = model.load_state_dict(rest, strict=False)
     except RuntimeError as err:  # shape mismatches

@@ -257,3 +257,16 @@ def test_a_state_dict_of_another_method_model_or_nothing_is_refused_in_one_line(
     buf = io.BytesIO()
     torch.save(sp.state_dict(), buf)
     sp.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))  # its own loads
+
+
+def test_a_model_that_owns_tensors_itself_is_still_as_deep_as_its_layers():
+    from kronsparse.model_tree import depth
+
+    class Vit(nn.Module):  # a position embedding on the model itself, as the app's ViT has
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.zeros(1, 4, 32))
+            self.fc1, self.fc2 = nn.Linear(32, 32), nn.Linear(32, 8)
+
+    assert depth(Vit()) == 3
+    assert depth(nn.Sequential(nn.Flatten(), nn.Linear(32, 8))) == 1

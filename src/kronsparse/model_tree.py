@@ -72,13 +72,16 @@ def depth(model: nn.Module) -> int:
     """How many layers of the model hold a weight matrix or kernel (any Linear, Conv1D, conv of any
     groups, embedding, attention projection; a Kronecker layer counts once): the model's depth for
     rules that treat a one-layer model apart. Counts the model's layers, not the sparsified ones."""
-    found: list[str] = []
+    count, layers = 0, []  # layers: the weight layers counted, whose insides are part of them
     for name, m in model.named_modules():
-        if any(outer == "" or name.startswith(outer + ".") for outer in found):
-            continue  # inside a layer already counted (a KronSelectLinear's candidate terms)
-        if is_weight_layer(m) or any(p.dim() >= 2 for p in m.parameters(recurse=False)):
-            found.append(name)
-    return len(found)
+        if any(outer == "" or name.startswith(outer + ".") for outer in layers):
+            continue  # inside a weight layer already counted (a KronSelectLinear's candidate terms)
+        if is_weight_layer(m):
+            layers.append(name)
+            count += 1
+        elif any(p.dim() >= 2 for p in m.parameters(recurse=False)):  # e.g. a ViT's position embedding
+            count += 1
+    return count
 
 
 def tied_weights(model: nn.Module) -> dict[str, list[str]]:

@@ -70,7 +70,8 @@ class Sparsifier:
         if cls.trains_factors:
             guard_save_pretrained(model)
         self._warn_capped_rank()
-        self._warn_coverage()
+        if layers is None:  # the layers chosen for the user: say when they leave most weights dense
+            self._warn_coverage()
 
     def _swapped(self, name: str, module: nn.Module) -> nn.Module:
         new = self.method.swap(module)

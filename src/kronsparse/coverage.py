@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .blocks import tiles
-from .model_tree import is_weight_layer, layer_dims, layer_kind, layer_weight, tied_weights
+from .model_tree import is_weight_layer, layer_dims, layer_kind, layer_weight, plain_type, tied_weights
 
 COVERAGE_WARNING = 0.5  # below this share of the model's weights in sparsified layers, the Sparsifier warns
 
@@ -108,12 +108,12 @@ def dense_reason(name: str, module: nn.Module, block_shapes, kinds: tuple, tied:
                 "F.multi_head_attention_forward (use separate nn.Linear projections to sparsify them)")
     if isinstance(module, nn.Embedding):
         return "an embedding (a table lookup, not a matmul)"
-    if type(module) is nn.Conv2d and module.groups != 1:
+    if plain_type(module) is nn.Conv2d and module.groups != 1:
         return f"a grouped or depthwise conv (groups={module.groups}): blocks over its channels do not exist"
-    if type(module) is nn.Conv2d and not is_weight_layer(module):
+    if plain_type(module) is nn.Conv2d and not is_weight_layer(module):
         return "a dilated or non-zero-padded conv"
     if not is_weight_layer(module):
-        return f"not a weight layer kronsparse sparsifies ({type(module).__name__})"
+        return f"not a weight layer kronsparse sparsifies ({plain_type(module).__name__})"
     if name in tied:
         return f"its weight is tied to {', '.join(tied[name])} (name it in layers= to sparsify both)"
     if layer_kind(module) not in kinds and not any(isinstance(module, k) for k in kinds if isinstance(k, type)):
@@ -152,7 +152,7 @@ def summarize(model: nn.Module, sparsified: dict[str, nn.Module], block_shape, m
             W = layer_weight(m)
             zero, blocks = (counts or {}).get(name, (0, 0))
             m1 = W.shape[0] // block_shape[0]
-            kind = (originals or {}).get(name, type(m)).__name__
+            kind = (originals or {}).get(name, plain_type(m)).__name__
             rows.append(LayerRow(name, kind, tuple(W.shape), W.numel(), True,
                                  grid=(m1, blocks // max(1, m1)), stats={"zero_blocks": zero}))
             continue
@@ -162,6 +162,6 @@ def summarize(model: nn.Module, sparsified: dict[str, nn.Module], block_shape, m
         else:  # an attention block with its projections, an embedding, a module's own tensors
             own = [p for p in m.parameters(recurse=isinstance(m, nn.MultiheadAttention)) if p.dim() >= 2]
             shape, weights = tuple(own[0].shape), sum(p.numel() for p in own)
-        rows.append(LayerRow(name, type(m).__name__, shape, weights, False, dense_reason(name, m, shapes, kinds, tied)))
+        rows.append(LayerRow(name, plain_type(m).__name__, shape, weights, False, dense_reason(name, m, shapes, kinds, tied)))
     return SparsitySummary(method, tuple(block_shape), rows, model_weights(model), dict(method_stats or {}))
 

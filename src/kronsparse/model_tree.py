@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .blocks import check_block_shape, tiles
 from .layers import KRON_LAYERS, KronSelectLinear
@@ -20,9 +21,17 @@ LayerFilter = Callable[[str, nn.Module], bool]
 SPARSIFIABLE = (nn.Linear, nn.Conv2d)  # exact types: subclasses (MultiheadAttention's out_proj) are read as .weight
 
 
+def plain_type(module: nn.Module) -> type:
+    """The module's class, seen through torch.nn.utils.parametrize, which subclasses it on the fly
+    (block-magnitude's masks make an nn.Linear a ParametrizedLinear while it sparsifies)."""
+    cls = type(module)
+    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2): y = x W + b with W stored (in, out)."""
-    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+    cls = plain_type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
 
 
 def layer_dims(layer: nn.Module) -> tuple[int, int]:
@@ -57,14 +66,14 @@ def as_linear(layer: nn.Module) -> nn.Module:
 
 def layer_kind(module: nn.Module) -> type:
     """The type a method's `layer_kinds` names for the module: nn.Linear for a Conv1D."""
-    return nn.Linear if is_conv1d(module) else type(module)
+    return nn.Linear if is_conv1d(module) else plain_type(module)
 
 
 def is_weight_layer(module: nn.Module) -> bool:
     """nn.Linear, nn.Conv2d (groups 1), Conv1D or a Kronecker layer: what a method can sparsify."""
-    if type(module) is nn.Conv2d:
+    if plain_type(module) is nn.Conv2d:
         return module.groups == 1 and module.dilation == (1, 1) and module.padding_mode == "zeros"
-    return (type(module) in SPARSIFIABLE or is_conv1d(module)
+    return (plain_type(module) in SPARSIFIABLE or is_conv1d(module)
             or isinstance(module, (*KRON_LAYERS, KronSelectLinear)))
 
 

@@ -61,7 +61,7 @@ class SparsifierCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if optimizer is None:
-            raise ValueError("SparsifierCallback needs the Trainer's optimizer (transformers >= 4.40 passes it)")
+            raise ValueError("SparsifierCallback needs the Trainer's optimizer (transformers >= 4.50 passes it)")
         if self.sparsifier.steps != state.global_step - 1:
             raise ValueError(f"the Trainer is at step {state.global_step} but the Sparsifier at {self.sparsifier.steps}: "
                              "one SparsifierCallback per Sparsifier, stepped only by it")

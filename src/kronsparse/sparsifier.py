@@ -44,8 +44,10 @@ class Sparsifier:
         total_steps: optimizer steps of the whole run (schedules are fractions of it).
         target_sparsity: fraction of zero blocks to reach in every sparsified layer (scope="global":
             over all of them together); for iterative-pruning, a fraction of weights.
-        layers: None (every Linear/Conv2d the block tiles), a list of module names, or a callable
-            (name, module) -> bool.
+        layers: None (every nn.Linear, nn.Conv2d and Conv1D the block tiles, tied ones left dense;
+            the Sparsifier warns when those hold under half of the model's weights), a list of
+            module names, or a callable (name, module) -> bool. `print(sp.summary())` shows what
+            was sparsified and what stayed dense, and why.
         **options: the method's own options (`get_method(name).Options`), e.g. rank, scale_pin,
             init ("fresh" or "svd"), lam, sparsify_fraction, weight_decay, scope, candidates.
     """

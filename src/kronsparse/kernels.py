@@ -131,16 +131,10 @@ def _factors_first_t(xc: Tensor, Cp: Tensor, n1: int) -> tuple[Tensor, Tensor]:
     return Xt, torch.mm(Cp, Xt)
 
 
-def _one_chunk(N: int, rows: int) -> bool:
-    """True when `_chunks` makes one chunk of N rows (then forward returns yᵀ)."""
-    return N <= rows
-
-
 def _forward(x2: Tensor, C: Tensor, B: Tensor, bias: Tensor | None, path: str, rows: int) -> Tensor:
-    """y of either factored path, chunk by chunk, bias added in place: when the rows fit in one
-    chunk, the GEMM's own output laid out as yᵀ (out, N) (the caller views it), else y (N, out).
-    Never a view: autograd forbids in-place changes (an inplace ReLU after the layer) on a view
-    made inside a custom Function, so every view is taken outside it."""
+    """y (N, out) of either factored path, chunk by chunk; bias added in place. Never a view:
+    autograd forbids in-place changes (an inplace ReLU after the layer) on a view made inside a
+    custom Function, so a transposed view is returned detached (the same memory, no copy)."""
     r, m1, n1 = C.shape
     _, bo, bi = B.shape
     N, out = x2.shape[0], m1 * bo
@@ -149,24 +143,19 @@ def _forward(x2: Tensor, C: Tensor, B: Tensor, bias: Tensor | None, path: str, r
         xc = x2[s:e]
         if path == "input_first":
             Z = _input_first_z(xc, B, n1).view(n1 * r, bo * (e - s))
-            raw = torch.mm(_rows_q_i(C), Z)  # (m1, bo*n): yᵀ's layout
+            yt = torch.mm(_rows_q_i(C), Z).view(out, e - s)
             del Z
         else:
             T = _factors_first_t(xc, _rows_p_i(C), n1)[1].view(m1, r * bi, e - s)
-            raw = torch.bmm(_cols_i_c(B).unsqueeze(0).expand(m1, -1, -1), T)  # (m1, bo, n): yᵀ's layout
+            yt = torch.bmm(_cols_i_c(B).unsqueeze(0).expand(m1, -1, -1), T).view(out, e - s)
             del T
-        yt = raw.view(out, e - s)
-        if len(chunks) == 1:  # one chunk: the caller takes the transposed view of yᵀ, which costs nothing
-            biased = _add_bias_(yt, bias)
-            return raw if biased is yt else biased
+        if len(chunks) == 1:  # one chunk: yᵀ computed, y returned as its transposed view
+            return _add_bias_(yt, bias).t().detach()
         if y is None:  # yt's dtype: under autocast the GEMMs run in bf16
             y = yt.new_empty(N, out)
         y[s:e].t().copy_(yt)
-        del yt, raw
-    if bias is not None and bias.dtype == y.dtype:
-        _add_bias_(y.t(), bias)
-        return y
-    return y if bias is None else _add_bias_(y.t(), bias).t().contiguous()
+        del yt
+    return y if bias is None else _add_bias_(y.t(), bias).t().detach()
 
 
 def _add_bias_(yt: Tensor, bias: Tensor | None) -> Tensor:
@@ -242,15 +231,13 @@ class _KronLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, S, A, B, bias, path, rows):  # x2: (N, in), contiguous
-        ctx.path, ctx.rows, ctx.transposed = path, rows, _one_chunk(x2.shape[0], rows)
+        ctx.path, ctx.rows = path, rows
         ctx.save_for_backward(x2, S, A, B)
         return _forward(x2, S * A, B, bias, path, rows)
 
     @staticmethod
     def backward(ctx, gy):
         x2, S, A, B = ctx.saved_tensors
-        if ctx.transposed:  # the gradient of the yᵀ that forward returned, in its layout
-            gy = gy.reshape(-1, x2.shape[0]).t()
         gy = gy.to(x2.dtype)  # under autocast gy may be bf16 while the saved input is fp32
         need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
         gbias = gy.sum(0) if need_b else None
@@ -277,6 +264,4 @@ def _kron_linear(x: Tensor, S: Tensor, A: Tensor, B: Tensor, bias: Tensor | None
     x2 = x.reshape(-1, in_features).contiguous()
     rows = chunk_rows(in_features, m1 * bo, (bo, bi), r, path)
     y = _KronLinearFn.apply(x2, S, A, B, bias, path, rows)
-    if _one_chunk(x2.shape[0], rows):  # forward returned yᵀ: its transposed view costs nothing
-        y = y.reshape(m1 * bo, -1).t()
     return y.reshape(*x.shape[:-1], m1 * bo)

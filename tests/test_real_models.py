@@ -287,3 +287,10 @@ def test_the_summary_sees_through_block_magnitudes_parametrized_layers_gpt2_incl
     summary = sp.summary()
     assert summary.coverage > 0.9 and {r.kind for r in summary.layers if r.sparsified} == {"Conv1D"}
     assert set(sp.layer_sparsity().values()) == {0.5}  # counted on the (out, in) grid of the parametrized Conv1D
+
+
+def test_a_methods_per_layer_numbers_reach_the_summary_rows(monkeypatch):
+    sp = Sparsifier(mlp(), "kron", block_shape=(4, 4), target_sparsity=0.5, total_steps=4)
+    monkeypatch.setattr(sp.method, "layer_stats", lambda: {"2": {"topped_up_blocks": 3}})
+    rows = {r.name: r.stats for r in sp.summary().layers if r.sparsified}
+    assert rows == {"0": {"zero_blocks": 0}, "2": {"zero_blocks": 0, "topped_up_blocks": 3}}

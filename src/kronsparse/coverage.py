@@ -141,11 +141,11 @@ def owned_weight_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def summarize(model: nn.Module, sparsified: dict[str, nn.Module], block_shape, method: str,
               kinds: tuple = (), block_shapes=None, method_stats: dict | None = None,
-              counts: dict[str, tuple[int, int]] | None = None, originals: dict[str, type] | None = None
-              ) -> SparsitySummary:
+              counts: dict[str, tuple[int, int]] | None = None, originals: dict[str, type] | None = None,
+              layer_stats: dict[str, dict] | None = None) -> SparsitySummary:
     """The summary of `model` with the layers `sparsified` (by name); counts: {name: (zero blocks,
     blocks)} measured on the dense weights; originals: {name: the type a layer had before a
-    method swapped it} (shown as its kind)."""
+    method swapped it} (shown as its kind); layer_stats: {name: the method's numbers for it}."""
     tied, rows, shapes = tied_weights(model), [], block_shapes or [tuple(block_shape)]
     for name, m in owned_weight_modules(model).items():
         if name in sparsified:
@@ -154,7 +154,8 @@ def summarize(model: nn.Module, sparsified: dict[str, nn.Module], block_shape, m
             m1 = W.shape[0] // block_shape[0]
             kind = (originals or {}).get(name, plain_type(m)).__name__
             rows.append(LayerRow(name, kind, tuple(W.shape), W.numel(), True,
-                                 grid=(m1, blocks // max(1, m1)), stats={"zero_blocks": zero}))
+                                 grid=(m1, blocks // max(1, m1)),
+                                 stats={"zero_blocks": zero, **(layer_stats or {}).get(name, {})}))
             continue
         if is_weight_layer(m):
             W = layer_weight(m)

@@ -179,7 +179,7 @@ class Sparsifier:
         `sp.summary()["key"]` reads the method's own numbers (e.g. "final_lambda")."""
         return summarize(self.model, self.sparsified_layers(), self.block_shape, self.method.name,
                          self.method.layer_kinds, getattr(self.options, "candidates", None), self.method.summary(),
-                         self._counts("block"), self.originals)
+                         self._counts("block"), self.originals, self.method.layer_stats())
 
     def export(self, path, fmt: str = "dense"):
         """The model as one safetensors file (kronsparse.export): "dense", "bsr" (the sparsified layers

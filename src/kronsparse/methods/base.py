@@ -202,6 +202,11 @@ class Method:
         """Method-specific numbers for metrics.json."""
         return {}
 
+    def layer_stats(self) -> dict[str, dict]:
+        """Per-layer numbers for Sparsifier.summary(), by layer name (self.names), e.g. how many zero
+        blocks a layer's final top-up made; merged into each row's `stats`."""
+        return {}
+
     @property
     def block_shape(self) -> tuple[int, int]:
         """The block grid the final weights are measured on (pattern selection may change it)."""

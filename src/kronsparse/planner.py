@@ -7,11 +7,15 @@ of a training step. Nothing is trained and the model is not changed: one forward
 for backward; the rest is the cost model of costs.py.
 
 The peak model (checked against benchmarks/bench_whole_step.py's allocator counts, within 10% on
-its settings; tests/test_planner.py): held state (parameters, buffers, optimizer state) + the
-activations saved by the forward + half of the gradients (the backward frees activations while the
-gradients appear) + the largest transient of one Kronecker layer's forward + backward
-(costs.train_peak_bytes beyond the activations it shares with dense: the factors' gradients and one
-chunk of intermediates; `materialize` also saves W).
+its settings; tests/test_planner.py): held state (parameters, buffers, optimizer state) plus the
+larger of the two peaks of a step. The backward's: the activations saved by the forward, half of
+the gradients (the backward frees activations while the gradients appear) and the largest transient
+of one Kronecker layer's forward + backward (costs.train_peak_bytes beyond the activations it
+shares with dense: the factors' gradients and one chunk of intermediates; `materialize` also saves
+W). The optimizer's: all the gradients and the temporaries of its update of the largest parameter
+(torch's single-tensor Adam, its default on CPU, makes three of that size; the foreach
+implementation, the default on GPUs, makes them for a whole parameter group at once, so there the
+prediction is a lower bound).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from .blocks import tiles
 from .costs import choose_path, path_macs, train_params, train_peak_bytes
 
-OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 1, "sgd-nomomentum": 0}  # tensors of state per parameter
+# optimizer: (state tensors per parameter, temporaries of a parameter's size in its single-tensor update)
+OPTIMIZERS = {"adamw": (2, 3), "adam": (2, 3), "sgd": (1, 0), "sgd-nomomentum": (0, 0)}
 DEFAULT_CANDIDATES = ((8, 8), (16, 16), (32, 32))
 DEFAULT_RANKS = (1, 2, 4)
 DENSE = "dense"
@@ -43,6 +48,7 @@ class LayerPlan:
     dense_params: int
     path: str  # the contraction order the cost model picks ("dense" for nn.Linear)
     train_params: int
+    largest_param: int  # elements of the layer's largest parameter tensor
     step_macs: int  # forward + backward multiply-adds of one step
     transient_bytes: int  # forward + backward allocations beyond the shared activations and gradients
 
@@ -138,14 +144,16 @@ def _layer_plan(name: str, layer: nn.Linear, rows: int, block_shape, rank: int |
     i, o, bias = layer.in_features, layer.out_features, layer.bias is not None
     dense = o * i + (o if bias else 0)
     if block_shape is None:
-        return LayerPlan(name, i, o, rows, DENSE, dense, DENSE, dense, 3 * rows * o * i, 0)
+        return LayerPlan(name, i, o, rows, DENSE, dense, DENSE, dense, o * i, 3 * rows * o * i, 0)
     path = choose_path(i, o, block_shape, rank, max(rows, 1))
     macs = path_macs(i, o, block_shape, rank)
     step = 3 * rows * getattr(macs, path) + (2 * macs.materialize_build if path == "materialize" else 0)
     activations = 4 * (rows * o + rows * i + (o if bias else 0))  # y, gx, the bias gradient: as dense
     transient = max(0, train_peak_bytes(i, o, block_shape, rank, max(rows, 1), path, bias=bias) - activations)
+    bo, bi = block_shape
+    largest = max(rank * (o // bo) * (i // bi), rank * bo * bi, o if bias else 0)  # A (S is smaller), B, bias
     return LayerPlan(name, i, o, rows, setting_name(block_shape, rank), dense, path,
-                     train_params(i, o, block_shape, rank, bias), step, transient)
+                     train_params(i, o, block_shape, rank, bias), largest, step, transient)
 
 
 def plan(model: nn.Module, example_input, candidates=DEFAULT_CANDIDATES, ranks=DEFAULT_RANKS,
@@ -156,8 +164,8 @@ def plan(model: nn.Module, example_input, candidates=DEFAULT_CANDIDATES, ranks=D
     (name, module) -> bool filter of the nn.Linear layers to sparsify (default: all that the block
     shape tiles). fp32 training is assumed; `optimizer` is "adamw", "adam", "sgd" (momentum) or
     "sgd-nomomentum". Ranks above a layer's full Kronecker rank min(bo*bi, m1*n1) are skipped."""
-    if optimizer not in OPTIMIZER_STATES:
-        raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZER_STATES)}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     rows, activation_bytes, forward_macs = _forward_counts(model, example_input)
     linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and (layers is None or layers(n, m))}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -165,8 +173,11 @@ def plan(model: nn.Module, example_input, candidates=DEFAULT_CANDIDATES, ranks=D
     frozen_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
     planned_macs = sum(rows[n] * m.in_features * m.out_features for n, m in linears.items())
     unplanned_macs = forward_macs - planned_macs  # attention, the layers not planned: alike in every setting
-    other = dict(trainable=trainable, frozen_bytes=frozen_bytes, activation_bytes=activation_bytes,
-                 states=OPTIMIZER_STATES[optimizer], other_macs=3 * max(0, unplanned_macs))
+    planned = {id(q) for m in linears.values() for q in m.parameters()}
+    largest_other = max((q.numel() for q in model.parameters() if q.requires_grad and id(q) not in planned), default=0)
+    states, temporaries = OPTIMIZERS[optimizer]
+    other = dict(trainable=trainable, frozen_bytes=frozen_bytes, activation_bytes=activation_bytes, states=states,
+                 update_bytes=4 * temporaries, largest_other=largest_other, other_macs=3 * max(0, unplanned_macs))
     settings = {DENSE: _setting(DENSE, [_layer_plan(n, m, rows[n], None, None) for n, m in linears.items()], **other)}
     for block in candidates:
         block = tuple(block)
@@ -194,7 +205,7 @@ def _fits(layer: nn.Linear, block, rank: int) -> bool:
 
 
 def _setting(name: str, layers: list[LayerPlan], trainable: int, frozen_bytes: int, activation_bytes: int,
-             states: int, other_macs: int) -> SettingPlan:
+             states: int, update_bytes: int, largest_other: int, other_macs: int) -> SettingPlan:
     """Whole-model totals: the planned layers' parameters replace the dense ones in the count; the
     model's other work (attention, norms, the layers not planned) is the same under every setting."""
     params = trainable + sum(lp.train_params - lp.dense_params for lp in layers)
@@ -202,5 +213,8 @@ def _setting(name: str, layers: list[LayerPlan], trainable: int, frozen_bytes: i
     optimizer_bytes = states * param_bytes
     extra_saved = sum(4 * lp.out_features * lp.in_features for lp in layers if lp.path == "materialize")
     transient = max((lp.transient_bytes for lp in layers), default=0)
-    peak = frozen_bytes + param_bytes + optimizer_bytes + activation_bytes + extra_saved + param_bytes // 2 + transient
+    backward = activation_bytes + extra_saved + param_bytes // 2 + transient
+    largest = max([largest_other, *(lp.largest_param for lp in layers)])
+    update = param_bytes + update_bytes * largest
+    peak = frozen_bytes + param_bytes + optimizer_bytes + max(backward, update)
     return SettingPlan(name, params, optimizer_bytes, sum(lp.step_macs for lp in layers) + other_macs, peak, layers)

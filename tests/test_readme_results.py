@@ -325,13 +325,14 @@ def test_the_readme_results_prose_follows_from_the_tables():
     kron = float(mean(vit[("kron", "4x4", "4")]["accuracy %"]))
     gaps = [float(mean(vit[(m, "4x4", "")]["accuracy %"])) - kron for m in ("rigl", "block-magnitude")]
     assert f"trails block RigL and block magnitude pruning by {gaps[0]:.1f} and {gaps[1]:.1f} points" in text
-    bench = (ROOT / "benchmarks/results/cpu-2026-12-01.md").read_text()
-    step = {(r[0], r[1], r[4], r[5]): r for r in tables(bench)[0][1:]}
-    big = float(step[("2048x2048", "16x16", "step", "dense")][7]) / float(step[("2048x2048", "16x16", "step", "kron:auto")][7])
-    assert f"rank 2, trains a step {big:.2f}x faster than dense" in text
+    whole = {(r["width"], r["variant"]): r for r in
+             json.loads((ROOT / "benchmarks/results/whole-step-cpu-2026-12-07.json").read_text())["rows"]}
+    (t1, m1), (t2, m2) = ((f"{r['time_ratio']:.2f}", f"{r['memory_ratio']:.2f}")
+                          for r in (whole[(w, "kron 16x16 r2")] for w in (1024, 2048)))
+    assert f"takes {t1}x dense's time and {m1}x its peak memory, at hidden 2048 {t2}x and {m2}x" in text
     rows = json.loads((ROOT / "benchmarks/results/model-step-cpu-2026-12-01.json").read_text())["rows"]
     ratios = [r["kron_ms"] / r["dense_ms"] for r in rows]
-    assert f"models takes {min(ratios):.2f}x to {max(ratios):.2f}x dense's" in text
+    assert f"a whole training step takes {min(ratios):.2f}x to {max(ratios):.2f}x dense's" in text
 
 
 def test_the_whole_step_table_and_claims_are_the_benchmark_file():

@@ -118,3 +118,32 @@ def test_the_predicted_peak_is_within_10_percent_of_the_allocators(setting):
     held = [*model.parameters(), *model.buffers()] + [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
     measured = sum(t.numel() * t.element_size() for t in held) + peak_bytes(step)
     assert abs(predicted.peak_bytes / measured - 1) <= 0.10, (predicted.peak_bytes, measured)
+
+
+def test_shapes_on_a_model_of_the_command_line(capsys):
+    from kronsparse.cli import main
+    from kronsparse.training.models import build_model, kron_factory
+
+    assert main(["shapes", "--model", "mlp", "--batch", "32", "--blocks", "2x16", "--ranks", "2"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| 2x16 r2 |"))
+    kron = build_model("mlp", kron_factory((2, 16), 2))  # what `train --method kron` builds
+    assert row.split("|")[2].strip() == f"{sum(p.numel() for p in kron.parameters()):,}"
+    assert "| dense | 266,610 |" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["shapes", "--model", "resnet"], "unknown model 'resnet'"),
+    (["shapes", "--model", "mlp", "--batch", "0"], "--batch must be >= 1"),
+    (["shapes", "--model", "mlp", "--batch", "100000000"], "over the limit"),
+    (["shapes", "--model", "mlp", "--ranks", "0"], "--ranks must be >= 1"),
+    (["shapes", "--model", "mlp", "--blocks", "2by2"], "--blocks must be like"),
+    (["shapes", "--model", "mlp", "--optimizer", "lion"], "unknown --optimizer"),
+    (["shapes"], "give a layer"),
+])
+def test_shapes_on_a_model_refuses_bad_input_in_one_line(argv, message, capsys):
+    from kronsparse.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .blocks import parse_block
 from .costs import layer_costs, plan_block_shapes
+from .limits import env_name, limit
 from .methods.kron import SCALE_PINS
 
 ROW_KEYS = ("method", "model", "dataset", "paper_block_name", "rank", "test_accuracy", "block_sparsity",
@@ -135,6 +136,10 @@ def print_row(metrics: dict) -> None:
 
 
 def cmd_shapes(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        return shapes_of_model(args)
+    if args.in_features is None or args.out_features is None:
+        raise UserError("give a layer (IN_FEATURES OUT_FEATURES) or a model (--model NAME)")
     for name in ("in_features", "out_features", "rank"):
         if getattr(args, name) < 1:
             raise UserError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(args, name)}")
@@ -148,6 +153,41 @@ def cmd_shapes(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"| {r.block_shape[0]}x{r.block_shape[1]} | {r.paper_name} | {r.train_params} | {r.macs} | "
               f"{'fewest params' if r.best else ''} |")
+    return 0
+
+
+def shapes_of_model(args: argparse.Namespace) -> int:
+    """`kronsparse.plan` on one of the command line's models: what each block shape and rank would
+    cost it to train, per step of --batch samples."""
+    import torch
+
+    from .planner import OPTIMIZERS, plan
+    from .training.models import ARCHITECTURES, build_model, dense_factory
+
+    if args.model not in ARCHITECTURES:
+        raise UserError(f"unknown model {args.model!r}; valid models: {', '.join(ARCHITECTURES)}")
+    if args.batch < 1:
+        raise UserError(f"--batch must be >= 1, got {args.batch}")
+    if 4 * 784 * args.batch > limit("data_bytes"):  # the plan runs one forward of a batch of zeros
+        raise UserError(f"--batch {args.batch} is over the limit {limit('data_bytes') // (4 * 784)} "
+                        f"(raise {env_name('data_bytes')} knowingly)")
+    if args.optimizer not in OPTIMIZERS:
+        raise UserError(f"unknown --optimizer {args.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    try:
+        candidates = [parse_block(b) for b in args.blocks.split(",")]
+        ranks = [int(r) for r in args.ranks.split(",")]
+    except ValueError as err:
+        raise UserError(f"--blocks must be like 2x2,4x4 and --ranks like 1,2: {err}") from None
+    if any(r < 1 for r in ranks):
+        raise UserError(f"--ranks must be >= 1, got {args.ranks}")
+    for r in ranks:
+        if r > limit("rank"):
+            raise UserError(f"--ranks {r} is over the limit {limit('rank')} (raise {env_name('rank')} knowingly)")
+    model = build_model(args.model, dense_factory)
+    result = plan(model, torch.zeros(args.batch, 784), candidates=candidates, ranks=ranks, optimizer=args.optimizer)
+    print(f"model {args.model}, {args.batch} samples a step, {args.optimizer}; a block shape sparsifies the layers it "
+          "tiles (fp32; peak: one training step's, predicted):")
+    print(result.table())
     return 0
 
 
@@ -195,10 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shapes", help="every block shape of a layer with its training cost",
                        description="Every block shape that tiles a layer's weight, with its trainable "
                                    "parameters and multiply-adds per sample.")
-    p.add_argument("in_features", type=int, help="the layer's inputs (nn.Linear's in_features), >= 1")
-    p.add_argument("out_features", type=int, help="the layer's outputs (nn.Linear's out_features), >= 1")
+    p.add_argument("in_features", type=int, nargs="?", help="the layer's inputs (nn.Linear's in_features), >= 1")
+    p.add_argument("out_features", type=int, nargs="?", help="the layer's outputs (nn.Linear's out_features), >= 1")
     p.add_argument("--rank", type=int, default=1, help="Kronecker terms, >= 1 (default: %(default)s)")
     p.add_argument("--no-bias", action="store_true", help="count the layer without a bias (default: with)")
+    p.add_argument("--model", default=None, help="instead of a layer, plan a model of `train` (linear, mlp, "
+                   "lenet5, vit, vit-tiny): per block shape and rank, trainable parameters, optimizer state, "
+                   "step multiply-adds and predicted peak memory against dense (default: none)")
+    p.add_argument("--batch", type=int, default=64, help="with --model: samples per step (default: %(default)s)")
+    p.add_argument("--blocks", default="2x2,2x16,4x4", help="with --model: block shapes (default: %(default)s)")
+    p.add_argument("--ranks", default="1,2,4", help="with --model: ranks (default: %(default)s)")
+    p.add_argument("--optimizer", default="sgd", help="with --model: adamw, adam, sgd or sgd-nomomentum, for "
+                   "the optimizer state (default: %(default)s)")
     p.set_defaults(func=cmd_shapes)
     p = sub.add_parser("reproduce", help="the paper's comparison: every method, tables, plots, report",
                        description="Run the paper's comparison (every method, a sparsity sweep, ranks 1, 2, "

@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .limits import env_name, limit
-from .models import build_model
+from .models import build_model, model_options
 
 
 class _MetaFactory:
@@ -31,7 +31,7 @@ class _MetaFactory:
 
 def training_bytes(cfg: TrainConfig, num_features: int, num_classes: int, batch: int) -> tuple[int, int, int]:
     """(bytes, parameters, activations per batch) that training `cfg` needs, roughly, in float32."""
-    model = build_model(cfg.model, _MetaFactory(), num_features, num_classes)
+    model = build_model(cfg.model, _MetaFactory(), num_features, num_classes, model_options(cfg))
     params = sum(p.numel() for p in model.parameters())
     activations = [0]
 
@@ -40,7 +40,7 @@ def training_bytes(cfg: TrainConfig, num_features: int, num_classes: int, batch:
 
     hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
     with torch.no_grad():
-        model(torch.empty(batch, num_features, device="meta"))
+        model(torch.empty(batch, num_features, device="meta", dtype=getattr(model, "input_dtype", torch.float32)))
     for h in hooks:
         h.remove()
     terms = cfg.rank * (len(cfg.candidates or ()) or 1) if cfg.method in ("kron", "select") else 1

@@ -10,8 +10,8 @@ import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 from .blocks import tiles
-from .layers import KronConv2d, KronLinear, KronSelectLinear
 from .gpt import build_gpt
+from .layers import KronConv2d, KronLinear, KronSelectLinear
 from .vit import VIT_MODELS, build_vit
 
 LayerFactory = Callable[[int, int], nn.Module]

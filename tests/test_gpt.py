@@ -208,3 +208,20 @@ def test_the_pycode_gpt_plan():
     assert gpt_reproduce.base_config(False, {"tokens_per_step": 4096}).batch_size == 32
     with pytest.raises(ValueError, match="multiple of the context"):
         gpt_reproduce.base_config(False, {"tokens_per_step": 100})
+
+
+@pytest.mark.slow
+def test_reproduce_pycode_gpt_end_to_end_on_a_tiny_gpt(tmp_path, capsys):
+    out = tmp_path / "exp"
+    args = ["reproduce", "pycode-gpt", "--quick", "--out", str(out), "--n-train", "16", "--n-test", "2", "--width", "32",
+            "--heads", "2", "--layers", "1", "--context", "32", "--tokens-per-step", "256", "--jobs", "2"]
+    assert main(args) == 0
+    report = (out / "report.md").read_text()
+    assert "## The paper's Table 3 claims on this model" in report and "### kron 16x16" in report
+    assert "Partial" not in report and (out / "cost.png").is_file()
+    table = (out / "table.md").read_text()
+    assert table.count("\n") == 2 + 14  # header, separator, one row per run of the quick plan
+    wider = list(args)
+    wider[wider.index("--width") + 1] = "64"
+    assert main(wider) == 2  # other settings: refused before training
+    assert "was made with other settings" in capsys.readouterr().err

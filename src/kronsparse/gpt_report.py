@@ -27,6 +27,7 @@ from .functional import block_mask_of
 from .metrics import training_costs
 from .models import build_model, model_options
 from .reproduce import block_name
+from .rundir import finished_metrics
 from .sample import load_gpt, sample_text
 from .vit_report import memory_file, structure_factory
 
@@ -39,8 +40,12 @@ HEAD = ["method", "block", "rank", "width", "val bpb", "test bpb", "block sparsi
 
 
 def load_runs(specs, out: Path) -> list[dict]:
+    """The finished runs of `specs` (all of them after `reproduce`; a report of a folder still being
+    filled says how many)."""
     runs = []
     for spec in specs:
+        if finished_metrics(out / "runs" / spec.name) is None:
+            continue
         m = json.loads((out / "runs" / spec.name / "metrics.json").read_text())
         memory = memory_file(out, spec.name)
         m.update(json.loads(memory.read_text()) if memory.exists() else {"peak_memory_bytes": None})
@@ -279,13 +284,17 @@ def samples(runs: list[dict], out: Path) -> list[tuple[str, str]]:
 
 def write_report(specs, out: Path) -> None:
     runs = load_runs(specs, out)
+    if not runs:
+        return
     enrich(runs, out)
     rows = rows_of(runs)
     write_text(out / "table.md", table_markdown(rows))
     write_text(out / "table.csv", table_csv(rows))
     c = runs[0]["config"]
     texts = samples(runs, out)
-    lines = ["# pycode-gpt: the method on a byte-level GPT trained on Python source", "",
+    partial = [] if len(runs) == len(specs) else [f"**Partial: {len(runs)} of the plan's {len(specs)} runs have "
+                                                  "finished; the same command finishes the rest.**", ""]
+    lines = ["# pycode-gpt: the method on a byte-level GPT trained on Python source", "", *partial,
              f"GPT of width {c['width']}, {c['layers']} blocks, {c['heads']} heads, context {c['context']} bytes; "
              f"AdamW lr {c['lr']:g}, {c['batch_size']} x {c['context']} = {c['batch_size'] * c['context']:,} tokens "
              f"per step, {c['epochs']} epoch(s) over {c.get('n_train') or 'all'} training windows; val and test "

@@ -332,3 +332,23 @@ def test_the_readme_results_prose_follows_from_the_tables():
     rows = json.loads((ROOT / "benchmarks/results/model-step-cpu-2026-12-01.json").read_text())["rows"]
     ratios = [r["kron_ms"] / r["dense_ms"] for r in rows]
     assert f"models takes {min(ratios):.2f}x to {max(ratios):.2f}x dense's" in text
+
+
+def report_section(report: str, title: str) -> list[str]:
+    """The bullet lines under `## title` of a report.md."""
+    return [l for l in report.split(f"## {title}\n")[1].split("\n## ")[0].splitlines() if l.startswith("- ")]
+
+
+def test_the_language_model_quick_table_verdicts_and_samples_are_its_report():
+    text = section("pycode-gpt quick")
+    folder = ROOT / "results/pycode-gpt-quick"
+    report = (folder / "report.md").read_text(encoding="utf-8")
+    assert tables(text)[0] == tables((folder / "table.md").read_text(encoding="utf-8"))[0]
+    bullets = [l for l in text.splitlines() if l.startswith("- ")]
+    assert bullets == (report_section(report, "The paper's Table 3 claims on this model")
+                       + report_section(report, "Distance to block magnitude pruning, and the goal"))
+    for sample in re.findall(r"~~~~\n(.*?)~~~~", text, re.S):
+        assert f"~~~~\n{sample}~~~~" in report
+    timing = json.loads((folder / "timing.json").read_text())
+    real, cpu = timing["real_seconds"], timing["user_seconds"] + timing["sys_seconds"]
+    assert f"**{int(real // 60)} min {int(real % 60)} s** wall, {int(cpu // 60)} min {int(cpu % 60)} s of CPU" in text

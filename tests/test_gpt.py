@@ -12,18 +12,19 @@ import torch.nn.functional as nnf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from kronsparse import gpt_reproduce, text
 from kronsparse.cli import main
-from kronsparse.config import TEXT_DATASETS, TrainConfig
-from kronsparse.data import DataError, Dataset
-from kronsparse.gpt import GPT, GPTSpec
+from kronsparse.experiments import gpt as gpt_reproduce
 from kronsparse.layers import KronLinear
 from kronsparse.methods import METHODS
-from kronsparse.metrics import bits_per_byte, evaluate, training_costs
-from kronsparse.models import build_model, dense_factory, kron_factory
-from kronsparse.sample import load_gpt, sample_text
 from kronsparse.sparsifier import Sparsifier
-from kronsparse.train import train
+from kronsparse.training import text
+from kronsparse.training.config import TEXT_DATASETS, TrainConfig
+from kronsparse.training.data import DataError, Dataset
+from kronsparse.training.gpt import GPT, GPTSpec
+from kronsparse.training.metrics import bits_per_byte, evaluate, training_costs
+from kronsparse.training.models import build_model, dense_factory, kron_factory
+from kronsparse.training.sample import load_gpt, sample_text
+from kronsparse.training.train import train
 
 TINY = {"width": 32, "layers": 2, "heads": 2}
 

@@ -1,14 +1,19 @@
-"""The command line: `kronsparse train | shapes | reproduce | export`. User mistakes get one line and exit code 2."""
+"""The command line: `kronsparse train | shapes | reproduce | export`. User mistakes get one line and exit code 2.
+
+The door of the application: the training app (training/) and the experiments (experiments/) are
+imported by the functions that need them, so `import kronsparse.cli` loads only the library.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .config import SCALE_PINS, TrainConfig, parse_block
+from .blocks import parse_block
+from .costs import layer_costs, plan_block_shapes
+from .methods.kron import SCALE_PINS
 
 ROW_KEYS = ("method", "model", "dataset", "paper_block_name", "rank", "test_accuracy", "block_sparsity",
             "weight_sparsity", "train_params", "train_macs", "inference_params", "wall_seconds")
@@ -22,15 +27,18 @@ def _blocks(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(parse_block(t) for t in text.split(",") if t)
 
 
+# the help's order (the paper's method first); a test keeps them equal to methods.METHODS and training.models.ARCHITECTURES
 METHOD_NAMES = ("kron", "select", "group-lasso", "elastic-group-lasso", "rigl", "iterative-pruning",
-                "block-magnitude", "dense")  # methods.METHODS (a test keeps them equal); no torch import for --help
-MODEL_NAMES = ("linear", "mlp", "lenet5", "vit", "vit-tiny", "gpt")  # models.ARCHITECTURES
+                "block-magnitude", "dense")
+MODEL_NAMES = ("linear", "mlp", "lenet5", "vit", "vit-tiny", "gpt")
 THREADS_HELP = ("1: on a machine busy with other jobs, OpenMP's spin-waiting made 2 threads 8-30x slower "
                 "on these models (README, Training); OMP_WAIT_POLICY=PASSIVE softens that")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     """Every option says what it means and its default (%(default)s); defaults are TrainConfig's."""
+    from .training.config import TrainConfig
+
     d = TrainConfig.__dataclass_fields__
     p.add_argument("--method", default=d["method"].default, metavar="NAME",
                    help=f"training method: {', '.join(METHOD_NAMES)} (default: %(default)s)")
@@ -116,7 +124,10 @@ def batch_of_tokens(tokens: int | None, context: int | None, batch_size: int) ->
     return tokens // context
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_from_args(args: argparse.Namespace):
+    """The TrainConfig of `kronsparse train`'s arguments."""
+    from .training.config import TrainConfig
+
     names = {f.name for f in fields(TrainConfig)} - {"candidates"}
     values = {k: v for k, v in vars(args).items() if k in names}
     values["batch_size"] = batch_of_tokens(args.tokens_per_step, args.context, args.batch_size)
@@ -126,7 +137,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .training.train import train
 
     cfg = config_from_args(args)
     progress = not args.no_progress and sys.stderr.isatty()  # bars belong to a terminal, not a log
@@ -152,8 +163,6 @@ def print_row(metrics: dict) -> None:
 
 
 def cmd_shapes(args: argparse.Namespace) -> int:
-    from .costs import layer_costs, plan_block_shapes
-
     for name in ("in_features", "out_features", "rank"):
         if getattr(args, name) < 1:
             raise UserError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(args, name)}")
@@ -171,7 +180,7 @@ def cmd_shapes(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import reproduce
+    from .experiments import reproduce
 
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -183,31 +192,20 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
            if getattr(args, k) is not None}
     if gpt and args.experiment != "pycode-gpt":
         raise UserError(f"--{next(iter(gpt)).replace('_', '-')} is for pycode-gpt; {args.experiment} trains its own model")
-    if args.experiment == "pycode-gpt":  # gpt_reproduce.py: the language model's plan and report
-        from .gpt_reproduce import reproduce_gpt
-
-        reproduce_gpt(args.out, seeds, quick=args.quick, jobs=args.jobs, overrides={**overrides, **gpt})
-    elif args.experiment == "fashion-vit":  # vit_reproduce.py: its own plan, runner and report
-        from .vit_reproduce import reproduce_vit
-
-        reproduce_vit(args.out, seeds, quick=args.quick, jobs=args.jobs, overrides=overrides)
-    elif "model" in overrides:
-        raise UserError(f"--model is for fashion-vit; {args.experiment} trains its own model")
-    else:
-        reproduce(args.experiment, args.out, seeds, quick=args.quick, jobs=args.jobs, overrides=overrides)
+    reproduce(args.experiment, args.out, seeds, quick=args.quick, jobs=args.jobs, overrides={**overrides, **gpt})
     print((Path(args.out) / "report.md").read_text())
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .sample import load_gpt, sample_text
+    from .training.sample import load_gpt, sample_text
 
     print(sample_text(load_gpt(args.run_dir), args.prompt, args.tokens, args.temperature, args.seed))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_run
+    from .training.run_folder import export_run
 
     path = export_run(args.run_dir, args.format, args.out)
     print(f"wrote {path} ({args.format})")
@@ -280,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import DataError
+    from .training.data import DataError
 
     args = build_parser().parse_args(argv)
     try:

@@ -15,10 +15,8 @@ Metadata: {"format", "model", "block_shape", "layers": {NAME: {"kind": "linear" 
 (tied tensors are stored once; `read_export` restores every name). NAME is the module's name
 ("layers.2"), or "" for a run of the one-layer "linear" model, whose tensors are `weight`, `bias`.
 
-This module is also the one home of a run folder's `model.safetensors` (`run_tensors` writes what
-`run_entries` reads): `layers.K.weight`/`.bias` dense with their exact zero blocks and
-`layers.K.kron.S`/`.A`/`.B` for Kron layers; for the one-layer "linear" model K is dropped
-(`weight`, `bias`, `kron.S`, ...: `run_key` is the only place that knows).
+A run folder of `kronsparse train` is exported by the application (training/run_folder.py), which
+reads it into the LayerEntry list that `write_export` takes.
 """
 
 from __future__ import annotations
@@ -30,10 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 
 from .atomic import write_safetensors
 from .layers import KRON_LAYERS, KronConv2d, matrix_view
+from .limits import limit
 
 FORMATS = ("dense", "bsr", "factors")
 META_KEY = "kronsparse"
@@ -157,7 +157,7 @@ def _stored(e: LayerEntry, fmt: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Sources: any nn.Module holding Kron layers, or a run folder of `kronsparse train`
+# Source: any nn.Module holding Kron layers
 # --------------------------------------------------------------------------------------------
 
 
@@ -193,94 +193,6 @@ def export_model(model: nn.Module, path, fmt: str = "dense", model_name: str = "
     return write_export(path, entries, rest, fmt, model_name, shapes.pop() if len(shapes) == 1 else None)
 
 
-def run_entries(run_dir) -> tuple[list[LayerEntry], str, tuple[int, int]]:
-    """The weight layers of a finished `kronsparse train` run, read from its files."""
-    from safetensors.torch import load_file
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {run_dir} {'is not a folder' if run_dir.exists() else 'does not exist'}")
-    metrics_path, weights_path = run_dir / "metrics.json", run_dir / "model.safetensors"
-    if not metrics_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"{run_dir} holds no finished run (metrics.json and model.safetensors are needed)")
-    from .rundir import verify
-
-    verify(run_dir)  # every file of one complete run: a torn or mixed folder is refused
-    try:
-        metrics = json.loads(metrics_path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ExportError(f"{metrics_path} is not JSON ({_first_line(err)})") from None
-    if not (isinstance(metrics, dict) and isinstance(metrics.get("model"), str) and _is_ints(metrics.get("block_shape"), 2)
-            and isinstance(metrics.get("sparsified_layers", []), list)):
-        raise ExportError(f"{metrics_path}: needs 'model' and 'block_shape' (a metrics.json of `kronsparse train`)")
-    model, block_shape = metrics["model"], tuple(metrics["block_shape"])
-    try:
-        t = load_file(str(weights_path))
-    except Exception as err:
-        raise ExportError(f"{weights_path}: not a readable safetensors file ({_first_line(err)})") from None
-    if model not in ("linear", "mlp", "lenet5") or not any(k in t for k in ("weight", "layers.0.weight")):
-        raise ExportError(f"{run_dir}: model {model!r} with tensors {sorted(t)[:4]} is not a run of `kronsparse train`")
-    count = 1 if model == "linear" else len({k.split(".")[1] for k in t if k.startswith("layers.")})
-    padding = _conv_padding(model)
-    entries = []
-    for k in range(count):
-        name = run_key(model, k, "weight").removesuffix("weight").removesuffix(".")
-        if run_key(model, k, "weight") not in t:
-            raise ExportError(f"{run_dir}: layers of model {model!r} are not numbered 0..{count - 1}")
-        e = LayerEntry(name, t[run_key(model, k, "weight")], t.get(run_key(model, k, "bias")),
-                       block_shape if k in metrics.get("sparsified_layers", []) else None)
-        kron = {f: t[run_key(model, k, f"kron.{f}")] for f in ("S", "A", "B") if run_key(model, k, f"kron.{f}") in t}
-        e.factors = kron or None
-        if e.weight.dim() == 4:
-            e.padding = padding[k]
-        entries.append(e)
-    return entries, model, block_shape
-
-
-def _key(name: str, leaf: str) -> str:
-    return f"{name}.{leaf}" if name else leaf
-
-
-def run_key(model_name: str, k: int, leaf: str) -> str:
-    """The key of layer k's `leaf` ("weight", "bias", "kron.S", ...) in a run's model.safetensors."""
-    return _key("" if model_name == "linear" else f"layers.{k}", leaf)
-
-
-def run_tensors(model: nn.Module, model_name: str) -> dict[str, Tensor]:
-    """What a run's model.safetensors holds: every layer's dense weight and bias, the factors of its
-    Kron layers (contiguous, on the CPU). Numbers anyone recomputes come from these weights."""
-    from .model_tree import layer_weight
-
-    state = {}
-    for k, layer in enumerate(model.layers):
-        state[run_key(model_name, k, "weight")] = layer_weight(layer)
-        if layer.bias is not None:
-            state[run_key(model_name, k, "bias")] = layer.bias
-        if isinstance(layer, KRON_LAYERS):
-            for f in ("S", "A", "B"):
-                state[run_key(model_name, k, f"kron.{f}")] = getattr(layer, f)
-    return {key: v.detach().cpu().contiguous() for key, v in state.items()}
-
-
-def _conv_padding(model: str) -> tuple:
-    from .models import LeNet5
-
-    return LeNet5.conv_padding if model == "lenet5" else ()
-
-
-def export_run(run_dir, fmt: str = "dense", out=None) -> Path:
-    """Export a run folder as `fmt`; out defaults to RUN_DIR/model.FMT.safetensors."""
-    check_format(fmt)
-    entries, model, block_shape = run_entries(run_dir)
-    out = Path(out) if out is not None else Path(run_dir) / f"model.{fmt}.safetensors"
-    if out.is_dir() or not out.name:
-        raise ExportError(f"--out {out} is a folder; give the file to write, e.g. {out / f'model.{fmt}.safetensors'}")
-    if out.resolve().parent == Path(run_dir).resolve() and out.name in ("model.safetensors", "metrics.json",
-                                                                          "config.json", "manifest.json"):
-        raise ExportError(f"--out {out} would overwrite the run's own {out.name}")
-    return write_export(out, entries, {}, fmt, model, block_shape)
-
-
 def read_export(path) -> tuple[dict, dict[str, Tensor]]:
     """(metadata, tensors) of an export file, without unpickling anything.
 
@@ -289,8 +201,6 @@ def read_export(path) -> tuple[dict, dict[str, Tensor]]:
     any tensor is read), then dtypes, shapes, BSR index invariants and finite values. A bad file
     raises ExportError, never crashes.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"export file {path} {'is not a regular file' if path.exists() else 'does not exist'}")
@@ -322,8 +232,6 @@ def _first_line(err: BaseException) -> str:
 
 
 def _check_size(path, key: str, shape) -> None:
-    from .limits import limit
-
     n = 1
     for d in shape:
         n *= int(d)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .blocks import matrix_view
+from .blocks import block_name, matrix_view
 from .kernels import PATHS, _kron_linear
 
 
@@ -285,11 +285,6 @@ class KronConv2d(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 DEFAULT_CANDIDATES = ((2, 2), (2, 8), (2, 16))
-
-
-def block_name(block_shape) -> str:
-    """(2, 8) -> "2x8", in nn.Linear's (out, in) order like the CLI's --block."""
-    return f"{block_shape[0]}x{block_shape[1]}"
 
 
 def check_candidates(out_features: int, in_features: int, candidates) -> list[tuple[int, int]]:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import block_mask_of
 from .blocks import matrix_view
+from .functional import block_mask_of
 from .methods import get_method
 from .model_tree import LayerFilter, find_layers, layer_weight, replace_module
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..blocks import matrix_view
+from ..model_tree import find_layers
 
 SCOPES = ("layer", "global")
 
@@ -142,8 +143,6 @@ class Method:
     def prepare(self, model: nn.Module, layers: dict[str, nn.Module] | None = None) -> None:
         """Record the layers to sparsify (default: every layer of layer_kinds the block shape tiles)."""
         if layers is None:
-            from ..model_tree import find_layers
-
             layers = find_layers(model, self.options.block_shape, kinds=self.layer_kinds)
         self.names, self.layers = list(layers), list(layers.values())
 

@@ -38,15 +38,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..functional import block_norms, soft_threshold
 from ..blocks import matrix_view
-from ..layers import KRON_LAYERS, KronConv2d, KronLinear, kron_like
+from ..functional import block_norms, soft_threshold
+from ..layers import INITS, KRON_LAYERS, KronConv2d, KronLinear, kron_like
+from ..model_tree import weight_layers
 from .base import ADAPTIVE_OPTIMIZERS, Method, MethodOptions, learning_rates, mask_grad, with_lr
 from .schedules import DelayedCubic
 from .steering import TargetSteering
 
 SCALE_PINS = ("auto", "decay", "norm")
-INITS = ("fresh", "svd")
 # The factors' lr multiple under Adam-type optimizers (KronOptions.factor_lr), from the ViT of
 # results/vit-variants (Fashion-MNIST, AdamW 1e-3, 4x4 blocks, rank 4, 50%, 3 epochs, seed 0):
 # x1 79.73%, x2 80.97%, x4 82.58%, x8 83.46%, x16 82.34% (block magnitude pruning 82.86%, dense 83.78%);
@@ -89,14 +89,14 @@ class KronOptions(MethodOptions):
             raise ValueError(f"factor_lr must be a finite number > 0, got {self.factor_lr}")
 
 
-def resolve_scale_pin(pin: str, model: nn.Module) -> str:
+def resolve_scale_pin(pin: str, model: nn.Module | int) -> str:
     """"auto" is "decay" for a model with one weight layer (logistic regression) and "norm" for any
-    deeper one, where "decay" loses 9.3 points (MLP, 10 epochs, 2x2: 88.87% vs 98.13%)."""
+    deeper one, where "decay" loses 9.3 points (MLP, 10 epochs, 2x2: 88.87% vs 98.13%). `model`: the
+    model, or its number of weight layers (an application that knows it without building the model)."""
     if pin != "auto":
         return pin
-    from ..model_tree import weight_layers
-
-    return "decay" if len(weight_layers(model)) == 1 else "norm"
+    count = model if isinstance(model, int) else len(weight_layers(model))
+    return "decay" if count == 1 else "norm"
 
 
 class KronMethod(Method):
@@ -160,8 +160,6 @@ class KronMethod(Method):
         a model with one weight layer or with the "decay" scale pin, else 8 under Adam-type optimizers."""
         if self.options.factor_lr is not None:
             return self.options.factor_lr
-        from ..model_tree import weight_layers
-
         if self.pin == "decay" or len(weight_layers(model)) == 1:
             return 1.0
         adaptive = optimizer_cls is not None and issubclass(optimizer_cls, ADAPTIVE_OPTIMIZERS)
@@ -191,13 +189,6 @@ class KronMethod(Method):
         order = sorted(groups, key=lambda key: (not key[0], key[1]))  # decayed groups first
         return with_lr([{"params": groups[key], "weight_decay": wd if key[0] else 0.0,
                          **({"lr_scale": scale} if key[1] else {})} for key in order], lr)
-
-    @property
-    def num_blocks(self) -> int:
-        return sum(m.numel() for m in self.masks)
-
-    def sparsity(self) -> float:
-        return sum(int((~m).sum()) for m in self.masks) / self.num_blocks
 
     @torch.no_grad()
     def step(self, optimizer, step: int, lr: float | None = None) -> None:

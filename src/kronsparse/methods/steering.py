@@ -20,7 +20,6 @@ import torch
 from torch import Tensor
 
 
-
 def count_for(fraction: float, total: int) -> int:
     """How many of `total` items a fraction means: rounded up, so the fraction is always reached."""
     return math.ceil(fraction * total - 1e-9)

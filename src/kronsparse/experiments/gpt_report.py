@@ -20,16 +20,16 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
-from .atomic import write_text
-from .blocks import matrix_view
-from .config import TrainConfig, optional_flags
-from .functional import block_mask_of
-from .metrics import training_costs
-from .models import build_model, model_options
-from .reproduce import block_name
-from .rundir import finished_metrics
-from .sample import load_gpt, sample_text
-from .vit_report import memory_file, structure_factory
+from ..atomic import write_text
+from ..blocks import block_name, matrix_view
+from ..functional import block_mask_of
+from ..training.config import TrainConfig, flag
+from ..training.metrics import training_costs
+from ..training.models import build_model, model_options
+from ..training.run_folder import finished_metrics
+from ..training.sample import load_gpt, sample_text
+from .common import memory_file
+from .vit import structure_factory
 
 GOAL_BPB = 0.05  # the goal: within 0.05 bits per byte of block magnitude at 8x8 or 16x16
 GOAL_PARAMS = 4.0  # ... while training at least 4x fewer parameters than dense
@@ -170,7 +170,7 @@ def command_of(c: dict) -> str:
         parts.append(f"--target-sparsity {c['target_sparsity']:g}")
     if c.get("candidates"):
         parts.append("--candidates " + ",".join(block_name(b) for b in c["candidates"]))
-    parts += optional_flags(c)
+    parts += [f"{flag(k)} {c[k]:g}" for k in ("lam", "factor_lr") if c.get(k) is not None]
     for key in ("n_train", "n_test"):
         if c.get(key):
             parts.append(f"--{key.replace('_', '-')} {c[key]}")
@@ -341,7 +341,7 @@ def plots(runs: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .atomic import atomic_write
+    from ..atomic import atomic_write
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for key, xlabel, ax in (("flops", "training FLOPs / token (flop_counter, fwd+bwd)", axes[0]),

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from .model_tree import weight_layers
+from ..model_tree import weight_layers
 
 VOCAB = 256  # bytes
 

@@ -7,8 +7,8 @@ the 4x4 blocks; iterative pruning at 50% of the weights; pattern selection over 
 dense GPTs of smaller width with about the trainable parameters, and about the training FLOPs, of
 kron's cheapest setting. Every block Linear is sparsified; the embeddings and the tied head stay dense.
 
-Runs live in DIR/runs/<name>/ and train in fresh worker processes (vit_reproduce.run_plan); a finished
-run is reused only when its config is the one planned (check_identity), so a re-run with another
+Runs live in DIR/runs/<name>/ and train in fresh worker processes (runner.py); a finished run is
+reused only when its config is the one planned (runner.check_identity), so a re-run with another
 penalty steering or another --width is one command into another --out.
 """
 
@@ -17,15 +17,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import torch
-
-from . import rundir
-from .config import TrainConfig
-from .limits import check_at_most
-from .metrics import training_costs
-from .models import build_model, dense_factory, kron_factory, model_options
-from .reproduce import Spec, block_name, check_identity
-from .vit_reproduce import run_plan
+from ..blocks import block_name
+from ..training.config import TrainConfig
+from ..training.metrics import training_costs
+from ..training.models import build_model, dense_factory, kron_factory, model_options
+from .common import Experiment, Spec
 
 BLOCKS = ((4, 4), (8, 8), (16, 16))
 TARGET = 0.5
@@ -106,22 +102,20 @@ def plan(seeds: list[int], base: TrainConfig) -> list[Spec]:
     return specs
 
 
-def reproduce_gpt(out: str | Path, seeds: list[int], quick: bool = False, jobs: int = 1,
-                  overrides: dict | None = None) -> list[Spec]:
-    """Run (or finish) the pycode-gpt plan in `out`, then write its report there."""
-    from .gpt_report import write_report
+class PycodeGPT(Experiment):
+    name = "pycode-gpt"
+    fresh_process = True  # each run's peak memory its own
 
-    if not seeds:
-        raise ValueError("--seeds needs at least one seed")
-    if jobs < 1:
-        raise ValueError(f"--jobs must be >= 1, got {jobs}")
-    check_at_most("jobs", jobs, "--jobs")
-    base = base_config(quick, overrides or {})
-    if base.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available on this machine")
-    specs = plan(seeds[:1] if quick else seeds, base)
-    with rundir.open_folder(out) as folder:
-        check_identity(specs, folder)
-        run_plan(specs, folder, jobs)
-        write_report(specs, folder)
-    return specs
+    def base_config(self, quick: bool, overrides: dict) -> TrainConfig:
+        return base_config(quick, overrides)
+
+    def plan(self, seeds: list[int], quick: bool, base: TrainConfig) -> list[Spec]:
+        return plan(seeds, base)
+
+    def write_report(self, specs: list[Spec], out: Path) -> None:
+        from .gpt_report import write_report  # matplotlib, safetensors: only when a report is written
+
+        write_report(specs, out)
+
+
+EXPERIMENTS = {PycodeGPT.name: PycodeGPT()}

@@ -14,10 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from .config import TrainConfig
-from .export import run_key
 from .gpt import GPT
 from .models import build_model, dense_factory, model_options
-from .rundir import verify
+from .run_folder import run_key, verify
 
 
 def load_gpt(run_dir) -> GPT:
@@ -26,7 +25,7 @@ def load_gpt(run_dir) -> GPT:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} {'is not a folder' if run_dir.exists() else 'does not exist'}")
     verify(run_dir)  # a complete run, every file of the same one
-    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    cfg = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
     if cfg.model != "gpt":
         raise ValueError(f"{run_dir} is a run of --model {cfg.model}; sample needs a --model gpt run")
     model = build_model("gpt", dense_factory, cfg.context or 128, 256, model_options(cfg))

@@ -23,13 +23,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..atomic import write_text
 from ..blocks import block_name, matrix_view
 from ..functional import block_mask_of
+from ..methods import get_method
 from ..training.config import TrainConfig, flag
 from ..training.metrics import training_costs
-from ..training.models import build_model, model_options
+from ..training.models import build_model, dense_factory, kron_factory, model_options
 from ..training.run_folder import finished_metrics
 from ..training.sample import load_gpt, sample_text
 from .common import memory_file
-from .vit import structure_factory
 
 GOAL_BPB = 0.05  # the issue's goal: within 0.05 bits per byte of block magnitude at 8x8 or 16x16
 GOAL_PARAMS = 4.0  # ... while training at least 4x fewer parameters than dense
@@ -69,12 +69,19 @@ def layer_sparsity(m: dict, out: Path) -> list[float]:
     return fractions
 
 
+def final_factory(cfg: TrainConfig, final_block):
+    """The layers a finished run trained with at its end: Kronecker layers at its (for select: the kept)
+    block shape for the methods that train factors, dense ones otherwise (every candidate tiles every
+    block Linear of the GPT)."""
+    return kron_factory(final_block, cfg.rank, cfg.path) if get_method(cfg.method).trains_factors else dense_factory
+
+
 def count_flops(cfg: TrainConfig, final_block) -> dict:
     """flop_counter's FLOPs per token of one training step (forward, backward) at the run's batch on its
     device, and our formula's forward multiply-adds per token of the same model."""
     device = torch.device(cfg.device)
     torch.manual_seed(0)
-    model = build_model("gpt", structure_factory(cfg, final_block), cfg.context, 256, model_options(cfg)).to(device)
+    model = build_model("gpt", final_factory(cfg, final_block), cfg.context, 256, model_options(cfg)).to(device)
     x = torch.randint(0, 256, (cfg.batch_size, cfg.context), device=device)
     with FlopCounterMode(display=False) as fwd:
         loss = model(x).logsumexp(-1).mean()

@@ -352,3 +352,21 @@ def test_the_language_model_quick_table_verdicts_and_samples_are_its_report():
     timing = json.loads((folder / "timing.json").read_text())
     real, cpu = timing["real_seconds"], timing["user_seconds"] + timing["sys_seconds"]
     assert f"**{int(real // 60)} min {int(real % 60)} s** wall, {int(cpu // 60)} min {int(cpu % 60)} s of CPU" in text
+
+
+def test_the_language_model_ablation_table_is_its_files():
+    (table,) = tables(section("Where the gap at 16x16 comes from (quick setting)"))
+    header, rows = table[0], {r[0]: dict(zip(table[0], r)) for r in table[1:]}
+    quick = table_file_rows(ROOT / "results/pycode-gpt-quick/table.md")
+    for name, key in (("kron 16x16 (quick run)", ("kron", "16x16")),
+                      ("block-magnitude 16x16 (quick run)", ("block-magnitude", "16x16"))):
+        for column in header[1:]:
+            assert rows[name][column] == quick[key][column], (name, column)
+    for name, folder in (("rank 8 (instead of 4)", "kron-16x16-r8"), ("factor lr 1x (instead of 8x)", "kron-16x16-r4-flr1"),
+                         ("sparsify fraction 0.3 (instead of 0.7)", "kron-16x16-r4-sf0.3")):
+        m = json.loads((ROOT / "results/pycode-gpt-ablation" / folder / "metrics.json").read_text())
+        row = rows[f"kron 16x16, {name}"]
+        assert [row["rank"], row["val bpb"], row["test bpb"], row["zero blocks from top-up %"], row["train params"],
+                row["fwd MACs/token (ours)"]] == [str(m["rank"]), f"{m['val_bpb']:.3f}", f"{m['test_bpb']:.3f}",
+                                                  f"{100 * m['topped_up_blocks'] / m['zero_blocks']:.1f}",
+                                                  f"{m['train_params']:,}", f"{m['train_macs'] // m['config']['context']:,}"]

@@ -2,6 +2,7 @@
 torch.utils.flop_counter, bits per byte by hand, the pycode loader's checks, `kronsparse sample`, and
 the pycode-gpt plan."""
 
+import dataclasses
 import gzip
 import math
 import shutil
@@ -18,6 +19,7 @@ from kronsparse.layers import KronLinear
 from kronsparse.methods import METHODS
 from kronsparse.sparsifier import Sparsifier
 from kronsparse.training import text
+from kronsparse.training.budget import check_training_memory
 from kronsparse.training.config import TEXT_DATASETS, TrainConfig
 from kronsparse.training.data import DataError, Dataset
 from kronsparse.training.gpt import GPT, GPTSpec
@@ -165,6 +167,13 @@ def test_gpt_options_are_checked_where_they_are_given():
     with pytest.raises(ValueError, match="not divisible by 3 heads"):
         GPTSpec(width=32, heads=3)
     assert "width" not in TrainConfig().to_dict()  # older configs (no GPT options) stay equal
+
+
+def test_a_long_context_is_refused_before_anything_is_allocated():
+    cfg = TrainConfig(model="gpt", dataset="pycode", method="dense", context=8192, batch_size=2, **TINY)
+    with pytest.raises(ValueError, match="training this model would need about .* GiB"):
+        check_training_memory(cfg, 8192, 256, 568)  # its attention: 2 blocks x 3 x 2 heads x 8192^2 x 2 floats
+    check_training_memory(dataclasses.replace(cfg, context=128), 128, 256, 36_000)  # the experiment's size passes
 
 
 # ---------------------------------------------------------------- train and sample

@@ -44,6 +44,7 @@ def training_bytes(cfg: TrainConfig, num_features: int, num_classes: int, batch:
         model(torch.empty(batch, num_features, device="meta", dtype=getattr(model, "input_dtype", torch.float32)))
     for h in hooks:
         h.remove()
+    activations[0] += getattr(model, "untracked_activations", lambda b: 0)(batch)  # gpt: its T x T attention
     terms = cfg.rank * (len(cfg.candidates or ()) or 1) if get_method(cfg.method).trains_factors else 1
     return 4 * (4 * params * terms + 3 * activations[0]), params, activations[0]
 

@@ -110,6 +110,12 @@ class GPT(nn.Module):
         t, d = self.spec.context, self.spec.width
         return self.spec.layers * 2 * t * t * d + t * d * VOCAB
 
+    def untracked_activations(self, batch: int) -> int:
+        """Activations no submodule returns, per batch of `batch` sequences (budget.py adds them): the
+        attention scores, masked scores and weights of every block, and the logits of the tied head."""
+        t = self.spec.context
+        return batch * (self.spec.layers * 3 * self.spec.heads * t * t + t * VOCAB)
+
     def rest_tensors(self) -> dict[str, Tensor]:
         """The state outside `layers` (embeddings, norms) by name, for a run's model.safetensors."""
         inside = {f"{name}." for name in weight_layers(self)}

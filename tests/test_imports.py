@@ -4,6 +4,8 @@ or inside a function, is an edge. The graph has no cycle, the library never impo
 
 import ast
 import functools
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "kronsparse"
@@ -121,6 +123,15 @@ def test_the_library_never_imports_the_application():
     edges = graph()
     assert {"kronsparse.training.train", "kronsparse.experiments"} <= edges["kronsparse.cli"]  # the door does
     assert layering_violations(edges) == []
+
+
+def test_importing_the_library_and_the_door_loads_no_application_module():
+    """The same rule at run time, in a fresh process: what a user imports pulls in neither the app nor matplotlib."""
+    code = ("import sys, kronsparse, kronsparse.cli, kronsparse.export, kronsparse.inference, kronsparse.sparsifier\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('kronsparse.training', 'kronsparse.experiments', "
+            "'matplotlib'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_the_import_graph_is_lower_than_before_the_app_moved_out():

@@ -11,10 +11,10 @@ Counting conventions (the paper's, for its MNIST table):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 from .blocks import check_block_shape, divisors, paper_block_name
 from .limits import check_at_most
+from .memo import memoised
 
 # Constants of `step_cost`, in units of one multiply-add inside a large GEMM. Fitted by
 # `benchmarks/calibrate_costs.py fit` (grid search, least summed slowdown of the chosen path against
@@ -157,7 +157,7 @@ def chunk_row_elements(in_features: int, out_features: int, block_shape, rank: i
     return max(in_features, out_features) + rank * m1 * bi
 
 
-@lru_cache(maxsize=4096)
+@memoised(maxsize=4096)
 def chunk_rows(in_features: int, out_features: int, block_shape, rank: int, path: str) -> int:
     """Rows per chunk of a factored path: intermediates within half a dense weight, >= 64 rows."""
     block_shape = tuple(block_shape)
@@ -216,7 +216,7 @@ def choose_path(in_features: int, out_features: int, block_shape, rank: int, bat
     return _choose_path(in_features, out_features, tuple(block_shape), rank, batch, training, input_grad)
 
 
-@lru_cache(maxsize=4096)
+@memoised(maxsize=4096)
 def _choose_path(in_features, out_features, block_shape, rank, batch, training, input_grad) -> str:
     paths = ("input_first", "factors_first", "materialize")
     if training:

@@ -11,7 +11,9 @@ Every export is one safetensors file; its header metadata holds one JSON string 
              state_dict of the Kron model itself.
 
 Metadata: {"format", "model", "block_shape", "layers": {NAME: {"kind": "linear" | "conv2d",
-"shape", "block_shape", "sparse", "stride", "padding", "bias"}}, "aliases": {DROPPED: KEPT}}
+"shape", "block_shape", "sparse", "stride", "padding", "bias", "transposed"}}, "aliases": {DROPPED: KEPT}}
+"shape" is always nn.Linear's (out, in) order; "transposed" (optional, a transformers Conv1D) says
+that a dense `NAME.weight` is stored as the module holds it, (in, out), so the plain model loads it.
 (tied tensors are stored once; `read_export` restores every name). NAME is the module's name
 ("layers.2"), or "" for a run of the one-layer "linear" model, whose tensors are `weight`, `bias`.
 
@@ -56,6 +58,7 @@ class LayerEntry:
     factors: dict[str, Tensor] | None = None  # S, A, B
     stride: int | tuple = 1
     padding: int | tuple = 0
+    transposed: bool = False  # a Conv1D: `weight` is (out, in), its dense tensor is stored (in, out)
 
     def key(self, leaf: str) -> str:
         return f"{self.name}.{leaf}" if self.name else leaf
@@ -66,6 +69,8 @@ class LayerEntry:
              "block_shape": list(self.block_shape) if self.block_shape else None, "bias": self.bias is not None}
         if kind == "conv2d":
             m.update(stride=_pair(self.stride), padding=_pair(self.padding))
+        if self.transposed:
+            m["transposed"] = True
         return m
 
 
@@ -111,7 +116,7 @@ def entry_tensors(entry: LayerEntry, fmt: str) -> dict[str, Tensor]:
     elif fmt == "bsr" and entry.block_shape is not None:
         out.update({entry.key(f"weight.{k}"): v for k, v in to_bsr(entry.weight, entry.block_shape).items()})
     else:
-        out[entry.key("weight")] = entry.weight
+        out[entry.key("weight")] = entry.weight.t() if entry.transposed else entry.weight
     if entry.bias is not None:
         out[entry.key("bias")] = entry.bias
     return out
@@ -161,10 +166,14 @@ def _stored(e: LayerEntry, fmt: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def model_entries(model: nn.Module) -> tuple[list[LayerEntry], dict[str, Tensor]]:
-    """Every KronLinear / KronConv2d (on the block grid) and plain nn.Linear / nn.Conv2d (dense) of
-    `model` as an entry; all other state as `rest`."""
-    entries, owned = [], set()
+def model_entries(model: nn.Module, block_shapes: dict[str, tuple[int, int]] | None = None
+                  ) -> tuple[list[LayerEntry], dict[str, Tensor]]:
+    """Every KronLinear / KronConv2d (on the block grid) and plain nn.Linear / nn.Conv2d / Conv1D
+    (dense, or on the grid of `block_shapes[name]`, e.g. a Sparsifier's layers) of `model` as an
+    entry; all other state as `rest`."""
+    from .model_tree import is_conv1d
+
+    entries, owned, grids = [], set(), block_shapes or {}
     for name, m in model.named_modules():
         if isinstance(m, KRON_LAYERS):
             conv = isinstance(m, KronConv2d)
@@ -172,23 +181,27 @@ def model_entries(model: nn.Module) -> tuple[list[LayerEntry], dict[str, Tensor]
                                       {k: getattr(m, k).detach() for k in ("S", "A", "B")},
                                       m.stride if conv else 1, m.padding if conv else 0))
             owned.add(name)
-        elif type(m) is nn.Linear or (type(m) is nn.Conv2d and m.groups == 1 and m.dilation == (1, 1)
-                                      and m.padding_mode == "zeros" and not isinstance(m.padding, str)):
+        elif type(m) is nn.Linear or is_conv1d(m) or (type(m) is nn.Conv2d and m.groups == 1 and m.dilation == (1, 1)
+                                                      and m.padding_mode == "zeros" and not isinstance(m.padding, str)):
             conv = type(m) is nn.Conv2d
-            entries.append(LayerEntry(name, m.weight.detach(), m.bias, None, None,
-                                      m.stride if conv else 1, m.padding if conv else 0))
+            W = m.weight.detach()
+            entries.append(LayerEntry(name, W.t() if is_conv1d(m) else W, m.bias, grids.get(name), None,
+                                      m.stride if conv else 1, m.padding if conv else 0, transposed=is_conv1d(m)))
             owned.add(name)
     rest = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in owned}
     return entries, rest
 
 
-def export_model(model: nn.Module, path, fmt: str = "dense", model_name: str = "custom") -> Path:
-    """Export any model holding Kron layers (e.g. after `swap_linear_`) to one safetensors file.
+def export_model(model: nn.Module, path, fmt: str = "dense", model_name: str = "custom",
+                 block_shapes: dict[str, tuple[int, int]] | None = None) -> Path:
+    """Export any model holding Kron layers (e.g. after `swap_linear_`), or plain layers on a block
+    grid (`block_shapes`: {layer name: (bo, bi)}, what `Sparsifier.export` passes), to one
+    safetensors file.
 
     "dense" gives the state_dict of the model with every Kron layer swapped back to nn.Linear /
     nn.Conv2d; "factors" gives the Kron model's own state_dict.
     """
-    entries, rest = model_entries(model)
+    entries, rest = model_entries(model, block_shapes)
     shapes = {tuple(e.block_shape) for e in entries if e.block_shape is not None}
     return write_export(path, entries, rest, fmt, model_name, shapes.pop() if len(shapes) == 1 else None)
 
@@ -265,6 +278,7 @@ def _parse_meta(path, text: str) -> dict:
         ok = ok and m.get("stored") in ("dense", "bsr", "factors") and isinstance(m.get("sparse"), bool)
         ok = ok and (not m["sparse"] or _is_ints(m.get("block_shape"), 2))
         ok = ok and (kind != "conv2d" or (_is_ints(m.get("stride"), 2) and _is_ints(m.get("padding"), 2, low=0)))
+        ok = ok and m.get("transposed", False) in (True, False) and not (m.get("transposed") and kind != "linear")
         if not ok:
             raise ExportError(f"{path}: layer {name!r}: bad metadata (kind, shape, stored, sparse, block_shape, "
                               f"stride, padding): {json.dumps(m)[:200]}")
@@ -316,7 +330,7 @@ def _check_layer(path, name: str, m: dict, tensors: dict) -> None:
                               f"B {tuple(B.shape)} do not make a weight of shape {tuple(shape)}")
         _check_size(path, f"{name}: rank x weight", [A.shape[0], rows, cols])
     else:
-        dtype_of = _tensor(path, tensors, key("weight"), shape)
+        dtype_of = _tensor(path, tensors, key("weight"), shape[::-1] if m.get("transposed") else shape)
     if m.get("bias") is True or key("bias") in tensors:
         if _tensor(path, tensors, key("bias"), (rows,)).dtype != dtype_of.dtype:
             raise ExportError(f"{path}: layer {name!r}: bias and weight have different dtypes")

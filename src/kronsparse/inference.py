@@ -180,7 +180,7 @@ def layers_from_export(meta: dict, tensors: dict[str, Tensor], representation: s
             parts = {k: tensors[key(f"weight.{k}")] for k in ("crow_indices", "col_indices", "values")}
             W = from_bsr(parts, m["shape"]).to_dense().reshape(m["shape"])
         else:
-            W = tensors[key("weight")]
+            W = tensors[key("weight")].t().contiguous() if m.get("transposed") else tensors[key("weight")]
         blocks = m["block_shape"] if m["sparse"] else None
         if m["kind"] == "conv2d":
             layers[name] = BlockSparseConv2d(W, bias, blocks, m["stride"], m["padding"], representation)
@@ -196,20 +196,33 @@ def load_layers(path, representation: str = "auto") -> dict[str, nn.Module]:
     return layers_from_export(meta, tensors, representation)
 
 
+def check_ties(path, model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Names of one shared (tied) parameter must get equal tensors: loading would keep only one."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for group in names.values():
+        given = [n for n in group if n in tensors]
+        if any(not torch.equal(tensors[given[0]], tensors[n]) for n in given[1:]):
+            raise ExportError(f"{path}: {' and '.join(given)} are one tied parameter in the model but differ in the "
+                              "export; loading would silently keep one of them")
+
+
 def replace_layers_(model: nn.Module, path, representation: str = "auto") -> nn.Module:
     """Load an export of `model` (made by export.export_model) into it: each exported weight layer
     becomes a BlockSparseLinear / BlockSparseConv2d, every other tensor is loaded as it is."""
     meta, tensors = read_export(path)
     layers = layers_from_export(meta, tensors, representation)
+    owned = set(layers)
+    rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in owned
+            and not any(k.startswith(n + ".weight.") for n in owned)}
+    check_ties(path, model, {**rest, **{f"{n}.weight": layer.weight for n, layer in layers.items()}})
     for name, layer in layers.items():
         parent, _, child = name.rpartition(".")
         try:
             setattr(model.get_submodule(parent) if parent else model, child, layer)
         except AttributeError:
             raise ExportError(f"{path}: the model has no submodule {parent!r} for layer {name!r}") from None
-    owned = set(layers)
-    rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in owned
-            and not any(k.startswith(n + ".weight.") for n in owned)}
     try:
         missing, unexpected = model.load_state_dict(rest, strict=False)
     except RuntimeError as err:  # shape mismatches

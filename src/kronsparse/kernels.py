@@ -17,12 +17,11 @@ weight-sized tensor ever exists: their peak training memory is below dense nn.Li
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
 from .costs import choose_path, chunk_rows
+from .memo import memoised
 
 PATHS = ("auto", "input_first", "factors_first", "materialize")
 
@@ -43,7 +42,7 @@ _GATHER_MAX = 1 << 16
 _GATHER_RUN, _GATHER_MAX_SHORT_RUNS = 2, 1 << 20
 
 
-@functools.lru_cache(maxsize=64)
+@memoised(maxsize=64)
 def _reorder_index(grid: tuple[int, int, int, int], to_blocks: bool, device: torch.device) -> Tensor:
     m1, n1, bo, bi = grid
     idx = torch.arange(m1 * n1 * bo * bi, device=device)
@@ -133,7 +132,9 @@ def _factors_first_t(xc: Tensor, Cp: Tensor, n1: int) -> tuple[Tensor, Tensor]:
 
 
 def _forward(x2: Tensor, C: Tensor, B: Tensor, bias: Tensor | None, path: str, rows: int) -> Tensor:
-    """y (N, out) of either factored path, chunk by chunk; bias added in place."""
+    """y (N, out) of either factored path, chunk by chunk; bias added in place. Never a view:
+    autograd forbids in-place changes (an inplace ReLU after the layer) on a view made inside a
+    custom Function, so a transposed view is returned detached (the same memory, no copy)."""
     r, m1, n1 = C.shape
     _, bo, bi = B.shape
     N, out = x2.shape[0], m1 * bo
@@ -149,12 +150,12 @@ def _forward(x2: Tensor, C: Tensor, B: Tensor, bias: Tensor | None, path: str, r
             yt = torch.bmm(_cols_i_c(B).unsqueeze(0).expand(m1, -1, -1), T).view(out, e - s)
             del T
         if len(chunks) == 1:  # one chunk: yᵀ computed, y returned as its transposed view
-            return _add_bias_(yt, bias).t()
+            return _add_bias_(yt, bias).t().detach()
         if y is None:  # yt's dtype: under autocast the GEMMs run in bf16
             y = yt.new_empty(N, out)
         y[s:e].t().copy_(yt)
         del yt
-    return y if bias is None else _add_bias_(y.t(), bias).t()
+    return y if bias is None else _add_bias_(y.t(), bias).t().detach()
 
 
 def _add_bias_(yt: Tensor, bias: Tensor | None) -> Tensor:

@@ -76,6 +76,13 @@ def table_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    """A markdown table: the header, its rule, one line per row of cells."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines) + "\n"
+
+
 def holds(ok: bool) -> str:
     return "holds" if ok else "does not hold"
 

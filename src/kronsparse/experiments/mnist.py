@@ -17,7 +17,7 @@ from ..methods import get_method
 from ..training.config import TrainConfig
 from ..training.models import ARCHITECTURES, build_model, dense_factory, kron_factory, resolve_scale_pin
 from . import plots
-from .common import Experiment, Spec, holds, load_runs, mean_std, method_label, table_csv
+from .common import Experiment, Spec, holds, load_runs, markdown_table, mean_std, method_label, table_csv
 from .common import command_of as train_command
 
 SPARSE_METHODS = ("kron", "group-lasso", "elastic-group-lasso", "rigl", "iterative-pruning", "block-magnitude")
@@ -148,11 +148,8 @@ def fmt(row: dict, col: str) -> str:
 def table_markdown(rows: list[dict]) -> str:
     head = ["method", "block (ours)", "paper name", "rank", "accuracy %", "block sparsity %", "weight sparsity %",
             "train params", "train MACs", "paper FLOPs", "inference params", "inference MACs", "wall s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["method"], r["block"], r["paper_block"], str(r["rank"])] + [fmt(r, c) for c in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return markdown_table(head, [[r["method"], r["block"], r["paper_block"], str(r["rank"])] + [fmt(r, c) for c in COLUMNS]
+                                 for r in rows])
 
 
 def find(rows: list[dict], method: str, block: str, rank: int | None = None) -> dict | None:

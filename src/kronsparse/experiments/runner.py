@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..atomic import write_json
 from ..limits import check_at_most
 from ..training import run_folder
-from ..training.train import train
+from ..training.train import resolve_device, train
 from .common import Experiment, Spec, memory_file
 
 
@@ -37,8 +37,7 @@ def reproduce_experiment(experiment: Experiment, out: str | Path, seeds: list[in
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     check_at_most("jobs", jobs, "--jobs")
     base = experiment.base_config(quick, overrides or {})
-    if base.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available on this machine")
+    resolve_device(base.device)  # a device this machine lacks is refused before the folder is touched
     specs = experiment.plan(seeds[:1] if quick else seeds, quick, base)
     with run_folder.open_folder(out) as folder:
         check_identity(specs, folder)

@@ -38,7 +38,7 @@ from ..training.models import build_model
 from ..training.train import layer_factory
 from ..training.vit import VIT_MODELS, ViT
 from . import plots
-from .common import Experiment, Spec, holds, mean_std, memory_file, table_csv
+from .common import Experiment, Spec, holds, markdown_table, mean_std, memory_file, table_csv
 from .common import command_of as train_command
 from .common import load_runs as load_metrics
 
@@ -234,17 +234,17 @@ def _pm(row: dict, key: str, scale: float = 100.0, digits: int = 2) -> str:
 
 
 def table_markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
-    for r in rows:
-        miss = f"{'yes' if r['within_one'] else 'NO'} ({r['worst_layer_miss']:g} {r['miss_unit']}s)"
-        cells = [r["method"], r["block"], str(r["rank"]), _pm(r, "test_accuracy"), _pm(r, "block_sparsity"), miss,
-                 _pm(r, "weight_sparsity"),
-                 "" if r["topped_up_fraction"] is None else f"{100 * r['topped_up_fraction']:.2f}",
-                 f"{r['train_params']:,.0f}", f"{r['train_macs']:,.0f}",
-                 f"{r['flop_counter_fwd_macs']:,.0f}", f"{r['flop_counter_train_flops']:,.0f}",
-                 f"{r['wall_seconds']:.1f}", f"{r['peak_memory_mib']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return markdown_table(HEAD, [_cells(r) for r in rows])
+
+
+def _cells(r: dict) -> list[str]:
+    """One row of the table as its cells, in HEAD's order."""
+    miss = f"{'yes' if r['within_one'] else 'NO'} ({r['worst_layer_miss']:g} {r['miss_unit']}s)"
+    topped = "" if r["topped_up_fraction"] is None else f"{100 * r['topped_up_fraction']:.2f}"
+    return [r["method"], r["block"], str(r["rank"]), _pm(r, "test_accuracy"), _pm(r, "block_sparsity"), miss,
+            _pm(r, "weight_sparsity"), topped, f"{r['train_params']:,.0f}", f"{r['train_macs']:,.0f}",
+            f"{r['flop_counter_fwd_macs']:,.0f}", f"{r['flop_counter_train_flops']:,.0f}",
+            f"{r['wall_seconds']:.1f}", f"{r['peak_memory_mib']:.0f}"]
 
 
 def find(rows, method, block="4x4"):

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from ..blocks import matrix_view
 from ..functional import block_norms, soft_threshold
 from ..layers import INITS, KRON_LAYERS, KronConv2d, KronLinear, kron_like
-from ..model_tree import weight_layers
+from ..model_tree import as_linear, depth
 from .base import ADAPTIVE_OPTIMIZERS, Method, MethodOptions, learning_rates, mask_grad, with_lr
 from .schedules import DelayedCubic
 from .steering import TargetSteering
@@ -91,11 +91,13 @@ class KronOptions(MethodOptions):
 
 def resolve_scale_pin(pin: str, model: nn.Module | int) -> str:
     """"auto" is "decay" for a model with one weight layer (logistic regression) and "norm" for any
-    deeper one, where "decay" loses 9.3 points (MLP, 10 epochs, 2x2: 88.87% vs 98.13%). `model`: the
-    model, or its number of weight layers (an application that knows it without building the model)."""
+    deeper one, where "decay" loses 9.3 points (MLP, 10 epochs, 2x2: 88.87% vs 98.13%). The layers
+    are the model's (model_tree.depth: every layer holding a weight matrix, GPT-2's Conv1D and
+    embeddings included), not the sparsified ones. `model`: the model, or its number of weight
+    layers (an application that knows it without building the model)."""
     if pin != "auto":
         return pin
-    count = model if isinstance(model, int) else len(weight_layers(model))
+    count = model if isinstance(model, int) else depth(model)
     return "decay" if count == 1 else "norm"
 
 
@@ -129,7 +131,7 @@ class KronMethod(Method):
         if isinstance(module, KRON_LAYERS):
             return module
         o = self.options
-        return kron_like(module, o.block_shape, o.rank, o.init, o.path)
+        return kron_like(as_linear(module), o.block_shape, o.rank, o.init, o.path)
 
     def prepare(self, model: nn.Module, layers: dict[str, nn.Module] | None = None) -> None:
         super().prepare(model, layers)
@@ -160,7 +162,7 @@ class KronMethod(Method):
         a model with one weight layer or with the "decay" scale pin, else 8 under Adam-type optimizers."""
         if self.options.factor_lr is not None:
             return self.options.factor_lr
-        if self.pin == "decay" or len(weight_layers(model)) == 1:
+        if self.pin == "decay" or depth(model) == 1:
             return 1.0
         adaptive = optimizer_cls is not None and issubclass(optimizer_cls, ADAPTIVE_OPTIMIZERS)
         return ADAPTIVE_FACTOR_LR if adaptive else 1.0

@@ -46,7 +46,7 @@ from torch import nn
 from ..blocks import block_name
 from ..functional import group_norm_shrink, soft_threshold
 from ..layers import DEFAULT_CANDIDATES, KronSelectLinear
-from ..model_tree import replace_module
+from ..model_tree import as_linear, replace_module
 from .base import learning_rates
 from .kron import KronMethod, KronOptions
 from .schedules import DelayedCubic
@@ -118,6 +118,7 @@ class SelectMethod(KronMethod):
             return module
         if self.options.init != "fresh":
             raise ValueError("method 'select' trains its candidates from scratch (init='fresh')")
+        module = as_linear(module)  # a Conv1D as the nn.Linear it is
         W = module.weight
         layer = KronSelectLinear(module.in_features, module.out_features, self.options.candidates, self.options.rank,
                                  module.bias is not None, device=W.device, dtype=W.dtype, path=self.options.path)

@@ -370,3 +370,32 @@ def test_the_language_model_ablation_table_is_its_files():
                 row["fwd MACs/token (ours)"]] == [str(m["rank"]), f"{m['val_bpb']:.3f}", f"{m['test_bpb']:.3f}",
                                                   f"{100 * m['topped_up_blocks'] / m['zero_blocks']:.1f}",
                                                   f"{m['train_params']:,}", f"{m['train_macs'] // m['config']['context']:,}"]
+
+
+def test_the_language_model_full_table_verdicts_and_samples_are_its_report():
+    text = section("pycode-gpt full")
+    folder = ROOT / "results/pycode-gpt-full"
+    report = (folder / "report.md").read_text(encoding="utf-8")
+    assert tables(text)[0] == tables((folder / "table.md").read_text(encoding="utf-8"))[0]
+    bullets = [l for l in text.splitlines() if l.startswith("- ")]
+    claims = report_section(report, "The paper's Table 3 claims on this model")
+    assert bullets == report_section(report, "Distance to block magnitude pruning, and the goal") + claims
+    for sample in re.findall(r"~~~~\n(.*?)~~~~", text, re.S):
+        assert f"~~~~\n{sample}~~~~" in report
+    finished = re.search(r"Only (\d+) of the plan's 42 runs", text)
+    assert finished is None or f"Partial: {finished.group(1)} of the plan's 42 runs" in report
+
+
+def test_the_language_model_cost_and_saving_prose_follows_from_the_full_table():
+    text = section("What the method costs, and what it saves")
+    rows = table_file_rows(ROOT / "results/pycode-gpt-full/table.md")
+    num = lambda row, col: float(row[col].replace(",", "").split(" ±")[0])  # noqa: E731
+    dense, small = rows[("dense", "")], rows[("dense w92", "")]
+    for block in ("8x8", "16x16"):
+        k, bm = rows[("kron", block)], rows[("block-magnitude", block)]
+        params = num(dense, "train params") / num(k, "train params")
+        flops = num(k, "train FLOPs/token (flop_counter)") / num(dense, "train FLOPs/token (flop_counter)")
+        assert f"{params:.2f}x fewer parameters" in text and f"{flops:.3f}x" in text
+        assert f"{num(k, 'test bpb') - num(dense, 'test bpb'):.3f} bpb against dense" in text
+        assert f"{num(k, 'test bpb') - num(bm, 'test bpb'):.3f} bpb against block magnitude" in text
+    assert f"reaches {small['test bpb']}" in text or f"({small['test bpb']})" in text

@@ -358,3 +358,70 @@ def test_the_whole_step_table_and_claims_are_the_benchmark_file():
     low, high = re.search(r"(\d+)-(\d+)% under", flat).groups()
     under = sorted(100 * (1 - ratios[k]) for k in missed)
     assert (low, high) == (f"{under[0]:.0f}", f"{under[-1]:.0f}")
+
+
+def report_section(report: str, title: str) -> list[str]:
+    """The bullet lines under `## title` of a report.md."""
+    return [l for l in report.split(f"## {title}\n")[1].split("\n## ")[0].splitlines() if l.startswith("- ")]
+
+
+def test_the_language_model_quick_table_verdicts_and_samples_are_its_report():
+    text = section("pycode-gpt quick")
+    folder = ROOT / "results/pycode-gpt-quick"
+    report = (folder / "report.md").read_text(encoding="utf-8")
+    assert tables(text)[0] == tables((folder / "table.md").read_text(encoding="utf-8"))[0]
+    bullets = [l for l in text.splitlines() if l.startswith("- ")]
+    assert bullets == (report_section(report, "The paper's Table 3 claims on this model")
+                       + report_section(report, "Distance to block magnitude pruning, and the goal"))
+    for sample in re.findall(r"~~~~\n(.*?)~~~~", text, re.S):
+        assert f"~~~~\n{sample}~~~~" in report
+    timing = json.loads((folder / "timing.json").read_text())
+    real, cpu = timing["real_seconds"], timing["user_seconds"] + timing["sys_seconds"]
+    assert f"**{int(real // 60)} min {int(real % 60)} s** wall, {int(cpu // 60)} min {int(cpu % 60)} s of CPU" in text
+
+
+def test_the_language_model_ablation_table_is_its_files():
+    (table,) = tables(section("Where the gap at 16x16 comes from (quick setting)"))
+    header, rows = table[0], {r[0]: dict(zip(table[0], r)) for r in table[1:]}
+    quick = table_file_rows(ROOT / "results/pycode-gpt-quick/table.md")
+    for name, key in (("kron 16x16 (quick run)", ("kron", "16x16")),
+                      ("block-magnitude 16x16 (quick run)", ("block-magnitude", "16x16"))):
+        for column in header[1:]:
+            assert rows[name][column] == quick[key][column], (name, column)
+    for name, folder in (("rank 8 (instead of 4)", "kron-16x16-r8"), ("factor lr 1x (instead of 8x)", "kron-16x16-r4-flr1"),
+                         ("sparsify fraction 0.3 (instead of 0.7)", "kron-16x16-r4-sf0.3")):
+        m = json.loads((ROOT / "results/pycode-gpt-ablation" / folder / "metrics.json").read_text())
+        row = rows[f"kron 16x16, {name}"]
+        assert [row["rank"], row["val bpb"], row["test bpb"], row["zero blocks from top-up %"], row["train params"],
+                row["fwd MACs/token (ours)"]] == [str(m["rank"]), f"{m['val_bpb']:.3f}", f"{m['test_bpb']:.3f}",
+                                                  f"{100 * m['topped_up_blocks'] / m['zero_blocks']:.1f}",
+                                                  f"{m['train_params']:,}", f"{m['train_macs'] // m['config']['context']:,}"]
+
+
+def test_the_language_model_full_table_verdicts_and_samples_are_its_report():
+    text = section("pycode-gpt full")
+    folder = ROOT / "results/pycode-gpt-full"
+    report = (folder / "report.md").read_text(encoding="utf-8")
+    assert tables(text)[0] == tables((folder / "table.md").read_text(encoding="utf-8"))[0]
+    bullets = [l for l in text.splitlines() if l.startswith("- ")]
+    claims = report_section(report, "The paper's Table 3 claims on this model")
+    assert bullets == report_section(report, "Distance to block magnitude pruning, and the goal") + claims
+    for sample in re.findall(r"~~~~\n(.*?)~~~~", text, re.S):
+        assert f"~~~~\n{sample}~~~~" in report
+    finished = re.search(r"Only (\d+) of the plan's 42 runs", text)
+    assert finished is None or f"Partial: {finished.group(1)} of the plan's 42 runs" in report
+
+
+def test_the_language_model_cost_and_saving_prose_follows_from_the_full_table():
+    text = section("What the method costs, and what it saves")
+    rows = table_file_rows(ROOT / "results/pycode-gpt-full/table.md")
+    num = lambda row, col: float(row[col].replace(",", "").split(" ±")[0])  # noqa: E731
+    dense, small = rows[("dense", "")], rows[("dense w92", "")]
+    for block in ("8x8", "16x16"):
+        k, bm = rows[("kron", block)], rows[("block-magnitude", block)]
+        params = num(dense, "train params") / num(k, "train params")
+        flops = num(k, "train FLOPs/token (flop_counter)") / num(dense, "train FLOPs/token (flop_counter)")
+        assert f"{params:.2f}x fewer parameters" in text and f"{flops:.3f}x" in text
+        assert f"{num(k, 'test bpb') - num(dense, 'test bpb'):.3f} bpb against dense" in text
+        assert f"{num(k, 'test bpb') - num(bm, 'test bpb'):.3f} bpb against block magnitude" in text
+    assert f"reaches {small['test bpb']}" in text or f"({small['test bpb']})" in text

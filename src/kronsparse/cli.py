@@ -31,7 +31,7 @@ def _blocks(text: str) -> tuple[tuple[int, int], ...]:
 # the help's order (the paper's method first); a test keeps them equal to methods.METHODS and training.models.ARCHITECTURES
 METHOD_NAMES = ("kron", "select", "group-lasso", "elastic-group-lasso", "rigl", "iterative-pruning",
                 "block-magnitude", "dense")
-MODEL_NAMES = ("linear", "mlp", "lenet5", "vit", "vit-tiny")
+MODEL_NAMES = ("linear", "mlp", "lenet5", "vit", "vit-tiny", "gpt")
 THREADS_HELP = ("1: on a machine busy with other jobs, OpenMP's spin-waiting made 2 threads 8-30x slower "
                 "on these models (README, Training); OMP_WAIT_POLICY=PASSIVE softens that")
 
@@ -45,9 +45,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"training method: {', '.join(METHOD_NAMES)} (default: %(default)s)")
     p.add_argument("--model", default=d["model"].default, metavar="NAME",
                    help="linear (784->10, the paper's), mlp (784-300-100-10), lenet5, vit (hidden 64, 4 layers, "
-                        "patch 7) or vit-tiny (DeiT-tiny, inputs resized to 224 px) (default: %(default)s)")
+                        "patch 7), vit-tiny (DeiT-tiny, inputs resized to 224 px) or gpt (a byte-level GPT, with "
+                        "--dataset pycode) (default: %(default)s)")
     p.add_argument("--dataset", default=d["dataset"].default,
-                   help="mnist, fashion-mnist or npz:PATH (default: %(default)s)")
+                   help="mnist, fashion-mnist, npz:PATH, or pycode (Python source, for --model gpt) "
+                        "(default: %(default)s)")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="folder holding mnist/ or fashion-mnist/ (default: $KRONSPARSE_DATA, then "
                         "~/.cache/kronsparse, downloading MNIST there if missing)")
@@ -93,6 +95,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-test", type=int, default=None, metavar="N", help="use only the first N test samples (default: all)")
     p.add_argument("--candidates", default=None, metavar="BLOCKS",
                    help="block shapes for --method select, e.g. 2x2,2x8 (default: none)")
+    _add_gpt_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (required)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (default: bars only when stderr is a terminal, none in a redirected log)")
@@ -101,12 +104,34 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT (default: off)")
 
 
+def _add_gpt_args(p: argparse.ArgumentParser, experiment: bool = False) -> None:
+    """The GPT's shape (--model gpt only); defaults are gpt.GPTSpec's, or the experiment's recipe."""
+    for name, default, what in (("width", 128, "residual width"), ("layers", 4, "transformer blocks"),
+                                ("heads", 4, "attention heads"), ("context", 128, "tokens per sequence")):
+        shown = "the experiment's: 2 blocks with --quick, else 4" if name == "layers" and experiment else default
+        p.add_argument(f"--{name}", type=int, default=None, metavar="N", help=f"gpt: {what} (default: {shown})")
+    p.add_argument("--tokens-per-step", type=int, default=None, metavar="N",
+                   help="gpt: tokens per optimizer step; sets --batch-size to N / context (default: "
+                        "batch size x context)")
+
+
+def batch_of_tokens(tokens: int | None, context: int | None, batch_size: int) -> int:
+    """The batch size (sequences) that holds `tokens` tokens of `context` each; `batch_size` without it."""
+    if tokens is None:
+        return batch_size
+    context = context or 128
+    if tokens < context or tokens % context:
+        raise UserError(f"--tokens-per-step {tokens} must be a positive multiple of the context ({context})")
+    return tokens // context
+
+
 def config_from_args(args: argparse.Namespace):
     """The TrainConfig of `kronsparse train`'s arguments."""
     from .training.config import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)} - {"candidates"}
     values = {k: v for k, v in vars(args).items() if k in names}
+    values["batch_size"] = batch_of_tokens(args.tokens_per_step, args.context, args.batch_size)
     values["block_shape"] = parse_block(args.block)
     values["candidates"] = _blocks(args.candidates) if args.candidates else None
     return TrainConfig(**values)
@@ -125,11 +150,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def print_row(metrics: dict) -> None:
-    """The run as one markdown table row with its header."""
-    print("| " + " | ".join(ROW_KEYS) + " |")
-    print("|" + "---|" * len(ROW_KEYS))
+    """The run as one markdown table row with its header (a language model's bits per byte for accuracy)."""
+    keys = [k for k in ROW_KEYS if k in metrics]
+    if "test_accuracy" not in metrics:
+        keys[keys.index("block_sparsity"):keys.index("block_sparsity")] = ["val_bpb", "test_bpb"]
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
     cells = []
-    for key in ROW_KEYS:
+    for key in keys:
         v = metrics[key]
         cells.append(f"{v:.4f}" if isinstance(v, float) else str(v))
     print("| " + " | ".join(cells) + " |")
@@ -200,8 +228,19 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise UserError(f"--seeds must be integers separated by commas, got {args.seeds!r}") from None
     overrides = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test), ("epochs", args.epochs),
                                    ("device", args.device), ("model", args.model)) if v is not None}
-    reproduce(args.experiment, args.out, seeds, quick=args.quick, jobs=args.jobs, overrides=overrides)
+    gpt = {k: getattr(args, k) for k in ("width", "layers", "heads", "context", "tokens_per_step")
+           if getattr(args, k) is not None}
+    if gpt and args.experiment != "pycode-gpt":
+        raise UserError(f"--{next(iter(gpt)).replace('_', '-')} is for pycode-gpt; {args.experiment} trains its own model")
+    reproduce(args.experiment, args.out, seeds, quick=args.quick, jobs=args.jobs, overrides={**overrides, **gpt})
     print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .training.sample import load_gpt, sample_text
+
+    print(sample_text(load_gpt(args.run_dir), args.prompt, args.tokens, args.temperature, args.seed))
     return 0
 
 
@@ -251,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="the paper's comparison: every method, tables, plots, report",
                        description="Run the paper's comparison (every method, a sparsity sweep, ranks 1, 2, "
                                    "4) and write table.md, table.csv, report.md and three plots in OUT.")
-    p.add_argument("experiment", help="mnist-linear, mnist-mlp, fashion-mnist-linear or fashion-vit")
+    p.add_argument("experiment", help="mnist-linear, mnist-mlp, fashion-mnist-linear, fashion-vit or pycode-gpt")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder; started again there, it redoes only unfinished runs (required)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the main table (default: %(default)s)")
@@ -264,7 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--model", default=None,
                    help="fashion-vit only: vit (hidden 64, 28 px; default) or vit-tiny (DeiT-tiny, 224 px)")
+    _add_gpt_args(p, experiment=True)
     p.set_defaults(func=cmd_reproduce)
+    p = sub.add_parser("sample", help="print text generated by a finished --model gpt run",
+                       description="Rebuild a finished GPT run from its model.safetensors and print the prompt "
+                                   "followed by sampled bytes.")
+    p.add_argument("run_dir", help="a folder written by `kronsparse train --model gpt`")
+    p.add_argument("--prompt", default="def ", help="text to continue (default: %(default)r)")
+    p.add_argument("--tokens", type=int, default=200, help="bytes to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature, > 0 (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.set_defaults(func=cmd_sample)
     p = sub.add_parser("export", help="write a run's model as dense, BSR or factor tensors (safetensors)",
                        description="Write a finished run's model for inference as a safetensors file.")
     p.add_argument("run_dir", help="a folder written by `kronsparse train`")

@@ -21,6 +21,10 @@ DEFAULTS = {
     "epochs": 100_000,
     "candidates": 16,  # block shapes trained at once by --method select
     "batch_size": 2**20,
+    "width": 2**15,  # --model gpt: residual width (GPT-2 XL: 1600), blocks, heads, context (tokens)
+    "layers": 1024,
+    "heads": 1024,
+    "context": 2**16,
 }
 
 

@@ -1,17 +1,18 @@
 """The experiments behind `kronsparse reproduce`: one pipeline (runner.py), what the reports share
 (common.py, plots.py) and one module per experiment with its plan, tables and verdicts (mnist.py,
-vit.py). Adding an experiment is a module with an `Experiment` and a line in EXPERIMENTS below."""
+vit.py, gpt.py with gpt_report.py). Adding an experiment is a module with an `Experiment` and a line in EXPERIMENTS below."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from .common import Experiment, Spec
+from .gpt import EXPERIMENTS as GPT
 from .mnist import EXPERIMENTS as MNIST
 from .runner import reproduce_experiment
 from .vit import EXPERIMENTS as VIT
 
-EXPERIMENTS: dict[str, Experiment] = {**MNIST, **VIT}
+EXPERIMENTS: dict[str, Experiment] = {**MNIST, **VIT, **GPT}
 
 
 def reproduce(name: str, out: str | Path, seeds: list[int], quick: bool = False, jobs: int = 1,

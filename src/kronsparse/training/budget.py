@@ -15,7 +15,7 @@ from torch import nn
 from ..limits import env_name, limit
 from ..methods import get_method
 from .config import TrainConfig
-from .models import build_model
+from .models import build_model, model_options
 
 
 class _MetaFactory:
@@ -32,7 +32,7 @@ class _MetaFactory:
 
 def training_bytes(cfg: TrainConfig, num_features: int, num_classes: int, batch: int) -> tuple[int, int, int]:
     """(bytes, parameters, activations per batch) that training `cfg` needs, roughly, in float32."""
-    model = build_model(cfg.model, _MetaFactory(), num_features, num_classes)
+    model = build_model(cfg.model, _MetaFactory(), num_features, num_classes, model_options(cfg))
     params = sum(p.numel() for p in model.parameters())
     activations = [0]
 
@@ -41,9 +41,10 @@ def training_bytes(cfg: TrainConfig, num_features: int, num_classes: int, batch:
 
     hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
     with torch.no_grad():
-        model(torch.empty(batch, num_features, device="meta"))
+        model(torch.empty(batch, num_features, device="meta", dtype=getattr(model, "input_dtype", torch.float32)))
     for h in hooks:
         h.remove()
+    activations[0] += getattr(model, "untracked_activations", lambda b: 0)(batch)  # gpt: its T x T attention
     terms = cfg.rank * (len(cfg.candidates or ()) or 1) if get_method(cfg.method).trains_factors else 1
     return 4 * (4 * params * terms + 3 * activations[0]), params, activations[0]
 

@@ -11,6 +11,9 @@ from ..limits import check_at_most
 from ..methods.kron import SCALE_PINS
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")
+TEXT_MODELS = ("gpt",)  # models.ARCHITECTURES' language model
+TEXT_DATASETS = ("pycode",)  # text.TEXT_DATASETS (a test keeps them equal)
+GPT_OPTIONS = ("width", "layers", "heads", "context")
 
 
 def flag(name: str) -> str:
@@ -60,6 +63,11 @@ class TrainConfig:
     n_train: int | None = None  # use only the first n training samples (quick runs, tests)
     n_test: int | None = None
     candidates: tuple[tuple[int, int], ...] | None = None  # pattern selection (method "select")
+    # --model gpt only (None: gpt.GPTSpec's default; left out of to_dict, so older configs stay equal)
+    width: int | None = None  # residual width
+    layers: int | None = None  # transformer blocks
+    heads: int | None = None  # attention heads
+    context: int | None = None  # tokens per sequence (a batch holds batch_size * context tokens)
 
     def __post_init__(self) -> None:
         self.block_shape = tuple(int(v) for v in self.block_shape)
@@ -110,9 +118,28 @@ class TrainConfig:
         if self.candidates is not None:
             check_at_most("candidates", len(self.candidates), "--candidates: the number of block shapes,")
         check_device_name(self.device)
+        self.validate_text()
+
+    def validate_text(self) -> None:
+        """The GPT's shape options are positive and only for --model gpt; gpt trains on a text corpus."""
+        for name in GPT_OPTIONS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if self.model not in TEXT_MODELS:
+                raise ValueError(f"{flag(name)} is an option of --model gpt, not of --model {self.model}")
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{flag(name)} must be an integer >= 1, got {value!r}")
+            check_at_most(name, value, flag(name))
+        if (self.model in TEXT_MODELS) != (self.dataset in TEXT_DATASETS):
+            raise ValueError(f"--model {self.model} cannot train on --dataset {self.dataset}: the language model "
+                             f"({', '.join(TEXT_MODELS)}) trains on {', '.join(TEXT_DATASETS)}, the others on images")
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        for name in GPT_OPTIONS:
+            if d[name] is None:
+                del d[name]
         d["block_shape"] = list(self.block_shape)
         if self.candidates is not None:
             d["candidates"] = [list(c) for c in self.candidates]

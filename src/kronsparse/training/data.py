@@ -122,6 +122,8 @@ class Dataset:
     num_classes: int
     input_mean: float = 0.0
     input_std: float = 1.0
+    x_val: Optional[torch.Tensor] = None  # a validation split, where the dataset has one (text.py)
+    y_val: Optional[torch.Tensor] = None
 
     @property
     def num_features(self) -> int:
@@ -616,7 +618,7 @@ def load_dataset(
 
 
 def subset(dataset: Dataset, n_train: int, n_test: int) -> Dataset:
-    """The first ``n_train`` train and ``n_test`` test samples (all of a split if it has fewer)."""
+    """The first ``n_train`` train and ``n_test`` test (and val) samples (all of a split if it has fewer)."""
     if n_train < 0 or n_test < 0:
         raise ValueError(f"subset sizes must be >= 0, got n_train={n_train}, n_test={n_test}")
     return dataclasses.replace(
@@ -625,4 +627,6 @@ def subset(dataset: Dataset, n_train: int, n_test: int) -> Dataset:
         y_train=dataset.y_train[:n_train].clone(),
         x_test=dataset.x_test[:n_test].clone(),
         y_test=dataset.y_test[:n_test].clone(),
+        **({} if dataset.x_val is None else {"x_val": dataset.x_val[:n_test].clone(),
+                                             "y_val": dataset.y_val[:n_test].clone()}),
     )

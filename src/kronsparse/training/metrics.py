@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 from ..blocks import matrix_view
@@ -18,6 +21,26 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 4096) -> 
     for i in range(0, len(x), batch_size):
         correct += (model(x[i: i + batch_size]).argmax(1) == y[i: i + batch_size]).sum().item()
     return correct / len(x)
+
+
+@torch.no_grad()
+def bits_per_byte(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 64) -> float:
+    """Mean cross-entropy of the next byte over every position of (N, T) windows, in bits (nats / ln 2):
+    with a byte vocabulary, bits per token are bits per byte."""
+    total, count = 0.0, 0
+    for i in range(0, len(x), batch_size):
+        logits = model(x[i: i + batch_size])  # (n, T, 256)
+        total += float(nnf.cross_entropy(logits.flatten(0, 1).float(), y[i: i + batch_size].flatten(), reduction="sum"))
+        count += y[i: i + batch_size].numel()
+    return total / count / math.log(2)
+
+
+def evaluate(model: nn.Module, ds, splits: tuple[str, ...] = ("val", "test")) -> dict:
+    """A classifier's test accuracy; a language model's bits per byte on each of `splits` it has."""
+    if ds.y_test.dim() == 1:
+        return {"test_accuracy": accuracy(model, ds.x_test, ds.y_test)}
+    data = {"val": (ds.x_val, ds.y_val), "test": (ds.x_test, ds.y_test)}
+    return {f"{s}_bpb": bits_per_byte(model, *data[s]) for s in splits if data[s][0] is not None}
 
 
 def sparsity_metrics(weights: list[Tensor], biases: list[Tensor | None], sparse_idx: list[int],
@@ -76,7 +99,7 @@ def training_costs(model: nn.Module, batch_size: int) -> dict:
         else:
             macs += layer.weight.numel() * at
             paths.append("dense")
-    macs += getattr(model, "attention_macs", 0)  # a transformer's q k^T and attention-weighted v
+    macs += getattr(model, "attention_macs", 0)  # a transformer's q k^T and attention-weighted v (gpt: and its tied head)
     bias_adds = sum(layer_dims(l)[1] * at for l, at in zip(model.layers, positions) if l.bias is not None)
     return {"train_params": params, "train_macs": macs, "train_paper_flops": macs + bias_adds,
             "train_paths": paths}

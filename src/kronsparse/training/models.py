@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..blocks import tiles
 from ..layers import KronConv2d, KronLinear, KronSelectLinear
 from ..methods.kron import resolve_scale_pin as kron_scale_pin
+from .gpt import build_gpt
 from .vit import VIT_MODELS, build_vit
 
 LayerFactory = Callable[[int, int], nn.Module]
@@ -21,6 +22,7 @@ ARCHITECTURES = {
     "mlp": (784, 300, 100, 10),
     "lenet5": None,  # LeNet5 below: conv 1->6 5x5 pad 2, pool, conv 6->16 5x5, pool, fc 400->120->84->10
     **{name: None for name in VIT_MODELS},  # vit.py: a compact ViT ("vit") and DeiT-tiny ("vit-tiny")
+    "gpt": None,  # gpt.py: a compact byte-level GPT; num_features is its context
 }
 
 
@@ -40,11 +42,15 @@ class FeedForward(nn.Module):
         return x
 
 
-def build_model(name: str, factory: LayerFactory, num_features: int = 784, num_classes: int = 10) -> FeedForward:
-    """Build `name` ("linear", "mlp", "lenet5", "vit" or "vit-tiny") with factory(in, out) making each weight layer
-    (and factory.conv(in, out, kernel_size, padding) each conv layer of lenet5)."""
+def build_model(name: str, factory: LayerFactory, num_features: int = 784, num_classes: int = 10,
+                options: dict | None = None) -> FeedForward:
+    """Build `name` ("linear", "mlp", "lenet5", "vit", "vit-tiny" or "gpt") with factory(in, out) making each
+    weight layer (and factory.conv(in, out, kernel_size, padding) each conv layer of lenet5). gpt: num_features
+    is its context, `options` its width, layers and heads (model_options)."""
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(ARCHITECTURES)}")
+    if name == "gpt":
+        return build_gpt(factory, num_features, options)
     if name == "lenet5":
         return build_lenet5(factory, num_features, num_classes)
     if name in VIT_MODELS:
@@ -53,12 +59,19 @@ def build_model(name: str, factory: LayerFactory, num_features: int = 784, num_c
     return FeedForward([factory(i, o) for i, o in zip(sizes[:-1], sizes[1:])])
 
 
+def model_options(cfg) -> dict:
+    """The model-shape options of a run's config (the GPT's width, layers, heads; None: the default)."""
+    return {k: getattr(cfg, k, None) for k in ("width", "layers", "heads")}
+
+
 def weight_layer_count(name: str) -> int:
     """How many weight layers model `name` has (its `layers`), without building it."""
     if name == "lenet5":
         return 5
     if name in VIT_MODELS:  # the patch embedding, qkv, proj, fc1, fc2 of each block, the head
         return 4 * VIT_MODELS[name].depth + 2
+    if name == "gpt":  # qkv, proj, fc1, fc2 of each block; the blocks are an option, at least one
+        return 4
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(ARCHITECTURES)}")
     return len(ARCHITECTURES[name]) - 1

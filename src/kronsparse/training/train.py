@@ -20,13 +20,14 @@ from ..methods.select import PLOT_NAME, SelectMethod
 from ..model_tree import layer_weight
 from ..sparsifier import Sparsifier
 from . import data as datamod
-from . import run_folder
+from . import run_folder, text
 from .budget import check_training_memory
 from .checkpoint import candidates as checkpoint_candidates
 from .checkpoint import list_checkpoints, save_checkpoint
 from .config import TrainConfig
-from .metrics import accuracy, sparsity_metrics, training_costs
-from .models import LayerFactory, build_model, dense_factory, kron_factory, select_factory
+from .gpt import GPTSpec
+from .metrics import evaluate, sparsity_metrics, training_costs
+from .models import LayerFactory, build_model, dense_factory, kron_factory, model_options, select_factory
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,10 +90,21 @@ def _cached_dataset(spec: str, data_dir: str | None, standardize: bool) -> datam
 
 
 def load_data(cfg: TrainConfig, device: torch.device) -> datamod.Dataset:
-    ds = _cached_dataset(cfg.dataset, cfg.data_dir, cfg.standardize)
+    """The run's dataset on `device`: images (standardised if asked), or a text corpus cut into windows of
+    the GPT's context; --n-train / --n-test keep the first samples (windows; --n-test also of val)."""
+    if cfg.dataset in text.TEXT_DATASETS:
+        ds = text.load_text(cfg.dataset, cfg.context or GPTSpec().context, cfg.data_dir)
+    else:
+        ds = _cached_dataset(cfg.dataset, cfg.data_dir, cfg.standardize)
     if cfg.n_train is not None or cfg.n_test is not None:
         ds = datamod.subset(ds, cfg.n_train or len(ds.x_train), cfg.n_test or len(ds.x_test))
-    return dataclasses.replace(ds, **{k: getattr(ds, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")})
+    keys = ("x_train", "y_train", "x_test", "y_test") + (("x_val", "y_val") if ds.x_val is not None else ())
+    return dataclasses.replace(ds, **{k: getattr(ds, k).to(device) for k in keys})
+
+
+def task_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of a classifier (N, C) against (N,), or of a language model (N, T, V) against (N, T)."""
+    return nnf.cross_entropy(logits.flatten(0, -2), y.flatten())
 
 
 class Run:
@@ -103,7 +115,7 @@ class Run:
         torch.manual_seed(cfg.seed)
         self.steps_per_epoch = math.ceil(len(ds.x_train) / cfg.batch_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.model = build_model(cfg.model, layer_factory(cfg), ds.num_features, ds.num_classes)
+        self.model = build_model(cfg.model, layer_factory(cfg), ds.num_features, ds.num_classes, model_options(cfg))
         self.model.to(device)
         self.sparsifier = Sparsifier(self.model, cfg.method, block_shape=cfg.block_shape, total_steps=self.total_steps,
                                      layers=getattr(self.model, "sparsify_filter", None),  # vit: not its patch embedding
@@ -121,7 +133,7 @@ class Run:
         factor = lr_factor(self.step, self.method.sparsify_steps, self.total_steps)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
-        loss = nnf.cross_entropy(self.model(xb), yb)
+        loss = task_loss(self.model(xb), yb)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the loss became {loss.item()} at step {self.step + 1}; "
                                      "lower the learning rate (the last checkpoint is kept)")
@@ -182,10 +194,10 @@ class Run:
 
     def quick_eval(self) -> dict:
         self.model.eval()
-        acc = accuracy(self.model, self.ds.x_test, self.ds.y_test)
+        score = evaluate(self.model, self.ds, splits=("val",) if self.ds.x_val is not None else ("test",))
         self.model.train()
         scalars = {k: v for k, v in self.method.summary().items() if isinstance(v, (int, float, str))}
-        return {"test_accuracy": acc, "block_sparsity": self.final_metrics_core()["block_sparsity"], **scalars}
+        return {**score, "block_sparsity": self.final_metrics_core()["block_sparsity"], **scalars}
 
     @torch.no_grad()
     def final_metrics_core(self) -> dict:
@@ -259,7 +271,8 @@ def _train(cfg: TrainConfig, out: Path | None, progress: bool, checkpoint_every:
                   disable=not progress, unit="epoch", initial=run.epoch, total=cfg.epochs)
     for _ in epochs:
         record = run.train_epoch(progress, on_step)
-        epochs.set_postfix(acc=f"{record['test_accuracy']:.4f}", sparsity=f"{record['block_sparsity']:.3f}")
+        score = {k: f"{v:.4f}" for k, v in record.items() if k in ("test_accuracy", "val_bpb")}
+        epochs.set_postfix(**score, sparsity=f"{record['block_sparsity']:.3f}")
         if checkpoint_every:
             checkpoint(run)
     run.sparsifier.finalize(run.optimizer)
@@ -327,7 +340,7 @@ def final_metrics(run: Run, wall_seconds: float) -> dict:
         "block_shape": list(run.method.block_shape),
         "paper_block_name": paper_block_name(run.method.block_shape),
         "rank": cfg.rank, "epochs": cfg.epochs, "seed": cfg.seed,
-        "test_accuracy": accuracy(run.model, ds.x_test, ds.y_test),
+        **evaluate(run.model, ds),
         **run.final_metrics_core(),
         **training_costs(run.model, cfg.batch_size),
         "sparsified_layers": [k for k, l in enumerate(run.model.layers) if any(l is m for m in run.method.layers)],
@@ -346,6 +359,9 @@ def save_run(run: Run, metrics: dict, out: Path) -> None:
     """The manifest is deleted first and written last: only a folder whose files all come from this
     run, written whole, is a complete run (run_folder.verify)."""
     tensors = run_folder.run_tensors(run.model, run.cfg.model)
+    rest = getattr(run.model, "rest_tensors", None)  # gpt: embeddings and norms, so `kronsparse sample` can rebuild it
+    if rest is not None:
+        tensors.update({f"rest.{k}": v.detach().cpu().contiguous() for k, v in rest().items()})
     run_folder.unseal(out)
     write_json(out / "config.json", run.cfg.to_dict())
     write_safetensors(out / "model.safetensors", tensors, {"format": "pt", "model": run.cfg.model})

@@ -147,3 +147,15 @@ def test_shapes_on_a_model_refuses_bad_input_in_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_shapes_on_the_gpt_plans_sequences_of_its_context(capsys):
+    from kronsparse.cli import main
+    from kronsparse.training.gpt import GPTSpec
+    from kronsparse.training.models import build_model, dense_factory
+
+    assert main(["shapes", "--model", "gpt", "--batch", "2", "--blocks", "8x8", "--ranks", "2"]) == 0
+    out = capsys.readouterr().out
+    gpt = build_model("gpt", dense_factory, GPTSpec().context)
+    assert f"2 sequences of {GPTSpec().context} tokens" in out
+    assert f"| dense | {sum(p.numel() for p in gpt.parameters()):,} |" in out and "| 8x8 r2 |" in out

@@ -190,6 +190,7 @@ def shapes_of_model(args: argparse.Namespace) -> int:
     import torch
 
     from .planner import OPTIMIZERS, plan
+    from .training.gpt import GPTSpec
     from .training.models import ARCHITECTURES, build_model, dense_factory
 
     if args.model not in ARCHITECTURES:
@@ -211,10 +212,15 @@ def shapes_of_model(args: argparse.Namespace) -> int:
     for r in ranks:
         if r > limit("rank"):
             raise UserError(f"--ranks {r} is over the limit {limit('rank')} (raise {env_name('rank')} knowingly)")
-    model = build_model(args.model, dense_factory)
-    result = plan(model, torch.zeros(args.batch, 784), candidates=candidates, ranks=ranks, optimizer=args.optimizer)
-    print(f"model {args.model}, {args.batch} samples a step, {args.optimizer}; a block shape sparsifies the layers it "
-          "tiles (fp32; peak: one training step's, predicted):")
+    if args.model == "gpt":  # its default shape (training/gpt.py); a batch is --batch sequences of its context
+        context = GPTSpec().context
+        model, example, unit = build_model("gpt", dense_factory, context), torch.zeros(args.batch, context), \
+            f"sequences of {context} tokens"
+    else:
+        model, example, unit = build_model(args.model, dense_factory), torch.zeros(args.batch, 784), "samples"
+    result = plan(model, example, candidates=candidates, ranks=ranks, optimizer=args.optimizer)
+    print(f"model {args.model}, {args.batch} {unit} a step, {args.optimizer}; a block shape sparsifies the layers "
+          "it tiles (fp32; peak: one training step's, predicted):")
     print(result.table())
     return 0
 
@@ -279,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=1, help="Kronecker terms, >= 1 (default: %(default)s)")
     p.add_argument("--no-bias", action="store_true", help="count the layer without a bias (default: with)")
     p.add_argument("--model", default=None, help="instead of a layer, plan a model of `train` (linear, mlp, "
-                   "lenet5, vit, vit-tiny): per block shape and rank, trainable parameters, optimizer state, "
+                   "lenet5, vit, vit-tiny, gpt): per block shape and rank, trainable parameters, optimizer state, "
                    "step multiply-adds and predicted peak memory against dense (default: none)")
     p.add_argument("--batch", type=int, default=64, help="with --model: samples per step (default: %(default)s)")
     p.add_argument("--blocks", default="2x2,2x16,4x4", help="with --model: block shapes (default: %(default)s)")

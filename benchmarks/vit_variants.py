@@ -117,6 +117,24 @@ for _k in (0.5, 2.0, 4.0, 8.0):
     VARIANTS[f"mnist-main-lr{_k:g}"] = ({**MAIN, "factor_lr": _k}, f"main job, factors at {_k:g}x the lr")
     VARIANTS[f"mnist-2x16-r4-lr{_k:g}"] = ({**R4, "factor_lr": _k}, f"2x16 r4, factors at {_k:g}x the lr")
 
+# issue 26: does the penalty earn its place? the steering that follows the ramp through the penalty
+# ("track", the default), the steering before it ("legacy": the final top-up did nearly all the
+# pruning in short runs) and no penalty ("prune": gradual magnitude pruning of S on the same ramp)
+MLP2 = {"_base": {**MNIST, "model": "mlp", "epochs": 2}, "block_shape": (2, 2), "rank": 2, "target_sparsity": 0.6}
+ABLATION = {"": (QUICK, {"target_sparsity": 0.5}, "ViT quick"), "mnist-": (MNIST, MAIN, "MNIST main job (linear)"),
+            "sgd-mlp-": (MLP2["_base"], MLP2, "SGD, MNIST mlp, 2x2, 60%")}
+for _prefix, (_base, _over, _what) in ABLATION.items():
+    for _method in ("kron", "group-lasso", "elastic-group-lasso"):
+        if _prefix == "mnist-" and _method != "kron":
+            continue
+        for _steer, _how in (("track", "the penalty, steered by the order statistics (default)"),
+                             ("legacy", "the penalty, lambda from 1e-3 at most 1.05x per 10 steps"),
+                             ("prune", "no penalty: gradual magnitude pruning on the same ramp")):
+            if _method != "kron" and _steer == "prune":
+                continue
+            VARIANTS[f"{_prefix}{_method}-steer-{_steer}"] = (
+                {**_over, "_base": _base, "method": _method, "steering": _steer}, f"{_what}: {_method}, {_how}")
+
 
 def _patch_floor() -> None:
     """After each steering update, layers below the ramp are pruned up to it (smallest block norms)."""

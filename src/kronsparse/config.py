@@ -20,6 +20,7 @@ def parse_block(text: str) -> tuple[int, int]:
 
 
 SCALE_PINS = ("auto", "decay", "norm")
+STEERINGS = ("track", "legacy", "prune")  # methods/steering.py (kept apart: config does not import torch)
 
 
 def resolve_scale_pin(pin: str, model: str) -> str:
@@ -86,6 +87,7 @@ class TrainConfig:
     weight_decay: float | None = None  # None: method default (1e-3 on A, B for kron; 0 for dense)
     scale_pin: str = "auto"  # kron: how the scale is kept from escaping into A, see resolve_scale_pin
     factor_lr: float | None = None  # kron/select: lr of A, B, S as a multiple of --lr; None: 8 under adam/adamw (deep models), else 1
+    steering: str = "track"  # proximal methods: how the zeros follow the ramp (methods/steering.py)
     batch_size: int = 64
     epochs: int = 10
     sparsify_fraction: float = 0.7  # share of training that sparsifies; then the mask is frozen
@@ -132,6 +134,8 @@ class TrainConfig:
             raise ValueError(f"lambda must be >= 0, got {self.lam}")
         if self.scale_pin not in SCALE_PINS:
             raise ValueError(f"unknown scale pin {self.scale_pin!r}; valid: {', '.join(SCALE_PINS)}")
+        if self.steering not in STEERINGS:
+            raise ValueError(f"unknown steering {self.steering!r}; valid: {', '.join(STEERINGS)}")
         if not 0.0 < self.sparsify_fraction <= 1.0:
             raise ValueError(f"sparsify fraction must be in (0, 1], got {self.sparsify_fraction}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:

@@ -14,6 +14,8 @@ is built, so build it before the optimizer.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -96,6 +98,23 @@ class Sparsifier:
         self.method.finalize(optimizer)
         if optimizer is not None and self.method.structure_changed():
             drop_missing_params(optimizer, self.model)
+        share = self.topup_share()
+        if share is not None and share["total"] > 0.5:
+            warnings.warn(f"kronsparse: the final top-up made {100 * share['total']:.0f}% of the zero blocks (the "
+                          "penalty did not reach the target by itself: the run's sparsity is then mostly one "
+                          "magnitude pruning step); see Sparsifier.topup_share()", stacklevel=2)
+
+    def topup_share(self) -> dict | None:
+        """The share of zero blocks that the final top-up made rather than the penalty:
+        {"total": share over all sparsified layers, "layers": {name: share}} (0 where a layer has
+        no zero block); None for methods without a top-up or before it ran."""
+        layers = getattr(self.method, "topped_up_layers", None)
+        if not layers:
+            return None
+        counts = self._counts("block")
+        zeros = [counts[name][0] for name in self.method.names]
+        per = {name: (t / z if z else 0.0) for name, t, z in zip(self.method.names, layers, zeros)}
+        return {"total": sum(layers) / sum(zeros) if sum(zeros) else 0.0, "layers": per}
 
     @property
     def block_shape(self) -> tuple[int, int]:

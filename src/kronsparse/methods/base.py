@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..blocks import matrix_view
+from .steering import check_steering
 
 SCOPES = ("layer", "global")
 
@@ -39,6 +40,10 @@ class MethodOptions:
     weight_decay: float | None = None  # None: the method's default (see param_groups)
     scope: str = "layer"
     seed: int = 0
+    # proximal methods with a target: how the zeros follow the ramp (methods/steering.py): "track"
+    # (threshold from the order statistics of |S| or block norms), "legacy" (lambda from 1e-3, at
+    # most 1.05x per 10 steps), "prune" (no penalty: gradual magnitude pruning on the same ramp)
+    steering: str = "track"
 
     def __post_init__(self) -> None:
         self.block_shape = tuple(int(v) for v in self.block_shape)
@@ -52,6 +57,7 @@ class MethodOptions:
             raise ValueError(f"sparsify fraction must be in (0, 1], got {self.sparsify_fraction}")
         if self.scope not in SCOPES:
             raise ValueError(f"unknown scope {self.scope!r}; valid: {', '.join(SCOPES)}")
+        check_steering(self.steering)
 
     @classmethod
     def from_kwargs(cls, method: str, kwargs: dict) -> "MethodOptions":

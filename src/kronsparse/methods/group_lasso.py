@@ -7,8 +7,8 @@ blocks become exactly zero. A conv layer's blocks are those of its matrix view (
 
 Decision: with a fixed lambda (no target) or the "legacy" steering, while sparsifying this is plain
 proximal SGD, so a zero block may revive when its gradient step outgrows the threshold (keeping
-pruned blocks pruned would turn a fixed penalty into greedy pruning). At the end of the sparsifying phase the mask is frozen, as kron does: the zero
-blocks are re-zeroed after every later step.
+pruned blocks pruned would turn a fixed penalty into greedy pruning). At the end of the sparsifying
+phase the mask is frozen, as kron does: the zero blocks are re-zeroed after every later step.
 
 With a target sparsity, lambda is steered toward a cubic ramp (reached at 60% of the sparsifying
 phase), per layer by default (scope "global": one lambda for the model), the number of zero blocks

@@ -128,7 +128,7 @@ class KronMethod(Method):
     def schedule(self) -> DelayedCubic:
         """The ramp toward the target; with the "norm" pin it waits a quarter of the sparsifying
         phase, so the block sizes mean something."""
-        start = int(0.25 * self.sparsify_steps) if self.pin == "norm" else 0
+        start = int(0.25 * self.sparsify_steps) if self.pin == "norm" or self.options.steering == "track" else 0
         return DelayedCubic(self.options.target_sparsity, start, int(0.6 * self.sparsify_steps) - start)
 
     def swap(self, module: nn.Module) -> nn.Module:

@@ -1,8 +1,9 @@
-"""The README's result tables and numbers equal the committed files they come from.
+"""The result tables and numbers of the README and of docs/ equal the committed files they come from.
 
-Each README number in "Results" and "Training speed" has a file beside it in results/ or
-benchmarks/results/, written by the command the README shows; these tests read both and compare,
-so a table edited by hand, or a file re-run without updating the README, fails here.
+Each number in the README's "Results" and in docs/results.md, docs/ablations.md and
+docs/performance.md has a file beside it in results/ or benchmarks/results/, written by the command
+the page shows; these tests read both and compare, so a table edited by hand, or a file re-run
+without updating its page, fails here.
 """
 
 import json
@@ -13,14 +14,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+PAGES = {path.relative_to(ROOT).as_posix(): path.read_text(encoding="utf-8")
+         for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
 
 
-def section(title: str) -> str:
-    """The README text under the heading `title`, up to the next heading of the same or a higher level."""
-    match = re.search(rf"^(#+) {re.escape(title)}\n", README, re.M)
-    assert match, f"README has no heading {title!r}"
+def section(title: str, page: str | None = None) -> str:
+    """The text under the heading `title` (on `page`, or on the one page of the README and docs/ that has
+    it), up to the next heading of the same or a higher level."""
+    pages = [PAGES[page]] if page else PAGES.values()
+    found = [(text, m) for text in pages if (m := re.search(rf"^(#+) {re.escape(title)}\n", text, re.M))]
+    assert len(found) == 1, f"{len(found)} pages have the heading {title!r}"
+    (text, match), = found
     level = len(match.group(1))
-    rest = README[match.end():]
+    rest = text[match.end():]
     end = re.search(rf"^#{{1,{level}}} ", rest, re.M)
     return rest[: end.start()] if end else rest
 
@@ -109,7 +115,7 @@ def ratio_words(slow: float, fast: float) -> str:
 
 def test_the_layer_step_table_is_the_benchmark_file():
     text = section("Training speed (CPU)")
-    path = re.search(r"\((benchmarks/results/cpu-[\d-]+\.md)\)", text).group(1)
+    path = re.search(r"\((?:\.\./)?(benchmarks/results/cpu-[\d-]+\.md)\)", text).group(1)
     (bench,) = tables((ROOT / path).read_text(encoding="utf-8"))
     header = bench[0]
     rows = [dict(zip(header, r)) for r in bench[1:]]
@@ -132,7 +138,7 @@ def test_the_layer_step_table_is_the_benchmark_file():
 
 def test_the_whole_model_step_table_is_its_json():
     text = section("Training speed (CPU)")
-    path = re.search(r"\[JSON\]\((benchmarks/results/model-step-[^)]+\.json)\)", text).group(1)
+    path = re.search(r"\[JSON\]\((?:\.\./)?(benchmarks/results/model-step-[^)]+\.json)\)", text).group(1)
     rows = json.loads((ROOT / path).read_text())["rows"]
     table = tables(text)[1]
     assert table[0][:2] == ["model", "block"] and len(table) - 1 == len(rows)
@@ -149,9 +155,10 @@ def metrics(path: str) -> dict:
     return json.loads((ROOT / path).read_text())
 
 
-def test_the_main_job_numbers_are_its_metrics_file():
-    text = section("The main job")
-    m = metrics(re.search(r"\[metrics\.json\]\((results/[^)]+/metrics\.json)\)", text).group(1))
+@pytest.mark.parametrize("title", ["The two commands", "The main job"])
+def test_the_main_job_numbers_are_its_metrics_file(title):
+    text = section(title)
+    m = metrics(re.search(r"\[metrics\.json\]\((?:\.\./)?(results/[^)]+/metrics\.json)\)", text).group(1))
     acc, sparsity = re.search(r"\*\*(\d+\.\d+)% test accuracy at (\d+\.\d+)% block\s+sparsity\*\*", text).groups()
     assert same(acc, 100 * m["test_accuracy"]) and same(sparsity, 100 * m["block_sparsity"])
     assert f"{m['train_params']:,} trainable scalars" in text
@@ -221,14 +228,14 @@ def test_the_cost_numbers_in_the_prose_are_the_cost_model():
 
 def test_the_epoch_times_and_speed_prose_are_their_files():
     text = section("Training speed (CPU)")
-    path = re.search(r"\[JSON\]\((benchmarks/results/epoch-time-[^)]+\.json)\)", text).group(1)
+    path = re.search(r"\[JSON\]\((?:\.\./)?(benchmarks/results/epoch-time-[^)]+\.json)\)", text).group(1)
     assert f"> {path}`" in text  # the command shown writes that very file
     result = json.loads((ROOT / path).read_text())
     kron, dense, ratio = re.search(r"epoch of the method takes (\d+\.\d+) s against dense's (\d+\.\d+) s \((\d+\.\d+)x",
                                    text).groups()
     assert same(kron, result["median"]["kron"]) and same(dense, result["median"]["dense"])
     assert same(ratio, result["kron_over_dense"]) and result["threads"] == 1
-    bench = (ROOT / re.search(r"\((benchmarks/results/cpu-[\d-]+\.md)\)", text).group(1)).read_text()
+    bench = (ROOT / re.search(r"\((?:\.\./)?(benchmarks/results/cpu-[\d-]+\.md)\)", text).group(1)).read_text()
     step = {(r[0], r[1], r[4], r[5]): r for r in tables(bench)[0][1:]}
     dense_big, kron_big = step[("2048x2048", "16x16", "step", "dense")], step[("2048x2048", "16x16", "step", "kron:auto")]
     saves, kron_gflops, dense_gflops = re.search(
@@ -236,7 +243,7 @@ def test_the_epoch_times_and_speed_prose_are_their_files():
     assert same(saves, int(dense_big[9]) / int(kron_big[9]))
     assert same(kron_gflops, kron_big[10]) and same(dense_gflops, dense_big[10])
     assert f"({step[('784x10', '2x2', 'step', 'dense')][7]} ms in the layer table)" in text
-    meta = json.loads((ROOT / re.search(r"\[JSON\]\((benchmarks/results/model-step-[^)]+\.json)\)", text).group(1))
+    meta = json.loads((ROOT / re.search(r"\[JSON\]\((?:\.\./)?(benchmarks/results/model-step-[^)]+\.json)\)", text).group(1))
                       .read_text())["meta"]
     assert f"{meta['threads']} thread{'s' if meta['threads'] > 1 else ''}, {meta['date'][:10]}" in text
     assert f"bench_model_step.py --repeats {meta['repeats']} --threads {meta['threads']}`" in text
@@ -279,3 +286,49 @@ def test_the_variants_table_is_its_file():
     text = section("The method's accuracy gap on the ViT")
     (table,) = tables((ROOT / "results/vit-variants/table.md").read_text(encoding="utf-8"))
     assert tables(text)[0] == table
+
+
+def rows_by(table: list[list[str]], key: tuple[str, ...]) -> dict[tuple[str, ...], dict[str, str]]:
+    header = table[0]
+    rows = [dict(zip(header, r)) for r in table[1:]]
+    return {tuple(r[k] for k in key): r for r in rows}
+
+
+@pytest.mark.parametrize("title, path", [
+    ("The paper's MNIST experiment", "results/reproduce-mnist-linear/table.md"),
+    ("The paper's Table 3 in miniature", "results/fashion-vit-full/table.md"),
+])
+def test_the_readme_headline_tables_are_rows_of_their_files(title, path):
+    """Each README headline table shows some rows and columns of a committed table, cell for cell."""
+    text = section("Results", "README.md").split(f"**{title}**")[1].split("\n**")[0]
+    assert path.rsplit("/", 1)[0] + "/" in text  # the table links its folder
+    (shown,) = tables(text)
+    (full,) = tables((ROOT / path).read_text(encoding="utf-8"))
+    key = tuple(c for c in ("method", "block (ours)", "block", "rank") if c in shown[0])
+    assert set(shown[0]) <= set(full[0]) and len(shown) > 3
+    file_rows = rows_by(full, key)
+    for row in rows_by(shown, key).values():
+        assert {c: file_rows[tuple(row[k] for k in key)][c] for c in shown[0]} == row
+
+
+def test_the_readme_results_prose_follows_from_the_tables():
+    text = " ".join(section("Results", "README.md").split())  # prose, whatever its line breaks
+    mnist = rows_by(tables((ROOT / "results/reproduce-mnist-linear/table.md").read_text())[0], ("method", "block (ours)", "rank"))
+    vit = rows_by(tables((ROOT / "results/fashion-vit-full/table.md").read_text())[0], ("method", "block", "rank"))
+
+    def params(row):
+        return int(row["train params"].replace(",", ""))
+
+    fewer = params(mnist[("dense", "2x16", "")]) / params(mnist[("kron", "2x16", "2")])
+    assert f"trains {fewer:.1f}x fewer parameters at 2x16" in text
+    assert f"with {params(vit[('dense', '4x4', '')]) / params(vit[('kron', '4x4', '4')]):.2f}x fewer trainable" in text
+    kron = float(mean(vit[("kron", "4x4", "4")]["accuracy %"]))
+    gaps = [float(mean(vit[(m, "4x4", "")]["accuracy %"])) - kron for m in ("rigl", "block-magnitude")]
+    assert f"trails block RigL and block magnitude pruning by {gaps[0]:.1f} and {gaps[1]:.1f} points" in text
+    bench = (ROOT / "benchmarks/results/cpu-2026-12-01.md").read_text()
+    step = {(r[0], r[1], r[4], r[5]): r for r in tables(bench)[0][1:]}
+    big = float(step[("2048x2048", "16x16", "step", "dense")][7]) / float(step[("2048x2048", "16x16", "step", "kron:auto")][7])
+    assert f"rank 2, trains a step {big:.2f}x faster than dense" in text
+    rows = json.loads((ROOT / "benchmarks/results/model-step-cpu-2026-12-01.json").read_text())["rows"]
+    ratios = [r["kron_ms"] / r["dense_ms"] for r in rows]
+    assert f"models takes {min(ratios):.2f}x to {max(ratios):.2f}x dense's" in text

@@ -150,9 +150,9 @@ MUTATIONS = [
 def copy_tree(dest: Path, tests_from: str | None = None) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", "*.egg-info")
     shutil.copytree(ROOT / "src", dest / "src", ignore=ignore)
-    for name in ("pyproject.toml", "README.md"):  # tests read the README (its snippets, its tables)
+    for name in ("pyproject.toml", "README.md", "CHANGELOG.md"):  # tests read the pages (snippets, tables, links)
         shutil.copy2(ROOT / name, dest / name)
-    for part in ("examples", "benchmarks", "results", ".ci"):
+    for part in ("docs", "examples", "benchmarks", "results", ".ci"):
         shutil.copytree(ROOT / part, dest / part, ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"))
     if tests_from is None:
         shutil.copytree(ROOT / "tests", dest / "tests", ignore=ignore)

@@ -191,7 +191,14 @@ def _one(name: str, seed: int) -> dict:
     return {"variant": name, "seed": seed, "test_accuracy": m["test_accuracy"], "block_sparsity": m["block_sparsity"],
             "factor_lr": m.get("factor_lr"),
             "trainable_params": m.get("train_params"), "topped_up_blocks": m.get("topped_up_blocks"),
-            "wall_seconds": m["wall_seconds"], "settings": settings}
+            "zero_blocks": m.get("zero_blocks"), "wall_seconds": m["wall_seconds"], "settings": settings}
+
+
+def topup_share(rs: list[dict]) -> str:
+    """Mean share (%) of the zero blocks the final top-up made, over the runs that recorded both counts."""
+    shares = [r["topped_up_blocks"] / r["zero_blocks"] for r in rs
+              if r.get("topped_up_blocks") is not None and r.get("zero_blocks")]
+    return f"{100 * statistics.mean(shares):.2f}" if shares else ""
 
 
 def write_table(out: Path) -> None:
@@ -199,20 +206,24 @@ def write_table(out: Path) -> None:
     by = {}
     for r in rows:
         by.setdefault(r["variant"], []).append(r)
-    lines = ["| variant | what changes | seeds | accuracy % (mean ± std over seeds) | block sparsity % | train params |",
-             "|---|---|---|---|---|---|"]
+    # the top-up column where runs recorded their zero blocks (the runs of issue 26 on)
+    topup = any(r.get("zero_blocks") is not None for r in rows)
+    lines = ["| variant | what changes | seeds | accuracy % (mean ± std over seeds) | block sparsity % | "
+             + ("zero blocks from top-up % | " if topup else "") + "train params |",
+             "|---|---|---|---|---|" + ("---|" if topup else "") + "---|"]
     for name, rs in by.items():
         if any(r["test_accuracy"] is None for r in rs):
             failed = next(r for r in rs if r["test_accuracy"] is None)
             lines.append(f"| {name} | {VARIANTS.get(name, ({}, ''))[1]} | {len(rs)} | {failed['diverged']} (seed "
-                         f"{failed['seed']}) |  |  |")
+                         f"{failed['seed']}) |  |  |" + ("  |" if topup else ""))
             continue
         acc = [100 * r["test_accuracy"] for r in rs]
         spread = f" ± {statistics.stdev(acc):.2f}" if len(acc) > 1 else ""
         params = next((r["trainable_params"] for r in rs if r["trainable_params"]), None)
         lines.append(f"| {name} | {VARIANTS.get(name, ({}, ''))[1]} | {len(rs)} | {statistics.mean(acc):.2f}{spread} | "
                      f"{100 * statistics.mean(r['block_sparsity'] for r in rs):.2f} | "
-                     f"{'' if params is None else f'{params:,}'} |")
+                     + (f"{topup_share(rs)} | " if topup else "")
+                     + f"{'' if params is None else f'{params:,}'} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
 
 

@@ -126,9 +126,12 @@ class KronMethod(Method):
         self.used_factor_lr = 1.0  # what param_groups applied
 
     def schedule(self) -> DelayedCubic:
-        """The ramp toward the target; with the "norm" pin it waits a quarter of the sparsifying
-        phase, so the block sizes mean something."""
-        start = int(0.25 * self.sparsify_steps) if self.pin == "norm" or self.options.steering == "track" else 0
+        """The ramp toward the target. It waits a quarter of the sparsifying phase, so |S| means
+        something when the first blocks are chosen (with the "norm" pin it is then the block's size;
+        with "decay" S starts at 1 everywhere, and the "track" steering choosing from step 0 pruned a
+        block a planted teacher kept), except under the "legacy" steering with the "decay" pin, whose
+        lambda needed that time to grow anyway."""
+        start = int(0.25 * self.sparsify_steps) if self.pin == "norm" or self.options.steering != "legacy" else 0
         return DelayedCubic(self.options.target_sparsity, start, int(0.6 * self.sparsify_steps) - start)
 
     def swap(self, module: nn.Module) -> nn.Module:

@@ -39,7 +39,8 @@ class Sparsifier:
         layers: None (every Linear/Conv2d the block tiles), a list of module names, or a callable
             (name, module) -> bool.
         **options: the method's own options (`get_method(name).Options`), e.g. rank, scale_pin,
-            init ("fresh" or "svd"), lam, sparsify_fraction, weight_decay, scope, candidates.
+            init ("fresh" or "svd"), lam, sparsify_fraction, weight_decay, scope, candidates, steering
+            ("track", the default: the penalty follows the ramp; "legacy"; "prune": no penalty).
     """
 
     def __init__(self, model: nn.Module, method: str = "kron", *, block_shape=(4, 4), total_steps: int,

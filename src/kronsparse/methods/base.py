@@ -35,7 +35,7 @@ class MethodOptions:
 
     block_shape: tuple[int, int] = (2, 2)  # (bo, bi) in nn.Linear's (out, in) order
     target_sparsity: float | None = None  # fraction of zero blocks to reach (weights for iterative-pruning)
-    lam: float | None = None  # penalty strength; with a target, where steering starts
+    lam: float | None = None  # penalty strength; with a target, where the "legacy" steering starts (others set it)
     sparsify_fraction: float = 0.7  # share of training that sparsifies; then the mask is frozen
     weight_decay: float | None = None  # None: the method's default (see param_groups)
     scope: str = "layer"

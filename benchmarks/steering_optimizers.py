@@ -42,7 +42,8 @@ def run(name: str, steps: int = 3000, target: float = 0.5, steering: str = "trac
         warnings.simplefilter("ignore")
         sp.finalize()
     zero = sum(round(s * 32) for s in sp.layer_sparsity().values())
-    return {"optimizer": name, "steering": steering, "steps": steps, "factor_lr": sp.summary()["factor_lr"], "zero_blocks": zero, "topped_up_blocks": sp.method.topped_up,
+    return {"optimizer": name, "steering": steering, "steps": steps, "factor_lr": sp.summary()["factor_lr"],
+            "zero_blocks": zero, "topped_up_blocks": sp.method.topped_up,
             "by_the_prox": zero - sp.method.topped_up, "final_lambda": sp.summary()["final_lambda"],
             "layer_sparsity": sp.layer_sparsity()}
 

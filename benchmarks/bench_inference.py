@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train_step import time_round_robin  # noqa: E402
+
 from kronsparse.functional import kron_weight  # noqa: E402
 from kronsparse.inference import BlockSparseLinear  # noqa: E402
 

@@ -29,8 +29,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kronsparse import KronLinear, costs  # noqa: E402
 from memory import fb_peak_bytes  # noqa: E402
+
+from kronsparse import KronLinear, costs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CASES = ("leaf", "mid", "no_grad")
@@ -121,7 +122,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     dev = torch.device(args.device)
     meta = {"date": dt.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__, "device": args.device,
-            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine()),
+            "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                            else (platform.processor() or platform.machine())),
             "command": " ".join(sys.argv)}
     rows = run(args)
     stem = Path(args.out) if args.out else RESULTS / f"memory-{dev.type}-{dt.date.today()}"

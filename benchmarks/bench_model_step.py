@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import platform
-import itertools
 import statistics
 import sys
 from pathlib import Path
@@ -30,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train_step import time_round_robin  # noqa: E402
-from kronsparse.config import TrainConfig, parse_block  # noqa: E402
-from kronsparse.metrics import training_costs  # noqa: E402
-from kronsparse.train import Run, load_data  # noqa: E402
+
+from kronsparse.blocks import parse_block
+from kronsparse.training.config import TrainConfig  # noqa: E402
+from kronsparse.training.metrics import training_costs  # noqa: E402
+from kronsparse.training.train import Run, load_data  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -89,7 +91,8 @@ def main(argv=None) -> None:
     out = args.out or RESULTS / f"model-step-{args.device.split(':')[0]}-{dt.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    table = ["| model | block | rank | batch | dense step | kron step | ratio | kron paths |", "|---|---|---|---|---|---|---|---|"]
+    table = ["| model | block | rank | batch | dense step | kron step | ratio | kron paths |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         table.append(f"| {r['model']} | {r['block_shape'][0]}x{r['block_shape'][1]} | {r['rank']} | {r['batch']} | "
                      f"{r['dense_ms']:.3f} ms | {r['kron_ms']:.3f} ms | {r['kron_over_dense']:.2f}x | "

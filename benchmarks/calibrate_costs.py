@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train_step import make_step, time_round_robin  # noqa: E402
+
 from kronsparse import KronLinear, costs  # noqa: E402
 
 PATHS = ("input_first", "factors_first", "materialize")

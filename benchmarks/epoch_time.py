@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout
 
-from kronsparse.config import TrainConfig, parse_block  # noqa: E402
-from kronsparse.metrics import training_costs  # noqa: E402
-from kronsparse.train import Run, load_data  # noqa: E402
-
+from kronsparse.blocks import parse_block
+from kronsparse.training.config import TrainConfig  # noqa: E402
+from kronsparse.training.metrics import training_costs  # noqa: E402
+from kronsparse.training.train import Run, load_data  # noqa: E402
 
 
 def make_run(method: str, block, rank: int, target: float | None, ds, device: str = "cpu") -> Run:

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from kronsparse.config import TrainConfig, parse_block
-from kronsparse.train import train
+from kronsparse.blocks import parse_block
+from kronsparse.training.config import TrainConfig
+from kronsparse.training.train import train
 
 TOLERANCE = 0.005  # accuracy, as a fraction
 

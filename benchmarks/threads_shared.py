@@ -16,7 +16,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 SETTINGS = {
     "threads 1": ({}, 1, None),
@@ -28,8 +27,8 @@ SETTINGS = {
 
 CHILD = """
 import json, resource, sys, time, torch
-from kronsparse.config import TrainConfig
-from kronsparse.train import train
+from kronsparse.training.config import TrainConfig
+from kronsparse.training.train import train
 threads, interop, n_train, model = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 if interop != "None":
     torch.set_num_interop_threads(int(interop))

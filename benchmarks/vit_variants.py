@@ -3,8 +3,8 @@ per run, one thread each. A variant is the fashion-vit quick setting (3 epochs o
 Fashion-MNIST training images, AdamW 1e-3, batch 128, 4x4 blocks, rank 4, 50% target) unless its
 name says otherwise: full- (10 epochs on all 60,000 images), wide- (hidden 192, MLP 768, 3 heads),
 mnist- (the README's MNIST linear model under SGD), adam- and sgd- (MNIST MLP and LeNet-5, 2
-epochs, under Adam or SGD; mlp10: 10 epochs; sgd05: SGD at lr 0.05). Variants that are not library options (the ramp as a floor) patch the
-method in their own worker.
+epochs, under Adam or SGD; mlp10: 10 epochs; sgd05: SGD at lr 0.05). Variants that are not library
+options (the ramp as a floor) patch the method in their own worker.
 
     KRONSPARSE_DATA=../shared/data python benchmarks/vit_variants.py --out results/vit-variants \
         --seeds 0,1,2 --jobs 2 VARIANT [VARIANT ...]
@@ -70,7 +70,8 @@ FULL = {**QUICK, "epochs": 10, "n_train": None}
 VARIANTS["full-kron-nosparse"] = ({"_base": FULL, **NONE}, "full setting: Kronecker factors (8x lr), no penalty")
 VARIANTS["full-kron-r8"] = ({"_base": FULL, **SPARSE, "rank": 8}, "full setting: rank 8 (8x lr), 50%")
 for _k in (4.0, 16.0):
-    VARIANTS[f"full-kron-lr{_k:g}"] = ({"_base": FULL, **SPARSE, "factor_lr": _k}, f"full setting: factors at {_k:g}x the lr, 50%")
+    VARIANTS[f"full-kron-lr{_k:g}"] = ({"_base": FULL, **SPARSE, "factor_lr": _k},
+                                      f"full setting: factors at {_k:g}x the lr, 50%")
 # the default's reach: Adam on the MNIST MLP (784-300-100-10) and LeNet-5, 2 epochs, 2x2 blocks, rank 2, 60%
 ADAM = {**MNIST, "optimizer": "adam", "lr": 1e-3, "epochs": 2}
 for _model in ("mlp", "lenet5"):
@@ -170,8 +171,8 @@ def _patch_floor() -> None:
 def _one(name: str, seed: int) -> dict:
     import torch
 
-    from kronsparse.config import TrainConfig
-    from kronsparse.train import train
+    from kronsparse.training.config import TrainConfig
+    from kronsparse.training.train import train
 
     torch.set_num_threads(1)
     overrides, _ = VARIANTS[name]
@@ -180,7 +181,7 @@ def _one(name: str, seed: int) -> dict:
         _patch_floor()
     base = overrides.pop("_base", QUICK)
     if "_vit" in overrides:  # this worker's "vit" has another shape
-        from kronsparse import vit
+        from kronsparse.training import vit
 
         vit.VIT_MODELS["vit"] = vit.ViTSpec(**overrides.pop("_vit"))
     cfg = TrainConfig(**{**base, **overrides, "seed": seed})

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from kronsparse import swap_linear_
-from kronsparse.config import parse_block
+from kronsparse.blocks import parse_block
 from kronsparse.export import export_model, read_export
 from kronsparse.functional import soft_threshold
 from kronsparse.layers import KRON_LAYERS

@@ -17,22 +17,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from kronsparse import KronLinear, rundir
-from kronsparse import reproduce as rep
-from kronsparse.checkpoint import list_checkpoints, load_latest, save_checkpoint
+from kronsparse import KronLinear
 from kronsparse.cli import main
-from kronsparse.config import TrainConfig
-from kronsparse.data import DATASETS, TRAIN_IMAGES, DataError, load_npz, search_dirs
+from kronsparse.experiments import mnist as rep
+from kronsparse.experiments.runner import check_identity
 from kronsparse.export import ExportError, export_model
 from kronsparse.functional import divisors
-from kronsparse.inference import load_model
-from kronsparse.models import FeedForward
-from kronsparse.train import train
+from kronsparse.training import run_folder as rundir
+from kronsparse.training.checkpoint import list_checkpoints, load_latest, save_checkpoint
+from kronsparse.training.config import TrainConfig
+from kronsparse.training.data import DATASETS, TRAIN_IMAGES, DataError, load_npz, search_dirs
+from kronsparse.training.models import FeedForward
+from kronsparse.training.run_folder import load_model
+from kronsparse.training.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
@@ -186,7 +189,7 @@ def test_bad_output_folders_are_refused_before_training(capsys, tmp_path, monkey
     (tmp_path / "blocked2" / "checkpoints").write_text("")
     assert "checkpoints is a file" in one_line_error(capsys, ["train", *TINY, "--out", str(tmp_path / "blocked2")])
     calls = []
-    monkeypatch.setattr("kronsparse.train.Run.__init__", lambda *a: calls.append(a))
+    monkeypatch.setattr("kronsparse.training.train.Run.__init__", lambda *a: calls.append(a))
     with rundir.open_folder(tmp_path / "busy"):  # another process holds it
         assert "in use by another kronsparse process (pid" in one_line_error(
             capsys, ["train", *TINY, "--out", str(tmp_path / "busy")])
@@ -275,7 +278,8 @@ def test_huge_finite_inputs_are_blamed_on_the_inputs_not_the_lr(capsys, tmp_path
     x = np.ones((64, 4), np.float32)
     x[:, 0] = 3e38
     path = npz(tmp_path / "huge.npz", x, np.arange(64) % 2)
-    err = one_line_error(capsys, ["train", *TINY, "--no-standardize", "--dataset", f"npz:{path}", "--out", str(tmp_path / "o")], code=3)
+    err = one_line_error(capsys, ["train", *TINY, "--no-standardize", "--dataset", f"npz:{path}", "--out", str(tmp_path / "o")],
+                         code=3)
     assert "|x| = 3e+38" in err and "learning rate" not in err
 
 
@@ -365,7 +369,7 @@ def test_torn_or_mixed_folders_are_detected(reference, tmp_path, capsys, monkeyp
         raise KeyboardInterrupt
 
     monkeypatch.setattr(rundir, "seal", killed_before_sealing)
-    monkeypatch.setattr("kronsparse.train.write_json", lambda p, o: None if p.name == "metrics.json" else
+    monkeypatch.setattr("kronsparse.training.train.write_json", lambda p, o: None if p.name == "metrics.json" else
                         __import__("kronsparse.atomic", fromlist=["write_json"]).write_json(p, o))
     with pytest.raises(KeyboardInterrupt):
         train(other, out=folder, progress=False)  # its model.safetensors replaced, its metrics.json not
@@ -428,15 +432,15 @@ def test_reproduce_never_reuses_runs_made_with_other_settings(tmp_path):
     specs = rep.plan(rep.EXPERIMENTS["mnist-linear"], [0], True, base)
     spec = specs[0]
     train(spec.cfg, out=tmp_path / "runs" / spec.name, progress=False)
-    rep.check_identity(specs, tmp_path)  # the same settings: reused
+    check_identity(specs, tmp_path)  # the same settings: reused
     longer = rep.plan(rep.EXPERIMENTS["mnist-linear"], [0], True, TrainConfig(**{**base.to_dict(), "epochs": 2}))
     with pytest.raises(rundir.RunFolderError, match="made with other settings .*epochs 1 there, 2 here"):
-        rep.check_identity(longer, tmp_path)
+        check_identity(longer, tmp_path)
     more = rep.plan(rep.EXPERIMENTS["mnist-linear"], [0], True, TrainConfig(**{**base.to_dict(), "n_train": 400}))
     with pytest.raises(rundir.RunFolderError, match="n_train 300 there, 400 here"):
-        rep.check_identity(more, tmp_path)
+        check_identity(more, tmp_path)
     (tmp_path / "runs" / spec.name / "manifest.json").unlink()  # torn: redone, not reused nor refused
-    rep.check_identity(longer, tmp_path)
+    check_identity(longer, tmp_path)
 
 
 def _children(pid: int) -> list[int]:
@@ -488,7 +492,7 @@ DRIVER = r"""
 import contextlib, io, json, resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (4_000_000 * 1024, 4_000_000 * 1024))  # ulimit -v 4000000
 from kronsparse.cli import main
-from kronsparse.inference import load_model
+from kronsparse.training.run_folder import load_model
 for argv in json.loads(sys.argv[1]):
     err, start = io.StringIO(), time.perf_counter()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):

@@ -9,11 +9,11 @@ import torch.nn.functional as nnf
 from safetensors.torch import load_file
 from torch import nn
 
-from kronsparse.config import TrainConfig
 from kronsparse.functional import block_mask_of
 from kronsparse.layers import KronConv2d, matrix_view
-from kronsparse.models import LeNet5, build_model, dense_factory, kron_factory
-from kronsparse.train import train
+from kronsparse.training.config import TrainConfig
+from kronsparse.training.models import LeNet5, build_model, dense_factory, kron_factory
+from kronsparse.training.train import train
 
 
 def twin_weight(S, A, B):

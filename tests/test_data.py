@@ -1,4 +1,4 @@
-"""Tests for kronsparse.data: IDX and .npz reading, checksums, search order, downloads.
+"""Tests for kronsparse.training.data: IDX and .npz reading, checksums, search order, downloads.
 
 Offline: every test builds tiny files in tmp_path, except the real-MNIST tests that read
 shared/data (or $KRONSPARSE_DATA). ``urlopen`` is replaced for every test, so none can reach
@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from kronsparse import data
-from kronsparse.data import (
+from kronsparse.training import data
+from kronsparse.training.data import (
     IMAGES_MAGIC,
     LABELS_MAGIC,
     TEST_IMAGES,

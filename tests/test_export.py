@@ -10,10 +10,11 @@ from torch import nn
 
 from kronsparse import KronLinear, swap_linear_
 from kronsparse.cli import main
-from kronsparse.config import TrainConfig
-from kronsparse.export import FORMATS, export_model, export_run, read_export
-from kronsparse.inference import BlockSparseLinear, bsr_matmul, load_layers, load_model, replace_layers_
-from kronsparse.train import train
+from kronsparse.export import FORMATS, export_model, read_export
+from kronsparse.inference import BlockSparseLinear, bsr_matmul, load_layers, replace_layers_
+from kronsparse.training.config import TrainConfig
+from kronsparse.training.run_folder import export_run, load_model
+from kronsparse.training.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")
 
@@ -134,7 +135,7 @@ def test_export_any_swapped_model_and_load_it_back(tmp_path):
 
 
 def test_lenet5_exports_its_conv_as_bsr_and_runs_it(tmp_path):
-    from kronsparse.models import build_model, kron_factory
+    from kronsparse.training.models import build_model, kron_factory
 
     torch.manual_seed(0)
     model = build_model("lenet5", kron_factory((2, 2), 2))

@@ -6,10 +6,10 @@ import sys
 import pytest
 
 from kronsparse.cli import METHOD_NAMES, MODEL_NAMES, build_parser, config_from_args, main
-from kronsparse.config import TrainConfig
+from kronsparse.experiments.mnist import fmt, table_title
 from kronsparse.methods import METHODS
-from kronsparse.models import ARCHITECTURES
-from kronsparse.report import fmt, table_title
+from kronsparse.training.config import TrainConfig
+from kronsparse.training.models import ARCHITECTURES
 
 
 def _train_parser():

@@ -109,6 +109,28 @@ def test_factored_paths_save_only_their_inputs():
     assert sum(saved) == x.numel() + S.numel() + A.numel() + B.numel()
 
 
+@pytest.mark.parametrize("path", ["input_first", "factors_first"])
+@pytest.mark.parametrize("chunk_rows", [64, 5])  # one chunk, and chunks of a transposed input's rows
+def test_a_transposed_input_is_used_in_place(path, chunk_rows, monkeypatch):
+    """A features-major input (what a factored layer returns when its rows fit one chunk) is saved for
+    backward as it is, not copied beside itself, and gives the dense twin's output and gradients."""
+    monkeypatch.setattr(kernels, "chunk_rows", lambda *args: chunk_rows)
+    S, A, B = factors(12, 32, (4, 4), 2, torch.float64)
+    x = torch.randn(32, 16, dtype=torch.float64, requires_grad=True).t()  # (16, 32), strides (1, 16)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().data_ptr()) or t,
+                                                  lambda t: t):
+        y = F.kron_linear(x, S, A, B, path=path)
+    assert x.untyped_storage().data_ptr() in saved
+    gy = torch.randn_like(y)
+    gx, gS = torch.autograd.grad(y, [x, S], gy)
+    W = dense_twin(S, A, B)
+    torch.testing.assert_close(y, x @ W.t())
+    torch.testing.assert_close(gx, gy @ W)
+    (gS_twin,) = torch.autograd.grad(x.detach() @ dense_twin(S, A, B).t(), [S], gy)
+    torch.testing.assert_close(gS, gS_twin)
+
+
 def test_bad_inputs_give_clear_errors():
     S, A, B = factors(8, 12, (2, 2), 2, torch.float32)
     with pytest.raises(ValueError, match="expected 12"):

@@ -60,3 +60,51 @@ def test_a_step_count_mismatch_is_refused(tmp_path):
                                    callbacks=[SparsifierCallback(sp)])
     with pytest.raises(ValueError, match="total_steps=100"):
         trainer.train()
+
+
+def _vit_trainer(tmp_path, steps, callbacks_for, save_steps=6):
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                    image_size=8, patch_size=4, num_channels=1, num_labels=10, hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0)
+    model = transformers.ViTForImageClassification(config)
+    sp = Sparsifier(model, "kron", block_shape=(4, 4), rank=2, target_sparsity=0.5, total_steps=steps)
+    opt = sp.optimizer(torch.optim.AdamW, lr=1e-3, weight_decay=0.05)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8,
+                                          report_to=[], save_strategy="steps", save_steps=save_steps,
+                                          logging_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Images(), optimizers=(opt, None),
+                                   callbacks=callbacks_for(sp))
+    return model, sp, trainer
+
+
+def test_the_callback_restores_the_sparsifier_when_the_trainer_resumes(tmp_path):
+    steps = 12
+    _, _, trainer = _vit_trainer(tmp_path, steps, lambda sp: [SparsifierCallback(sp)])
+    trainer.train()
+    saved = torch.load(tmp_path / "checkpoint-6" / STATE_FILE, weights_only=True)
+    seen = {}
+
+    class Spy(transformers.TrainerCallback):  # runs after the SparsifierCallback's on_train_begin
+        def __init__(self, sp):
+            self.sp = sp
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen.update(self.sp.state_dict())
+
+    _, sp2, trainer2 = _vit_trainer(tmp_path, steps, lambda sp: [SparsifierCallback(sp), Spy(sp)])
+    trainer2.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+    assert seen["steps"] == 6 and seen["method"]["lams"] == saved["method"]["lams"]
+    assert all(torch.equal(a, b) for a, b in zip(seen["method"]["masks"], saved["method"]["masks"]))
+    assert sp2.steps == steps  # before: restarted at 0 without a word, and ended at 6
+    assert set(sp2.layer_sparsity().values()) == {0.5}
+
+
+def test_a_resume_without_the_sparsifier_state_is_refused(tmp_path):
+    steps = 12
+    _, _, trainer = _vit_trainer(tmp_path, steps, lambda sp: [SparsifierCallback(sp)])
+    trainer.train()
+    (tmp_path / "checkpoint-6" / STATE_FILE).unlink()
+    _, _, trainer2 = _vit_trainer(tmp_path, steps, lambda sp: [SparsifierCallback(sp)])
+    with pytest.raises(ValueError, match="resumes at step 6 but the Sparsifier is at step 0"):
+        trainer2.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))

@@ -3,11 +3,13 @@
 import pytest
 import torch
 
-from kronsparse.functional import block_mask_of, kron_weight
+from kronsparse.functional import kron_weight
 from kronsparse.layers import KronLinear
-from kronsparse.methods.kron import KronMethod, KronOptions
-from kronsparse.models import FeedForward, build_model, kron_factory
+from kronsparse.methods.kron import KronMethod, KronOptions, resolve_scale_pin
+from kronsparse.model_tree import weight_layers
 from kronsparse.sparsifier import Sparsifier
+from kronsparse.training import models
+from kronsparse.training.models import FeedForward, build_model, dense_factory, kron_factory
 
 
 def fit(lam: float | None, weight_decay: float, target=None, steps: int = 400, scale_pin: str = "decay"):
@@ -133,3 +135,13 @@ def test_auto_scale_pin_is_decay_only_for_the_one_layer_model(model, pin, expect
     legacy = KronMethod(KronOptions(scale_pin=pin, target_sparsity=0.5, steering="legacy"), 100)
     legacy.prepare(build_model(model, kron_factory((2, 2), 2)))
     assert (legacy.steering.schedule.start > 0) == (expected == "norm")
+
+
+@pytest.mark.parametrize("name", ["linear", "mlp", "lenet5", "vit", "vit-tiny"])
+def test_the_app_pins_the_scale_of_each_of_its_models_as_the_method_does(name):
+    """The reports name a run's scale pin without building its model (training.models.resolve_scale_pin
+    counts its weight layers); the method decides on the built model. They must agree."""
+    model = build_model(name, dense_factory)
+    assert models.weight_layer_count(name) == len(weight_layers(model))
+    assert models.resolve_scale_pin("auto", name) == resolve_scale_pin("auto", model)
+    assert models.resolve_scale_pin("norm", name) == "norm"

@@ -9,8 +9,6 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from kronsparse import data
-from kronsparse.config import TrainConfig
 from kronsparse.functional import block_mask_of, expand_block_mask
 from kronsparse.methods import METHODS, get_method
 from kronsparse.methods.block_magnitude import BlockMagnitudeMethod
@@ -18,8 +16,10 @@ from kronsparse.methods.elastic_group_lasso import ElasticGroupLassoMethod
 from kronsparse.methods.group_lasso import GroupLassoMethod
 from kronsparse.methods.rigl import RigLMethod, layer_zero_counts, update_block_mask
 from kronsparse.methods.schedules import CosineDecay, Every, Rounds
-from kronsparse.models import FeedForward
-from kronsparse.train import Run, train
+from kronsparse.training import data
+from kronsparse.training.config import TrainConfig
+from kronsparse.training.models import FeedForward
+from kronsparse.training.train import Run, train
 
 BASELINES = ["group-lasso", "elastic-group-lasso", "rigl", "iterative-pruning", "block-magnitude"]
 

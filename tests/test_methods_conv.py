@@ -9,13 +9,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from kronsparse.config import TrainConfig
 from kronsparse.methods import get_method
 from kronsparse.methods.block_magnitude import BlockMagnitudeMethod
 from kronsparse.methods.group_lasso import GroupLassoMethod
 from kronsparse.methods.rigl import RigLMethod
-from kronsparse.models import FeedForward
-from kronsparse.train import train
+from kronsparse.training.config import TrainConfig
+from kronsparse.training.models import FeedForward
+from kronsparse.training.train import train
 
 BASELINES = ["group-lasso", "elastic-group-lasso", "rigl", "iterative-pruning", "block-magnitude"]
 

@@ -5,13 +5,12 @@ import io
 import struct
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kronsparse import data
 from kronsparse import functional as F
+from kronsparse.training import data
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -5,9 +5,11 @@ import json
 
 import pytest
 
-from kronsparse import reproduce as rep
-from kronsparse.config import TrainConfig
-from kronsparse.report import command_of, method_label
+from kronsparse.experiments import mnist as rep
+from kronsparse.experiments import reproduce
+from kronsparse.experiments.common import method_label
+from kronsparse.experiments.mnist import command_of
+from kronsparse.training.config import TrainConfig
 
 TINY = {"n_train": 300, "n_test": 100, "epochs": 1}
 
@@ -15,7 +17,7 @@ TINY = {"n_train": 300, "n_test": 100, "epochs": 1}
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("reproduce")
-    specs = rep.reproduce("mnist-linear", out, seeds=[0], quick=True, overrides=TINY)
+    specs = reproduce("mnist-linear", out, seeds=[0], quick=True, overrides=TINY)
     return out, specs
 
 
@@ -34,7 +36,8 @@ def test_every_file_exists(tiny_run):
 def test_table_equals_the_runs_metrics(tiny_run):
     out, specs = tiny_run
     rows = list(csv.DictReader((out / "table.csv").open()))
-    assert len(rows) == 2 * (2 + len(rep.SPARSE_METHODS)) + 1 + 1  # two block shapes (dense, kron norm), selection, kron r4 at 2x16
+    # two block shapes (dense, kron norm), selection, kron r4 at 2x16
+    assert len(rows) == 2 * (2 + len(rep.SPARSE_METHODS)) + 1 + 1
     assert sum(r["method"] == "kron" and r["rank"] == "4" for r in rows) == 1  # rank 4 only where 5x below dense
     assert {r["method"] for r in rows} == {"dense", "select", "kron (scale-pin norm)", *rep.SPARSE_METHODS}
     for row in rows:
@@ -57,13 +60,13 @@ def test_started_again_it_skips_finished_runs(tiny_run, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(rep, "train", no_training)
-    rep.reproduce("mnist-linear", out, seeds=[0], quick=True, overrides=TINY)
+    monkeypatch.setattr("kronsparse.experiments.runner.train", no_training)
+    reproduce("mnist-linear", out, seeds=[0], quick=True, overrides=TINY)
 
 
 def test_unknown_experiment():
     with pytest.raises(ValueError, match="valid experiments: mnist-linear"):
-        rep.reproduce("cifar", "unused", seeds=[0])
+        reproduce("cifar", "unused", seeds=[0])
 
 
 @pytest.mark.parametrize("model,pin,label", [
@@ -91,8 +94,8 @@ def test_report_names_its_plots_and_one_seed_has_no_spread(tiny_run):
 
 
 def test_every_plot_has_a_title_labelled_axes_and_a_legend_or_colour_bar(tiny_run, monkeypatch):
-    from kronsparse import plots
-    from kronsparse.report import load_runs
+    from kronsparse.experiments import plots
+    from kronsparse.experiments.common import load_runs
 
     out, specs = tiny_run
     runs = load_runs(specs, out)
@@ -119,8 +122,8 @@ def test_a_reports_command_makes_the_runs_config(which):
     (lambda and the factor lr included, where a run set them)."""
     import shlex
 
-    from kronsparse import vit_report
     from kronsparse.cli import build_parser, config_from_args
+    from kronsparse.experiments import vit as vit_report
 
     base = dict(method="kron", block_shape=(4, 4), rank=4, target_sparsity=0.5, lam=0.1, factor_lr=4.0, seed=3)
     cfg = TrainConfig(**base) if which == "mnist" else TrainConfig(

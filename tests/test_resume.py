@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kronsparse.checkpoint import list_checkpoints, load_latest
-from kronsparse.config import TrainConfig
 from kronsparse.atomic import atomic_write, write_text
-from kronsparse.train import Run, train
+from kronsparse.training.checkpoint import list_checkpoints, load_latest
+from kronsparse.training.config import TrainConfig
+from kronsparse.training.train import Run, train
 
 ARGS = ["--block", "2x2", "--rank", "2", "--target-sparsity", "0.5", "--n-train", "2000", "--n-test", "500",
         "--epochs", "4", "--threads", "1", "--no-progress"]

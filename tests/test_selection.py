@@ -9,15 +9,14 @@ import torch
 from torch import nn
 
 from kronsparse.cli import main
-from kronsparse.config import TrainConfig
-from kronsparse.data import Dataset
 from kronsparse.functional import kron_weight
-from kronsparse.layers import KronLinear
+from kronsparse.layers import KronLinear, KronSelectLinear
 from kronsparse.methods import get_method
 from kronsparse.methods.select import SelectMethod, sparse_group_prox
-from kronsparse.layers import KronSelectLinear
 from kronsparse.sparsifier import Sparsifier
-from kronsparse.train import Run
+from kronsparse.training.config import TrainConfig
+from kronsparse.training.data import Dataset
+from kronsparse.training.train import Run
 
 
 @pytest.fixture(autouse=True)

@@ -12,8 +12,8 @@ What is checked, from the dense weights and independently of kronsparse.function
 
 import copy
 import importlib.util
-import warnings
 import math
+import warnings
 from pathlib import Path
 
 import pytest

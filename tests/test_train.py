@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kronsparse import data
 from kronsparse.cli import main
-from kronsparse.config import TrainConfig
 from kronsparse.functional import block_mask_of, kron_weight
-from kronsparse.train import train
+from kronsparse.training import data
+from kronsparse.training.config import TrainConfig
+from kronsparse.training.train import train
 
 # 47 steps on 3,000 images: learns to ~0.78-0.81 in under a second (chance is 0.10), so the accuracy bars
 # below fail when the method stops learning, not only when a file is missing

@@ -9,14 +9,14 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from kronsparse import vit_reproduce
 from kronsparse.cli import main
-from kronsparse.config import TrainConfig
+from kronsparse.experiments import vit as vit_reproduce
+from kronsparse.experiments.vit import DEIT_TINY_FULL_COUNT, deit_tiny
 from kronsparse.layers import KronLinear
-from kronsparse.metrics import training_costs
-from kronsparse.models import build_model, dense_factory, kron_factory
-from kronsparse.train import train
-from kronsparse.vit_report import DEIT_TINY_FULL_COUNT, deit_tiny
+from kronsparse.training.config import TrainConfig
+from kronsparse.training.metrics import training_costs
+from kronsparse.training.models import build_model, dense_factory, kron_factory
+from kronsparse.training.train import train
 
 
 def kron_formula(i: int, o: int, block, r: int) -> int:
@@ -109,7 +109,7 @@ def test_train_vit_on_cuda(tmp_path):
 def test_the_sparsifier_swaps_the_vit_of_the_users_loop():
     """The user's path: our ViT built with nn.Linear, the Sparsifier swaps every tiled Linear."""
     from kronsparse import Sparsifier
-    from kronsparse.vit import ViT
+    from kronsparse.training.vit import ViT
 
     torch.manual_seed(0)
     model = build_model("vit", dense_factory, 784, 10)
@@ -131,8 +131,9 @@ def test_the_sparsifier_swaps_the_vit_of_the_users_loop():
 def test_a_select_vit_lists_each_layer_once_so_metrics_run_before_the_selection():
     """The full fashion-vit run evaluates after epoch 1, before select has chosen: the ViT's layers
     must be its weight layers (one per position), not also the candidate terms inside them."""
-    from kronsparse.models import build_model, layer_factory
     from kronsparse.sparsifier import Sparsifier
+    from kronsparse.training.models import build_model
+    from kronsparse.training.train import layer_factory
 
     cfg = TrainConfig(method="select", model="vit", block_shape=(2, 2), candidates=((2, 2), (4, 4)), rank=2)
     model = build_model("vit", layer_factory(cfg), 784, 10)

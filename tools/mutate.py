@@ -75,7 +75,8 @@ MUTATIONS = [
              "            self._apply_masks()\n",
              "        if self.finalized or step >= self.sparsify_steps or (self.lam == 0 and self.steering is None):\n"
              "            pass\n",
-             ["tests/test_kron_method.py", "tests/test_sparsifier.py::test_finalize_reaches_the_target_and_zero_blocks_stay_zero"]),
+             ["tests/test_kron_method.py",
+              "tests/test_sparsifier.py::test_finalize_reaches_the_target_and_zero_blocks_stay_zero"]),
     # -- atomic writes ----------------------------------------------------------------------
     Mutation("atomic-write-in-place", "atomic writes", "src/kronsparse/atomic.py",
              "        write(tmp)\n        with open(tmp, \"rb+\") as f:\n            os.fsync(f.fileno())\n"
@@ -84,11 +85,11 @@ MUTATIONS = [
              "        Path(tmp).unlink()\n",
              ["tests/test_resume.py::test_sigkill_during_a_write_never_leaves_a_truncated_file"]),
     # -- resume determinism -----------------------------------------------------------------
-    Mutation("resume-redraws-the-epoch-order", "resume determinism", "src/kronsparse/train.py",
+    Mutation("resume-redraws-the-epoch-order", "resume determinism", "src/kronsparse/training/train.py",
              'self.step, self.order, self.epoch_loss = state["step"], state["order"], state["epoch_loss"]',
              'self.step, self.order, self.epoch_loss = state["step"], None, state["epoch_loss"]',
              ["tests/test_resume.py::test_resume_in_process_after_an_exception_mid_epoch"]),
-    Mutation("resume-drops-the-optimizer-state", "resume determinism", "src/kronsparse/train.py",
+    Mutation("resume-drops-the-optimizer-state", "resume determinism", "src/kronsparse/training/train.py",
              '        self.optimizer.load_state_dict(state["optimizer"])\n',
              "",
              ["tests/test_resume.py::test_resume_in_process_after_an_exception_mid_epoch"]),
@@ -127,7 +128,7 @@ MUTATIONS = [
              ["tests/test_inference.py", "tests/test_export.py"]),
     # -- data ---------------------------------------------------------------------------------
     Mutation("wrong-fashion-mnist-checksum", "the checksum registry holds the real files' sums",
-             "src/kronsparse/data.py",
+             "src/kronsparse/training/data.py",
              '"0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"',
              '"0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c35"',
              ["tests/test_data.py::test_registry_checksums_are_those_of_the_real_files"]),
@@ -141,6 +142,14 @@ MUTATIONS = [
              "return torch.nn.functional.linear(x, _build_weight(S * A, B).detach(), bias)",
              ["tests/test_train.py::test_one_epoch_writes_files_that_agree_with_the_json",
               "tests/test_train.py::test_the_method_learns_on_the_linear_model"]),
+    # -- layering and one home per rule ---------------------------------------------------------
+    Mutation("library-imports-the-app", "the library never imports the application", "src/kronsparse/export.py",
+             "def check_format(fmt: str) -> str:\n",
+             "def check_format(fmt: str) -> str:\n    from .training import run_folder  # noqa: F401\n",
+             ["tests/test_imports.py::test_the_library_never_imports_the_application"]),
+    Mutation("app-miscounts-vit-layers", "the reports' scale pin is the method's", "src/kronsparse/training/models.py",
+             "return 4 * VIT_MODELS[name].depth + 2", "return 4 * VIT_MODELS[name].depth + 1",
+             ["tests/test_kron_method.py::test_the_app_pins_the_scale_of_each_of_its_models_as_the_method_does"]),
     Mutation("factor-lr-ignored", "Kronecker factors at 8x the lr under Adam-type optimizers", "src/kronsparse/methods/kron.py",
              "        return ADAPTIVE_FACTOR_LR if adaptive else 1.0\n", "        return 1.0\n",
              ["tests/test_sparsifier.py::test_factors_train_at_their_own_lr_multiple_under_adam_type_optimizers"]),

@@ -3,18 +3,21 @@
 from .costs import LayerCosts, choose_path, layer_costs, plan_block_shapes
 from .functional import kron_linear, kron_weight
 from .layers import KronConv2d, KronLinear, SwapReport, swap_linear_
+from .planner import Plan, plan
 from .sparsifier import Sparsifier
 
 __all__ = [
     "KronConv2d",
     "KronLinear",
     "LayerCosts",
+    "Plan",
     "Sparsifier",
     "SwapReport",
     "choose_path",
     "kron_linear",
     "kron_weight",
     "layer_costs",
+    "plan",
     "plan_block_shapes",
     "swap_linear_",
 ]

@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from safetensors.torch import save
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call write(tmp_path) on a temporary file beside `path`, fsync it, then rename it over `path`."""
@@ -53,8 +55,6 @@ def write_json(path, obj) -> None:
 def write_safetensors(path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """Serialised in memory, then written by write_bytes: same mode as every other file, and a full
     disk is a plain OSError (ENOSPC), not an error from inside the serialiser."""
-    from safetensors.torch import save
-
     write_bytes(path, save(tensors, metadata=metadata))
 
 

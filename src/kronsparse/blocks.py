@@ -21,6 +21,27 @@ def divisors(n: int) -> list[int]:
     return small + [n // d for d in reversed(small) if d * d != n]
 
 
+def block_name(block_shape) -> str:
+    """(2, 16) -> "2x16", in nn.Linear's (out, in) order like the CLI's --block."""
+    return f"{block_shape[0]}x{block_shape[1]}"
+
+
+def paper_block_name(block_shape) -> str:
+    """(2, 16) -> "16x2": the paper names a block (in x out)."""
+    return f"{block_shape[1]}x{block_shape[0]}"
+
+
+def parse_block(text: str) -> tuple[int, int]:
+    """'2x16' -> (2, 16): OUTxIN in nn.Linear's (out, in) order (the paper's "16x2")."""
+    try:
+        bo, bi = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"block shape must look like OUTxIN, e.g. 2x16, got {text!r}") from None
+    if bo < 1 or bi < 1:
+        raise ValueError(f"block shape sides must be positive, got {text!r}")
+    return bo, bi
+
+
 def check_block_shape(out_features: int, in_features: int, block_shape) -> tuple[int, int]:
     """Validate that block_shape = (bo, bi) tiles an (out, in) weight; return it as a tuple."""
     if out_features < 1 or in_features < 1:

@@ -1,14 +1,21 @@
-"""The command line: `kronsparse train | shapes | reproduce | export`. User mistakes get one line and exit code 2."""
+"""The command line: `kronsparse train | shapes | reproduce | export`. User mistakes get one line and exit code 2.
+
+The door of the application: the training app (training/) and the experiments (experiments/) are
+imported by the functions that need them, so `import kronsparse.cli` loads only the library.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .config import SCALE_PINS, STEERINGS, TrainConfig, parse_block
+from .blocks import parse_block
+from .costs import layer_costs, plan_block_shapes
+from .limits import env_name, limit
+from .methods.kron import SCALE_PINS
+from .methods.steering import STEERINGS
 
 ROW_KEYS = ("method", "model", "dataset", "paper_block_name", "rank", "test_accuracy", "block_sparsity",
             "weight_sparsity", "train_params", "train_macs", "inference_params", "wall_seconds")
@@ -22,15 +29,18 @@ def _blocks(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(parse_block(t) for t in text.split(",") if t)
 
 
+# the help's order (the paper's method first); a test keeps them equal to methods.METHODS and training.models.ARCHITECTURES
 METHOD_NAMES = ("kron", "select", "group-lasso", "elastic-group-lasso", "rigl", "iterative-pruning",
-                "block-magnitude", "dense")  # methods.METHODS (a test keeps them equal); no torch import for --help
-MODEL_NAMES = ("linear", "mlp", "lenet5", "vit", "vit-tiny")  # models.ARCHITECTURES
+                "block-magnitude", "dense")
+MODEL_NAMES = ("linear", "mlp", "lenet5", "vit", "vit-tiny")
 THREADS_HELP = ("1: on a machine busy with other jobs, OpenMP's spin-waiting made 2 threads 8-30x slower "
                 "on these models (README, Training); OMP_WAIT_POLICY=PASSIVE softens that")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     """Every option says what it means and its default (%(default)s); defaults are TrainConfig's."""
+    from .training.config import TrainConfig
+
     d = TrainConfig.__dataclass_fields__
     p.add_argument("--method", default=d["method"].default, metavar="NAME",
                    help=f"training method: {', '.join(METHOD_NAMES)} (default: %(default)s)")
@@ -96,7 +106,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT (default: off)")
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_from_args(args: argparse.Namespace):
+    """The TrainConfig of `kronsparse train`'s arguments."""
+    from .training.config import TrainConfig
+
     names = {f.name for f in fields(TrainConfig)} - {"candidates"}
     values = {k: v for k, v in vars(args).items() if k in names}
     values["block_shape"] = parse_block(args.block)
@@ -105,7 +118,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .training.train import train
 
     cfg = config_from_args(args)
     progress = not args.no_progress and sys.stderr.isatty()  # bars belong to a terminal, not a log
@@ -128,8 +141,10 @@ def print_row(metrics: dict) -> None:
 
 
 def cmd_shapes(args: argparse.Namespace) -> int:
-    from .costs import layer_costs, plan_block_shapes
-
+    if args.model is not None:
+        return shapes_of_model(args)
+    if args.in_features is None or args.out_features is None:
+        raise UserError("give a layer (IN_FEATURES OUT_FEATURES) or a model (--model NAME)")
     for name in ("in_features", "out_features", "rank"):
         if getattr(args, name) < 1:
             raise UserError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(args, name)}")
@@ -146,8 +161,43 @@ def cmd_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def shapes_of_model(args: argparse.Namespace) -> int:
+    """`kronsparse.plan` on one of the command line's models: what each block shape and rank would
+    cost it to train, per step of --batch samples."""
+    import torch
+
+    from .planner import OPTIMIZERS, plan
+    from .training.models import ARCHITECTURES, build_model, dense_factory
+
+    if args.model not in ARCHITECTURES:
+        raise UserError(f"unknown model {args.model!r}; valid models: {', '.join(ARCHITECTURES)}")
+    if args.batch < 1:
+        raise UserError(f"--batch must be >= 1, got {args.batch}")
+    if 4 * 784 * args.batch > limit("data_bytes"):  # the plan runs one forward of a batch of zeros
+        raise UserError(f"--batch {args.batch} is over the limit {limit('data_bytes') // (4 * 784)} "
+                        f"(raise {env_name('data_bytes')} knowingly)")
+    if args.optimizer not in OPTIMIZERS:
+        raise UserError(f"unknown --optimizer {args.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    try:
+        candidates = [parse_block(b) for b in args.blocks.split(",")]
+        ranks = [int(r) for r in args.ranks.split(",")]
+    except ValueError as err:
+        raise UserError(f"--blocks must be like 2x2,4x4 and --ranks like 1,2: {err}") from None
+    if any(r < 1 for r in ranks):
+        raise UserError(f"--ranks must be >= 1, got {args.ranks}")
+    for r in ranks:
+        if r > limit("rank"):
+            raise UserError(f"--ranks {r} is over the limit {limit('rank')} (raise {env_name('rank')} knowingly)")
+    model = build_model(args.model, dense_factory)
+    result = plan(model, torch.zeros(args.batch, 784), candidates=candidates, ranks=ranks, optimizer=args.optimizer)
+    print(f"model {args.model}, {args.batch} samples a step, {args.optimizer}; a block shape sparsifies the layers it "
+          "tiles (fp32; peak: one training step's, predicted):")
+    print(result.table())
+    return 0
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import reproduce
+    from .experiments import reproduce
 
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -155,20 +205,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise UserError(f"--seeds must be integers separated by commas, got {args.seeds!r}") from None
     overrides = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test), ("epochs", args.epochs),
                                    ("device", args.device), ("model", args.model)) if v is not None}
-    if args.experiment == "fashion-vit":  # vit_reproduce.py: its own plan, runner and report
-        from .vit_reproduce import reproduce_vit
-
-        reproduce_vit(args.out, seeds, quick=args.quick, jobs=args.jobs, overrides=overrides)
-    elif "model" in overrides:
-        raise UserError(f"--model is for fashion-vit; {args.experiment} trains its own model")
-    else:
-        reproduce(args.experiment, args.out, seeds, quick=args.quick, jobs=args.jobs, overrides=overrides)
+    reproduce(args.experiment, args.out, seeds, quick=args.quick, jobs=args.jobs, overrides=overrides)
     print((Path(args.out) / "report.md").read_text())
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_run
+    from .training.run_folder import export_run
 
     path = export_run(args.run_dir, args.format, args.out)
     print(f"wrote {path} ({args.format})")
@@ -197,10 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shapes", help="every block shape of a layer with its training cost",
                        description="Every block shape that tiles a layer's weight, with its trainable "
                                    "parameters and multiply-adds per sample.")
-    p.add_argument("in_features", type=int, help="the layer's inputs (nn.Linear's in_features), >= 1")
-    p.add_argument("out_features", type=int, help="the layer's outputs (nn.Linear's out_features), >= 1")
+    p.add_argument("in_features", type=int, nargs="?", help="the layer's inputs (nn.Linear's in_features), >= 1")
+    p.add_argument("out_features", type=int, nargs="?", help="the layer's outputs (nn.Linear's out_features), >= 1")
     p.add_argument("--rank", type=int, default=1, help="Kronecker terms, >= 1 (default: %(default)s)")
     p.add_argument("--no-bias", action="store_true", help="count the layer without a bias (default: with)")
+    p.add_argument("--model", default=None, help="instead of a layer, plan a model of `train` (linear, mlp, "
+                   "lenet5, vit, vit-tiny): per block shape and rank, trainable parameters, optimizer state, "
+                   "step multiply-adds and predicted peak memory against dense (default: none)")
+    p.add_argument("--batch", type=int, default=64, help="with --model: samples per step (default: %(default)s)")
+    p.add_argument("--blocks", default="2x2,2x16,4x4", help="with --model: block shapes (default: %(default)s)")
+    p.add_argument("--ranks", default="1,2,4", help="with --model: ranks (default: %(default)s)")
+    p.add_argument("--optimizer", default="sgd", help="with --model: adamw, adam, sgd or sgd-nomomentum, for "
+                   "the optimizer state (default: %(default)s)")
     p.set_defaults(func=cmd_shapes)
     p = sub.add_parser("reproduce", help="the paper's comparison: every method, tables, plots, report",
                        description="Run the paper's comparison (every method, a sparsity sweep, ranks 1, 2, "
@@ -231,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import DataError
+    from .training.data import DataError
 
     args = build_parser().parse_args(argv)
     try:

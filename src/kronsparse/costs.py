@@ -11,9 +11,10 @@ Counting conventions (the paper's, for its MNIST table):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
-from .blocks import check_block_shape, divisors
+from .blocks import check_block_shape, divisors, paper_block_name
+from .limits import check_at_most
+from .memo import memoised
 
 # Constants of `step_cost`, in units of one multiply-add inside a large GEMM. Fitted by
 # `benchmarks/calibrate_costs.py fit` (grid search, least summed slowdown of the chosen path against
@@ -156,7 +157,7 @@ def chunk_row_elements(in_features: int, out_features: int, block_shape, rank: i
     return max(in_features, out_features) + rank * m1 * bi
 
 
-@lru_cache(maxsize=4096)
+@memoised(maxsize=4096)
 def chunk_rows(in_features: int, out_features: int, block_shape, rank: int, path: str) -> int:
     """Rows per chunk of a factored path: intermediates within half a dense weight, >= 64 rows."""
     block_shape = tuple(block_shape)
@@ -215,7 +216,7 @@ def choose_path(in_features: int, out_features: int, block_shape, rank: int, bat
     return _choose_path(in_features, out_features, tuple(block_shape), rank, batch, training, input_grad)
 
 
-@lru_cache(maxsize=4096)
+@memoised(maxsize=4096)
 def _choose_path(in_features, out_features, block_shape, rank, batch, training, input_grad) -> str:
     paths = ("input_first", "factors_first", "materialize")
     if training:
@@ -237,8 +238,6 @@ class ShapeRow:
 
 def plan_block_shapes(in_features: int, out_features: int, rank: int, bias: bool = True) -> list[ShapeRow]:
     """Every block shape that tiles the layer with its training cost; `best` marks the fewest params."""
-    from .limits import check_at_most
-
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     check_at_most("rank", rank)
@@ -252,7 +251,8 @@ def plan_block_shapes(in_features: int, out_features: int, rank: int, bias: bool
     for bo in out_divs:
         for bi in in_divs:
             m = path_macs(in_features, out_features, (bo, bi), rank)
-            rows.append(ShapeRow((bo, bi), f"{bi}x{bo}", train_params(in_features, out_features, (bo, bi), rank, bias),
+            params = train_params(in_features, out_features, (bo, bi), rank, bias)
+            rows.append(ShapeRow((bo, bi), paper_block_name((bo, bi)), params,
                                  min(m.input_first, m.factors_first, m.materialize), False))
     fewest = min(r.train_params for r in rows)
     return [ShapeRow(r.block_shape, r.paper_name, r.train_params, r.macs, r.train_params == fewest) for r in rows]

@@ -11,14 +11,14 @@ Every export is one safetensors file; its header metadata holds one JSON string 
              state_dict of the Kron model itself.
 
 Metadata: {"format", "model", "block_shape", "layers": {NAME: {"kind": "linear" | "conv2d",
-"shape", "block_shape", "sparse", "stride", "padding", "bias"}}, "aliases": {DROPPED: KEPT}}
+"shape", "block_shape", "sparse", "stride", "padding", "bias", "transposed"}}, "aliases": {DROPPED: KEPT}}
+"shape" is always nn.Linear's (out, in) order; "transposed" (optional, a transformers Conv1D) says
+that a dense `NAME.weight` is stored as the module holds it, (in, out), so the plain model loads it.
 (tied tensors are stored once; `read_export` restores every name). NAME is the module's name
 ("layers.2"), or "" for a run of the one-layer "linear" model, whose tensors are `weight`, `bias`.
 
-This module is also the one home of a run folder's `model.safetensors` (`run_tensors` writes what
-`run_entries` reads): `layers.K.weight`/`.bias` dense with their exact zero blocks and
-`layers.K.kron.S`/`.A`/`.B` for Kron layers; for the one-layer "linear" model K is dropped
-(`weight`, `bias`, `kron.S`, ...: `run_key` is the only place that knows).
+A run folder of `kronsparse train` is exported by the application (training/run_folder.py), which
+reads it into the LayerEntry list that `write_export` takes.
 """
 
 from __future__ import annotations
@@ -30,10 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 
 from .atomic import write_safetensors
 from .layers import KRON_LAYERS, KronConv2d, matrix_view
+from .limits import limit
 
 FORMATS = ("dense", "bsr", "factors")
 META_KEY = "kronsparse"
@@ -56,6 +58,7 @@ class LayerEntry:
     factors: dict[str, Tensor] | None = None  # S, A, B
     stride: int | tuple = 1
     padding: int | tuple = 0
+    transposed: bool = False  # a Conv1D: `weight` is (out, in), its dense tensor is stored (in, out)
 
     def key(self, leaf: str) -> str:
         return f"{self.name}.{leaf}" if self.name else leaf
@@ -66,6 +69,8 @@ class LayerEntry:
              "block_shape": list(self.block_shape) if self.block_shape else None, "bias": self.bias is not None}
         if kind == "conv2d":
             m.update(stride=_pair(self.stride), padding=_pair(self.padding))
+        if self.transposed:
+            m["transposed"] = True
         return m
 
 
@@ -111,7 +116,7 @@ def entry_tensors(entry: LayerEntry, fmt: str) -> dict[str, Tensor]:
     elif fmt == "bsr" and entry.block_shape is not None:
         out.update({entry.key(f"weight.{k}"): v for k, v in to_bsr(entry.weight, entry.block_shape).items()})
     else:
-        out[entry.key("weight")] = entry.weight
+        out[entry.key("weight")] = entry.weight.t() if entry.transposed else entry.weight
     if entry.bias is not None:
         out[entry.key("bias")] = entry.bias
     return out
@@ -157,14 +162,18 @@ def _stored(e: LayerEntry, fmt: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Sources: any nn.Module holding Kron layers, or a run folder of `kronsparse train`
+# Source: any nn.Module holding Kron layers
 # --------------------------------------------------------------------------------------------
 
 
-def model_entries(model: nn.Module) -> tuple[list[LayerEntry], dict[str, Tensor]]:
-    """Every KronLinear / KronConv2d (on the block grid) and plain nn.Linear / nn.Conv2d (dense) of
-    `model` as an entry; all other state as `rest`."""
-    entries, owned = [], set()
+def model_entries(model: nn.Module, block_shapes: dict[str, tuple[int, int]] | None = None
+                  ) -> tuple[list[LayerEntry], dict[str, Tensor]]:
+    """Every KronLinear / KronConv2d (on the block grid) and plain nn.Linear / nn.Conv2d / Conv1D
+    (dense, or on the grid of `block_shapes[name]`, e.g. a Sparsifier's layers) of `model` as an
+    entry; all other state as `rest`."""
+    from .model_tree import is_conv1d
+
+    entries, owned, grids = [], set(), block_shapes or {}
     for name, m in model.named_modules():
         if isinstance(m, KRON_LAYERS):
             conv = isinstance(m, KronConv2d)
@@ -172,113 +181,29 @@ def model_entries(model: nn.Module) -> tuple[list[LayerEntry], dict[str, Tensor]
                                       {k: getattr(m, k).detach() for k in ("S", "A", "B")},
                                       m.stride if conv else 1, m.padding if conv else 0))
             owned.add(name)
-        elif type(m) is nn.Linear or (type(m) is nn.Conv2d and m.groups == 1 and m.dilation == (1, 1)
-                                      and m.padding_mode == "zeros" and not isinstance(m.padding, str)):
+        elif type(m) is nn.Linear or is_conv1d(m) or (type(m) is nn.Conv2d and m.groups == 1 and m.dilation == (1, 1)
+                                                      and m.padding_mode == "zeros" and not isinstance(m.padding, str)):
             conv = type(m) is nn.Conv2d
-            entries.append(LayerEntry(name, m.weight.detach(), m.bias, None, None,
-                                      m.stride if conv else 1, m.padding if conv else 0))
+            W = m.weight.detach()
+            entries.append(LayerEntry(name, W.t() if is_conv1d(m) else W, m.bias, grids.get(name), None,
+                                      m.stride if conv else 1, m.padding if conv else 0, transposed=is_conv1d(m)))
             owned.add(name)
     rest = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in owned}
     return entries, rest
 
 
-def export_model(model: nn.Module, path, fmt: str = "dense", model_name: str = "custom") -> Path:
-    """Export any model holding Kron layers (e.g. after `swap_linear_`) to one safetensors file.
+def export_model(model: nn.Module, path, fmt: str = "dense", model_name: str = "custom",
+                 block_shapes: dict[str, tuple[int, int]] | None = None) -> Path:
+    """Export any model holding Kron layers (e.g. after `swap_linear_`), or plain layers on a block
+    grid (`block_shapes`: {layer name: (bo, bi)}, what `Sparsifier.export` passes), to one
+    safetensors file.
 
     "dense" gives the state_dict of the model with every Kron layer swapped back to nn.Linear /
     nn.Conv2d; "factors" gives the Kron model's own state_dict.
     """
-    entries, rest = model_entries(model)
+    entries, rest = model_entries(model, block_shapes)
     shapes = {tuple(e.block_shape) for e in entries if e.block_shape is not None}
     return write_export(path, entries, rest, fmt, model_name, shapes.pop() if len(shapes) == 1 else None)
-
-
-def run_entries(run_dir) -> tuple[list[LayerEntry], str, tuple[int, int]]:
-    """The weight layers of a finished `kronsparse train` run, read from its files."""
-    from safetensors.torch import load_file
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {run_dir} {'is not a folder' if run_dir.exists() else 'does not exist'}")
-    metrics_path, weights_path = run_dir / "metrics.json", run_dir / "model.safetensors"
-    if not metrics_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"{run_dir} holds no finished run (metrics.json and model.safetensors are needed)")
-    from .rundir import verify
-
-    verify(run_dir)  # every file of one complete run: a torn or mixed folder is refused
-    try:
-        metrics = json.loads(metrics_path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ExportError(f"{metrics_path} is not JSON ({_first_line(err)})") from None
-    if not (isinstance(metrics, dict) and isinstance(metrics.get("model"), str) and _is_ints(metrics.get("block_shape"), 2)
-            and isinstance(metrics.get("sparsified_layers", []), list)):
-        raise ExportError(f"{metrics_path}: needs 'model' and 'block_shape' (a metrics.json of `kronsparse train`)")
-    model, block_shape = metrics["model"], tuple(metrics["block_shape"])
-    try:
-        t = load_file(str(weights_path))
-    except Exception as err:
-        raise ExportError(f"{weights_path}: not a readable safetensors file ({_first_line(err)})") from None
-    if model not in ("linear", "mlp", "lenet5") or not any(k in t for k in ("weight", "layers.0.weight")):
-        raise ExportError(f"{run_dir}: model {model!r} with tensors {sorted(t)[:4]} is not a run of `kronsparse train`")
-    count = 1 if model == "linear" else len({k.split(".")[1] for k in t if k.startswith("layers.")})
-    padding = _conv_padding(model)
-    entries = []
-    for k in range(count):
-        name = run_key(model, k, "weight").removesuffix("weight").removesuffix(".")
-        if run_key(model, k, "weight") not in t:
-            raise ExportError(f"{run_dir}: layers of model {model!r} are not numbered 0..{count - 1}")
-        e = LayerEntry(name, t[run_key(model, k, "weight")], t.get(run_key(model, k, "bias")),
-                       block_shape if k in metrics.get("sparsified_layers", []) else None)
-        kron = {f: t[run_key(model, k, f"kron.{f}")] for f in ("S", "A", "B") if run_key(model, k, f"kron.{f}") in t}
-        e.factors = kron or None
-        if e.weight.dim() == 4:
-            e.padding = padding[k]
-        entries.append(e)
-    return entries, model, block_shape
-
-
-def _key(name: str, leaf: str) -> str:
-    return f"{name}.{leaf}" if name else leaf
-
-
-def run_key(model_name: str, k: int, leaf: str) -> str:
-    """The key of layer k's `leaf` ("weight", "bias", "kron.S", ...) in a run's model.safetensors."""
-    return _key("" if model_name == "linear" else f"layers.{k}", leaf)
-
-
-def run_tensors(model: nn.Module, model_name: str) -> dict[str, Tensor]:
-    """What a run's model.safetensors holds: every layer's dense weight and bias, the factors of its
-    Kron layers (contiguous, on the CPU). Numbers anyone recomputes come from these weights."""
-    from .model_tree import layer_weight
-
-    state = {}
-    for k, layer in enumerate(model.layers):
-        state[run_key(model_name, k, "weight")] = layer_weight(layer)
-        if layer.bias is not None:
-            state[run_key(model_name, k, "bias")] = layer.bias
-        if isinstance(layer, KRON_LAYERS):
-            for f in ("S", "A", "B"):
-                state[run_key(model_name, k, f"kron.{f}")] = getattr(layer, f)
-    return {key: v.detach().cpu().contiguous() for key, v in state.items()}
-
-
-def _conv_padding(model: str) -> tuple:
-    from .models import LeNet5
-
-    return LeNet5.conv_padding if model == "lenet5" else ()
-
-
-def export_run(run_dir, fmt: str = "dense", out=None) -> Path:
-    """Export a run folder as `fmt`; out defaults to RUN_DIR/model.FMT.safetensors."""
-    check_format(fmt)
-    entries, model, block_shape = run_entries(run_dir)
-    out = Path(out) if out is not None else Path(run_dir) / f"model.{fmt}.safetensors"
-    if out.is_dir() or not out.name:
-        raise ExportError(f"--out {out} is a folder; give the file to write, e.g. {out / f'model.{fmt}.safetensors'}")
-    if out.resolve().parent == Path(run_dir).resolve() and out.name in ("model.safetensors", "metrics.json",
-                                                                          "config.json", "manifest.json"):
-        raise ExportError(f"--out {out} would overwrite the run's own {out.name}")
-    return write_export(out, entries, {}, fmt, model, block_shape)
 
 
 def read_export(path) -> tuple[dict, dict[str, Tensor]]:
@@ -289,8 +214,6 @@ def read_export(path) -> tuple[dict, dict[str, Tensor]]:
     any tensor is read), then dtypes, shapes, BSR index invariants and finite values. A bad file
     raises ExportError, never crashes.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"export file {path} {'is not a regular file' if path.exists() else 'does not exist'}")
@@ -322,8 +245,6 @@ def _first_line(err: BaseException) -> str:
 
 
 def _check_size(path, key: str, shape) -> None:
-    from .limits import limit
-
     n = 1
     for d in shape:
         n *= int(d)
@@ -357,6 +278,7 @@ def _parse_meta(path, text: str) -> dict:
         ok = ok and m.get("stored") in ("dense", "bsr", "factors") and isinstance(m.get("sparse"), bool)
         ok = ok and (not m["sparse"] or _is_ints(m.get("block_shape"), 2))
         ok = ok and (kind != "conv2d" or (_is_ints(m.get("stride"), 2) and _is_ints(m.get("padding"), 2, low=0)))
+        ok = ok and m.get("transposed", False) in (True, False) and not (m.get("transposed") and kind != "linear")
         if not ok:
             raise ExportError(f"{path}: layer {name!r}: bad metadata (kind, shape, stored, sparse, block_shape, "
                               f"stride, padding): {json.dumps(m)[:200]}")
@@ -408,7 +330,7 @@ def _check_layer(path, name: str, m: dict, tensors: dict) -> None:
                               f"B {tuple(B.shape)} do not make a weight of shape {tuple(shape)}")
         _check_size(path, f"{name}: rank x weight", [A.shape[0], rows, cols])
     else:
-        dtype_of = _tensor(path, tensors, key("weight"), shape)
+        dtype_of = _tensor(path, tensors, key("weight"), shape[::-1] if m.get("transposed") else shape)
     if m.get("bias") is True or key("bias") in tensors:
         if _tensor(path, tensors, key("bias"), (rows,)).dtype != dtype_of.dtype:
             raise ExportError(f"{path}: layer {name!r}: bias and weight have different dtypes")

@@ -18,9 +18,15 @@ import torch
 from torch import Tensor
 
 from .blocks import (  # noqa: F401  (re-exported: the block helpers were first written here)
-    block_mask_of, block_norms, block_sparsity, block_view, check_block_shape, divisors, expand_block_mask,
+    block_mask_of,
+    block_norms,
+    block_sparsity,
+    block_view,
+    check_block_shape,
+    divisors,
+    expand_block_mask,
 )
-from .kernels import PATHS, _build_weight, _kron_linear
+from .kernels import _build_weight, _kron_linear
 
 
 def _check_factors(S: Tensor, A: Tensor, B: Tensor) -> None:
@@ -67,7 +73,7 @@ def kron_linear_reference(x: Tensor, S: Tensor, A: Tensor, B: Tensor, bias: Tens
     """kron_linear written out in one einsum, the definition the fast paths are tested against:
     y[..., p*bo + a] = sum_{i, q, c} S[p, q] A[i, p, q] B[i, a, c] x[..., q*bi + c] + b."""
     _check_factors(S, A, B)
-    (m1, n1), (r, bo, bi) = S.shape, B.shape
+    (m1, n1), (_, bo, bi) = S.shape, B.shape
     X = x.reshape(*x.shape[:-1], n1, bi)
     y = torch.einsum("pq,ipq,iac,...qc->...pa", S, A, B, X).reshape(*x.shape[:-1], m1 * bo)
     return y if bias is None else y + bias

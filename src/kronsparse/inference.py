@@ -6,7 +6,8 @@ of rows it times each representation once (after one warm-up call) and keeps the
 size; `choice` shows what it picked. `representation=` fixes one instead ("dense", "bsr",
 "input_first", "factors_first"; a layer that lacks it runs dense).
 
-Loading reads safetensors and JSON only (`export.read_export`): nothing is unpickled.
+Loading reads safetensors and JSON only (`export.read_export`): nothing is unpickled. The models of
+`kronsparse train` are rebuilt from their export by the application (training/run_folder.load_model).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 from . import functional as F
+from .blocks import matrix_view
 from .export import ExportError, bsr_matrix, from_bsr, read_export
+from .functional import kron_weight
 
 
 def bsr_matmul(bsr: Tensor, x: Tensor) -> Tensor:
@@ -129,8 +132,6 @@ class BlockSparseConv2d(_Choosing):
         self.block_shape = tuple(block_shape) if block_shape is not None else None
         self.bsr = None
         if self.block_shape is not None:
-            from .blocks import matrix_view
-
             W2, blocks = matrix_view(self.weight, self.block_shape)
             self.bsr = bsr_matrix(W2, blocks)
 
@@ -166,8 +167,6 @@ class BlockSparseConv2d(_Choosing):
 
 def layers_from_export(meta: dict, tensors: dict[str, Tensor], representation: str = "auto") -> dict[str, nn.Module]:
     """name -> BlockSparseLinear / BlockSparseConv2d for every weight layer of an export."""
-    from .functional import kron_weight
-
     layers = {}
     for name, m in meta["layers"].items():
         key = (lambda leaf: f"{name}.{leaf}") if name else (lambda leaf: leaf)
@@ -181,7 +180,7 @@ def layers_from_export(meta: dict, tensors: dict[str, Tensor], representation: s
             parts = {k: tensors[key(f"weight.{k}")] for k in ("crow_indices", "col_indices", "values")}
             W = from_bsr(parts, m["shape"]).to_dense().reshape(m["shape"])
         else:
-            W = tensors[key("weight")]
+            W = tensors[key("weight")].t().contiguous() if m.get("transposed") else tensors[key("weight")]
         blocks = m["block_shape"] if m["sparse"] else None
         if m["kind"] == "conv2d":
             layers[name] = BlockSparseConv2d(W, bias, blocks, m["stride"], m["padding"], representation)
@@ -197,40 +196,16 @@ def load_layers(path, representation: str = "auto") -> dict[str, nn.Module]:
     return layers_from_export(meta, tensors, representation)
 
 
-def load_model(path, representation: str = "auto") -> nn.Module:
-    """A runnable model from the export of a `kronsparse train` run (linear, mlp or lenet5)."""
-    from .models import FeedForward, LeNet5
-
-    meta, tensors = read_export(path)
-    layers = layers_from_export(meta, tensors, representation)
-    if meta["model"] in ("linear", "mlp"):
-        names = sorted(layers, key=lambda n: int(n.split(".")[1]) if n.startswith("layers.") and
-                       n.split(".")[1].isdigit() else -1)
-        expected = [""] if names == [""] else [f"layers.{k}" for k in range(len(names))]
-        if names != expected or any(layers[n].weight.dim() != 2 for n in names):
-            raise ExportError(f"{path}: a {meta['model']} export needs linear layers {expected}, found {names}")
-        _check_chain(path, [layers[n] for n in names], lambda l: l.in_features, lambda l: l.out_features)
-        return FeedForward([layers[n] for n in names])
-    if meta["model"] == "lenet5":
-        if sorted(layers) != [f"layers.{k}" for k in range(5)] or [layers[f"layers.{k}"].weight.dim()
-                                                                   for k in range(5)] != [4, 4, 2, 2, 2]:
-            raise ExportError(f"{path}: a lenet5 export needs conv layers.0-1 and linear layers.2-4")
-        ordered = [layers[f"layers.{k}"] for k in range(5)]
-        fc_in = ordered[2].in_features // 16
-        side = next((s for s in range(12, 1024) if ((s // 2 - 4) // 2) ** 2 == fc_in), None)
-        if side is None or ordered[2].in_features % 16 or ordered[1].in_channels != ordered[0].out_channels \
-                or ordered[1].out_channels != 16:
-            raise ExportError(f"{path}: lenet5 layers do not fit together (fc input {ordered[2].in_features})")
-        _check_chain(path, ordered[2:], lambda l: l.in_features, lambda l: l.out_features)
-        return LeNet5(ordered, side)
-    raise ValueError(f"load_model builds the models of `kronsparse train` (linear, mlp, lenet5), not "
-                     f"{meta['model']!r}: use load_layers and place the layers in your own model")
-
-
-def _check_chain(path, layers, size_in, size_out) -> None:
-    for a, b in zip(layers[:-1], layers[1:]):
-        if size_out(a) != size_in(b):
-            raise ExportError(f"{path}: a layer of {size_out(a)} outputs feeds one of {size_in(b)} inputs")
+def check_ties(path, model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Names of one shared (tied) parameter must get equal tensors: loading would keep only one."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for group in names.values():
+        given = [n for n in group if n in tensors]
+        if any(not torch.equal(tensors[given[0]], tensors[n]) for n in given[1:]):
+            raise ExportError(f"{path}: {' and '.join(given)} are one tied parameter in the model but differ in the "
+                              "export; loading would silently keep one of them")
 
 
 def replace_layers_(model: nn.Module, path, representation: str = "auto") -> nn.Module:
@@ -238,15 +213,16 @@ def replace_layers_(model: nn.Module, path, representation: str = "auto") -> nn.
     becomes a BlockSparseLinear / BlockSparseConv2d, every other tensor is loaded as it is."""
     meta, tensors = read_export(path)
     layers = layers_from_export(meta, tensors, representation)
+    owned = set(layers)
+    rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in owned
+            and not any(k.startswith(n + ".weight.") for n in owned)}
+    check_ties(path, model, {**rest, **{f"{n}.weight": layer.weight for n, layer in layers.items()}})
     for name, layer in layers.items():
         parent, _, child = name.rpartition(".")
         try:
             setattr(model.get_submodule(parent) if parent else model, child, layer)
         except AttributeError:
             raise ExportError(f"{path}: the model has no submodule {parent!r} for layer {name!r}") from None
-    owned = set(layers)
-    rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in owned
-            and not any(k.startswith(n + ".weight.") for n in owned)}
     try:
         missing, unexpected = model.load_state_dict(rest, strict=False)
     except RuntimeError as err:  # shape mismatches

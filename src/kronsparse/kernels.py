@@ -17,12 +17,11 @@ weight-sized tensor ever exists: their peak training memory is below dense nn.Li
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
 from .costs import choose_path, chunk_rows
+from .memo import memoised
 
 PATHS = ("auto", "input_first", "factors_first", "materialize")
 
@@ -43,7 +42,7 @@ _GATHER_MAX = 1 << 16
 _GATHER_RUN, _GATHER_MAX_SHORT_RUNS = 2, 1 << 20
 
 
-@functools.lru_cache(maxsize=64)
+@memoised(maxsize=64)
 def _reorder_index(grid: tuple[int, int, int, int], to_blocks: bool, device: torch.device) -> Tensor:
     m1, n1, bo, bi = grid
     idx = torch.arange(m1 * n1 * bo * bi, device=device)
@@ -122,7 +121,7 @@ def _chunks(N: int, rows: int) -> list[tuple[int, int]]:
 def _input_first_z(xc: Tensor, B: Tensor, n1: int) -> Tensor:
     """Z[q, (i, a), n] = sum_c B[i, a, c] x[n, q, c]: (n1, r*bo, Nc), one batched GEMM on views."""
     r, bo, bi = B.shape
-    Xq = xc.view(-1, n1, bi).permute(1, 2, 0)  # (n1, bi, Nc) view
+    Xq = xc.unflatten(1, (n1, bi)).permute(1, 2, 0)  # (n1, bi, Nc) view, of a row-major or transposed chunk
     return torch.bmm(B.reshape(1, r * bo, bi).expand(n1, -1, -1), Xq)
 
 
@@ -133,7 +132,9 @@ def _factors_first_t(xc: Tensor, Cp: Tensor, n1: int) -> tuple[Tensor, Tensor]:
 
 
 def _forward(x2: Tensor, C: Tensor, B: Tensor, bias: Tensor | None, path: str, rows: int) -> Tensor:
-    """y (N, out) of either factored path, chunk by chunk; bias added in place."""
+    """y (N, out) of either factored path, chunk by chunk; bias added in place. Never a view:
+    autograd forbids in-place changes (an inplace ReLU after the layer) on a view made inside a
+    custom Function, so a transposed view is returned detached (the same memory, no copy)."""
     r, m1, n1 = C.shape
     _, bo, bi = B.shape
     N, out = x2.shape[0], m1 * bo
@@ -149,12 +150,12 @@ def _forward(x2: Tensor, C: Tensor, B: Tensor, bias: Tensor | None, path: str, r
             yt = torch.bmm(_cols_i_c(B).unsqueeze(0).expand(m1, -1, -1), T).view(out, e - s)
             del T
         if len(chunks) == 1:  # one chunk: yᵀ computed, y returned as its transposed view
-            return _add_bias_(yt, bias).t()
+            return _add_bias_(yt, bias).t().detach()
         if y is None:  # yt's dtype: under autocast the GEMMs run in bf16
             y = yt.new_empty(N, out)
         y[s:e].t().copy_(yt)
         del yt
-    return y if bias is None else _add_bias_(y.t(), bias).t()
+    return y if bias is None else _add_bias_(y.t(), bias).t().detach()
 
 
 def _add_bias_(yt: Tensor, bias: Tensor | None) -> Tensor:
@@ -191,7 +192,7 @@ def _input_first_backward(x2, C, B, gy, need_x, rows):
         del Z
         gZ = torch.mm(Cq.t(), Gt).view(n1, r * bo, n)
         del Gt
-        gB.baddbmm_(gZ, xc.view(n, n1, bi).transpose(0, 1))  # (n1, r*bo, bi), summed over q below
+        gB.baddbmm_(gZ, xc.unflatten(1, (n1, bi)).transpose(0, 1))  # (n1, r*bo, bi), summed over q below
         if need_x:  # written straight into the rows of gx through a strided view
             _bmm_into(gZ.transpose(1, 2), Bq, gx[s:e].view(n, n1, bi).transpose(0, 1))
         del gZ
@@ -229,7 +230,7 @@ class _KronLinearFn(torch.autograd.Function):
     """y = x Wᵀ + b with W = sum_i kron(S*A_i, B_i) by a factored path, saving only the inputs."""
 
     @staticmethod
-    def forward(ctx, x2, S, A, B, bias, path, rows):  # x2: (N, in), contiguous
+    def forward(ctx, x2, S, A, B, bias, path, rows):  # x2: (N, in), row-major or transposed
         ctx.path, ctx.rows = path, rows
         ctx.save_for_backward(x2, S, A, B)
         return _forward(x2, S * A, B, bias, path, rows)
@@ -242,6 +243,14 @@ class _KronLinearFn(torch.autograd.Function):
         gbias = gy.sum(0) if need_b else None
         gx, gC, gB = _BACKWARD[ctx.path](x2, S * A, B, gy, need_x, ctx.rows)
         return gx, (gC * A).sum(0), gC * S, gB, gbias, None, None
+
+
+def _input_rows(x: Tensor, in_features: int) -> Tensor:
+    """x as (N, in) rows, without a copy when it is row-major or transposed (features-major, as the
+    output of a factored layer is when its rows fit one chunk): the copy would be saved for backward
+    beside the tensor it copies, activation memory that dense nn.Linear does not spend."""
+    x2 = x.reshape(-1, in_features)
+    return x2 if x2.is_contiguous() or x2.t().is_contiguous() else x2.contiguous()
 
 
 def _kron_linear(x: Tensor, S: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, path: str) -> Tensor:
@@ -260,7 +269,7 @@ def _kron_linear(x: Tensor, S: Tensor, A: Tensor, B: Tensor, bias: Tensor | None
         path = choose_path(in_features, m1 * bo, (bo, bi), r, tokens, training, grad and x.requires_grad)
     if path == "materialize":  # plain autograd: its backward is a few C++ nodes, no Python
         return torch.nn.functional.linear(x, _build_weight(S * A, B), bias)
-    x2 = x.reshape(-1, in_features).contiguous()
+    x2 = _input_rows(x, in_features)
     rows = chunk_rows(in_features, m1 * bo, (bo, bi), r, path)
     y = _KronLinearFn.apply(x2, S, A, B, bias, path, rows)
     return y.reshape(*x.shape[:-1], m1 * bo)

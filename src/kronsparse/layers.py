@@ -12,8 +12,20 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .blocks import matrix_view
+from .blocks import block_name, matrix_view
 from .kernels import PATHS, _kron_linear
+from .lazy_weight import LazyWeight
+
+
+def full_rank(grid: tuple[int, int], b_shape: tuple) -> int:
+    """The largest useful rank: W rearranged block by block is an (m1*n1, bo*bi[*kh*kw]) matrix, and
+    no sum of more Kronecker products than its rank adds anything."""
+    return min(grid[0] * grid[1], math.prod(b_shape))
+
+
+def _check_rank(rank: int) -> None:
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
 
 
 def _make_factors(layer: nn.Module, grid: tuple[int, int], b_shape: tuple, out: int, bias: bool,
@@ -55,11 +67,10 @@ class KronLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, block_shape, rank: int = 1, bias: bool = True,
                  device=None, dtype=None, path: str = "auto") -> None:
         super().__init__()
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
         if path not in PATHS:
             raise ValueError(f"unknown path {path!r}; valid paths: {', '.join(PATHS)}")
         bo, bi = F.check_block_shape(out_features, in_features, block_shape)
+        _check_rank(rank)
         self.in_features, self.out_features = in_features, out_features
         self.block_shape, self.rank, self.path = (bo, bi), rank, path
         _make_factors(self, (out_features // bo, in_features // bi), (bo, bi), out_features, bias,
@@ -81,6 +92,11 @@ class KronLinear(nn.Module):
     def dense_weight(self) -> Tensor:
         """W (out, in), differentiable; the test oracle and the export path."""
         return F.kron_weight(self.S, self.A, self.B)
+
+    @property
+    def weight(self) -> LazyWeight:
+        """For model code that reads nn.Linear.weight (its dtype, device, shape): W, built only when used."""
+        return LazyWeight(self, (self.out_features, self.in_features))
 
     @torch.no_grad()
     def block_mask(self) -> Tensor:
@@ -145,13 +161,18 @@ def kron_like(module: nn.Module, block_shape, rank: int = 1, init: str = "svd", 
     as far as rank allows). init="fresh": the Kronecker layer's own initialisation, scaled so W has
     the dense weight's variance (training from scratch: the dense layer's init, e.g. a transformer's
     std 0.02, is kept in distribution; an SVD of a random matrix keeps only part of its variance).
-    The bias is copied either way."""
+    The bias is copied either way. A rank above the layer's full Kronecker rank (layers.full_rank)
+    is capped there: no higher rank adds anything (the caller can compare `.rank` to say so)."""
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
     if isinstance(module, nn.Conv2d):
-        layer = KronConv2d.from_conv2d(module, block_shape, rank)
+        b_shape = (*F.check_block_shape(module.out_channels, module.in_channels, block_shape), *module.kernel_size)
+        grid = (module.out_channels // b_shape[0], module.in_channels // b_shape[1])
+        layer = KronConv2d.from_conv2d(module, block_shape, min(rank, full_rank(grid, b_shape)))
     else:
-        layer = KronLinear.from_linear(module, block_shape, rank)
+        bo, bi = F.check_block_shape(module.out_features, module.in_features, block_shape)
+        grid = (module.out_features // bo, module.in_features // bi)
+        layer = KronLinear.from_linear(module, block_shape, min(rank, full_rank(grid, (bo, bi))))
         layer.path = path
     if init == "fresh":
         with torch.no_grad():
@@ -210,10 +231,9 @@ class KronConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, block_shape, rank: int = 1,
                  stride=1, padding=0, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
         bo, bi = F.check_block_shape(out_channels, in_channels, block_shape)
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        _check_rank(rank)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
         self.stride, self.padding = stride, padding
         self.block_shape, self.rank = (bo, bi), rank
@@ -234,6 +254,11 @@ class KronConv2d(nn.Module):
         r, bo, bi, kh, kw = self.B.shape
         W = F.kron_weight(self.S, self.A, self.B.reshape(r, bo, bi * kh * kw))  # (out, in*kh*kw)
         return W.view(self.out_channels, self.in_channels, kh, kw)
+
+    @property
+    def weight(self) -> LazyWeight:
+        """For model code that reads nn.Conv2d.weight (its dtype, device, shape): W, built only when used."""
+        return LazyWeight(self, (self.out_channels, self.in_channels, *self.kernel_size))
 
     def forward(self, x: Tensor) -> Tensor:
         return nn.functional.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding)
@@ -285,11 +310,6 @@ class KronConv2d(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 DEFAULT_CANDIDATES = ((2, 2), (2, 8), (2, 16))
-
-
-def block_name(block_shape) -> str:
-    """(2, 8) -> "2x8", in nn.Linear's (out, in) order like the CLI's --block."""
-    return f"{block_shape[0]}x{block_shape[1]}"
 
 
 def check_candidates(out_features: int, in_features: int, candidates) -> list[tuple[int, int]]:

@@ -14,7 +14,7 @@ DEFAULTS = {
     "threads": None,  # torch threads; None: 4 x the usable cores (more only slows training down)
     "classes": 100_000,  # classes of an npz dataset (largest label + 1)
     "data_bytes": 2**28,  # float32 bytes of all inputs of a dataset (MNIST: 2.2e8), and of any one array
-    "train_bytes": 2**30,  # estimated memory of a training run (budget.py); MNIST MLP at rank 64: 0.3 GiB
+    "train_bytes": 2**30,  # estimated memory of a training run (training/budget.py); MNIST MLP at rank 64: 0.3 GiB
     "tensor_elements": 2**26,  # dense weight elements built from the BSR / factor layers of one export file
     "features": 2**24,  # layer sizes for `kronsparse shapes`
     "shape_rows": 20_000,  # block shapes `kronsparse shapes` lists (784 x 10: 60)

@@ -1,10 +1,18 @@
-"""Finding the layers of any model by name, and replacing them in place."""
+"""Finding the layers of any model by name, and replacing them in place.
+
+A weight layer is nn.Linear, nn.Conv2d (groups 1), a Kronecker layer, or transformers' `Conv1D`
+(GPT-2's projections: a Linear whose weight is stored transposed, (in, out)); it is recognised by
+its class name, so the library never imports transformers. Everything reads a layer's weight in
+nn.Linear's (out, in) order through `layer_dims` and `layer_weight`.
+"""
 
 from __future__ import annotations
 
 from typing import Callable, Iterable
 
+import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .blocks import check_block_shape, tiles
 from .layers import KRON_LAYERS, KronSelectLinear
@@ -13,23 +21,91 @@ LayerFilter = Callable[[str, nn.Module], bool]
 SPARSIFIABLE = (nn.Linear, nn.Conv2d)  # exact types: subclasses (MultiheadAttention's out_proj) are read as .weight
 
 
+def plain_type(module: nn.Module) -> type:
+    """The module's class, seen through torch.nn.utils.parametrize, which subclasses it on the fly
+    (block-magnitude's masks make an nn.Linear a ParametrizedLinear while it sparsifies)."""
+    cls = type(module)
+    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): y = x W + b with W stored (in, out)."""
+    cls = plain_type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
 def layer_dims(layer: nn.Module) -> tuple[int, int]:
     """(in, out): features of a linear layer, channels of a conv layer."""
     if hasattr(layer, "in_channels"):
         return layer.in_channels, layer.out_channels
+    if is_conv1d(layer):
+        return tuple(layer.weight.shape)
     return layer.in_features, layer.out_features
 
 
 def layer_weight(layer: nn.Module) -> Tensor:
-    """The dense weight (out, in) or (out, in, kh, kw) of a weight layer of any kind."""
-    return layer.dense_weight() if hasattr(layer, "dense_weight") else layer.weight
+    """The dense weight (out, in) or (out, in, kh, kw) of a weight layer of any kind (a Conv1D's
+    as a transposed view)."""
+    if hasattr(layer, "dense_weight"):
+        return layer.dense_weight()
+    return layer.weight.t() if is_conv1d(layer) else layer.weight
+
+
+def as_linear(layer: nn.Module) -> nn.Module:
+    """The layer itself, or for a Conv1D an nn.Linear with its weight (a copy, in (out, in) order)."""
+    if not is_conv1d(layer):
+        return layer
+    W = layer.weight.detach()
+    linear = nn.Linear(W.shape[0], W.shape[1], layer.bias is not None, device=W.device, dtype=W.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(W.t())
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias)
+    return linear
+
+
+def layer_kind(module: nn.Module) -> type:
+    """The type a method's `layer_kinds` names for the module: nn.Linear for a Conv1D."""
+    return nn.Linear if is_conv1d(module) else plain_type(module)
 
 
 def is_weight_layer(module: nn.Module) -> bool:
-    """nn.Linear, nn.Conv2d (groups 1) or a Kronecker layer: what a method can sparsify."""
-    if type(module) is nn.Conv2d:
+    """nn.Linear, nn.Conv2d (groups 1), Conv1D or a Kronecker layer: what a method can sparsify."""
+    if plain_type(module) is nn.Conv2d:
         return module.groups == 1 and module.dilation == (1, 1) and module.padding_mode == "zeros"
-    return type(module) in SPARSIFIABLE or isinstance(module, (*KRON_LAYERS, KronSelectLinear))
+    return (plain_type(module) in SPARSIFIABLE or is_conv1d(module)
+            or isinstance(module, (*KRON_LAYERS, KronSelectLinear)))
+
+
+def depth(model: nn.Module) -> int:
+    """How many layers of the model hold a weight matrix or kernel (any Linear, Conv1D, conv of any
+    groups, embedding, attention projection; a Kronecker layer counts once): the model's depth for
+    rules that treat a one-layer model apart. Counts the model's layers, not the sparsified ones."""
+    count, layers = 0, []  # layers: the weight layers counted, whose insides are part of them
+    for name, m in model.named_modules():
+        if any(outer == "" or name.startswith(outer + ".") for outer in layers):
+            continue  # inside a weight layer already counted (a KronSelectLinear's candidate terms)
+        if is_weight_layer(m):
+            layers.append(name)
+            count += 1
+        elif any(p.dim() >= 2 for p in m.parameters(recurse=False)):  # e.g. a ViT's position embedding
+            count += 1
+    return count
+
+
+def tied_weights(model: nn.Module) -> dict[str, list[str]]:
+    """{module name: the other parameter names its weight is shared with} for every module whose
+    `weight` is one Parameter under several names (an output layer tied to the input embedding)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    tied = {}
+    for name, m in model.named_modules():
+        w = m._parameters.get("weight") if hasattr(m, "_parameters") else None
+        if w is not None and len(names.get(id(w), [])) > 1:
+            own = f"{name}.weight" if name else "weight"
+            tied[name] = [n for n in names[id(w)] if n != own]
+    return tied
 
 
 def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -56,15 +132,19 @@ def find_layers(model: nn.Module, block_shape, layers: Iterable[str] | LayerFilt
     """The layers a method sparsifies, by name.
 
     layers: None = every weight layer that block_shape tiles (every candidate, for pattern
-    selection); a list of names (each must exist and be tiled, or the error says why); or a
-    callable (name, module) -> bool choosing among the weight layers that are tiled. kinds: the
-    module types the method can work on (exact types for nn.Linear and nn.Conv2d)."""
+    selection), except layers whose weight is tied to another parameter (left dense: sparsifying
+    them would zero blocks of the embedding too); a list of names (each must exist and be tiled,
+    or the error says why; a tied layer named here is sparsified, the tie kept); or a callable
+    (name, module) -> bool choosing among the untied weight layers that are tiled. kinds: the
+    module types the method can work on (exact types for nn.Linear and nn.Conv2d; a Conv1D is
+    an nn.Linear)."""
     shapes = [tuple(c) for c in candidates] if candidates else [tuple(block_shape)]
     fits = lambda m: isinstance(m, KronSelectLinear) or all(layer_tiled(m, s) for s in shapes)  # noqa: E731
     found = {n: m for n, m in weight_layers(model).items()
-             if type(m) in kinds or any(k not in SPARSIFIABLE and isinstance(m, k) for k in kinds)}
+             if layer_kind(m) in kinds or any(k not in SPARSIFIABLE and isinstance(m, k) for k in kinds)}
     if layers is None or callable(layers):
-        chosen = {n: m for n, m in found.items() if fits(m) and (layers is None or layers(n, m))}
+        tied = tied_weights(model)
+        chosen = {n: m for n, m in found.items() if fits(m) and n not in tied and (layers is None or layers(n, m))}
     else:
         chosen = {}
         for name in layers:

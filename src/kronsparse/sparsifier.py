@@ -6,10 +6,14 @@
         ...; loss.backward(); opt.step(); sp.step(opt)
     sp.finalize()
 
+    print(sp.summary())   # what was sparsified, what stayed dense and why, the share of weights covered
+    sp.squash()           # a plain model again: nn.Linear / Conv1D / nn.Conv2d with the exact zero blocks
+
 Shaped like torch.ao.pruning's sparsifiers (prepare on a model, step, squash, state_dict). The layers
-come from `named_modules()`: by default every nn.Linear and nn.Conv2d that the block shape tiles.
-Methods that train Kronecker factors (kron, select) swap those layers in place when the Sparsifier
-is built, so build it before the optimizer.
+come from `named_modules()`: by default every nn.Linear, nn.Conv2d and transformers Conv1D that the
+block shape tiles, except a layer whose weight is tied to another (an output layer tied to the input
+embedding stays dense unless named in `layers=`). Methods that train Kronecker factors (kron, select)
+swap those layers in place when the Sparsifier is built, so build it before the optimizer.
 """
 
 from __future__ import annotations
@@ -19,10 +23,14 @@ import warnings
 import torch
 from torch import nn
 
-from .functional import block_mask_of
 from .blocks import matrix_view
+from .coverage import COVERAGE_WARNING, SparsitySummary, summarize
+from .functional import block_mask_of
+from .layers import KRON_LAYERS
 from .methods import get_method
-from .model_tree import LayerFilter, find_layers, layer_weight, replace_module
+from .methods.base import set_grad_hook
+from .model_tree import LayerFilter, find_layers, layer_weight, replace_module, tied_weights
+from .squash import guard_save_pretrained, squash_
 
 
 class Sparsifier:
@@ -36,8 +44,10 @@ class Sparsifier:
         total_steps: optimizer steps of the whole run (schedules are fractions of it).
         target_sparsity: fraction of zero blocks to reach in every sparsified layer (scope="global":
             over all of them together); for iterative-pruning, a fraction of weights.
-        layers: None (every Linear/Conv2d the block tiles), a list of module names, or a callable
-            (name, module) -> bool.
+        layers: None (every nn.Linear, nn.Conv2d and Conv1D the block tiles, tied ones left dense;
+            the Sparsifier warns when those hold under half of the model's weights), a list of
+            module names, or a callable (name, module) -> bool. `print(sp.summary())` shows what
+            was sparsified and what stayed dense, and why.
         **options: the method's own options (`get_method(name).Options`), e.g. rank, scale_pin,
             init ("fresh" or "svd"), lam, sparsify_fraction, weight_decay, scope, candidates, steering
             ("track", the default: the penalty follows the ramp; "legacy"; "prune": no penalty).
@@ -53,9 +63,18 @@ class Sparsifier:
         self.model = model
         found = find_layers(model, self.options.block_shape, layers, getattr(self.options, "candidates", None),
                             kinds=cls.layer_kinds)
+        if cls.trains_factors:
+            refuse_tied(model, found)
+        self.originals = {name: type(m) for name, m in found.items()}  # what squash() puts back
         self.layers = {name: self._swapped(name, m) for name, m in found.items()}
         self.method.prepare(model, self.layers)
         self.steps = 0
+        self.squashed = False
+        if cls.trains_factors:
+            guard_save_pretrained(model)
+        self._warn_capped_rank()
+        if layers is None:  # the layers chosen for the user: say when they leave most weights dense
+            self._warn_coverage()
 
     def _swapped(self, name: str, module: nn.Module) -> nn.Module:
         new = self.method.swap(module)
@@ -64,6 +83,24 @@ class Sparsifier:
         if not name:
             raise ValueError("the model is itself the layer to swap: wrap it, e.g. nn.Sequential(layer)")
         return replace_module(self.model, name, new)
+
+    def _warn_capped_rank(self) -> None:
+        rank = getattr(self.options, "rank", None)
+        capped = {n: l.rank for n, l in self.layers.items() if isinstance(l, KRON_LAYERS) and l.rank < rank}
+        if capped:
+            listed = ", ".join(f"{n} ({r})" for n, r in list(capped.items())[:4])
+            warnings.warn(f"kronsparse: rank {rank} is above the full Kronecker rank of {len(capped)} layer(s), "
+                          f"capped there: {listed}{', ...' if len(capped) > 4 else ''} (no higher rank adds anything)",
+                          UserWarning, stacklevel=3)
+
+    def _warn_coverage(self) -> None:
+        summary = self.summary()
+        if summary.coverage < COVERAGE_WARNING:
+            dense = sorted(summary.dense(), key=lambda r: -r.weights)[:3]
+            listed = "; ".join(f"{r.name} ({r.weights:,}: {r.reason})" for r in dense)
+            warnings.warn(f"kronsparse: the sparsified layers hold {summary.coverage:.0%} of the model's weights "
+                          f"({summary.covered_weights:,} of {summary.total_weights:,}); the largest dense ones: {listed}. "
+                          "print(sp.summary()) lists every layer", UserWarning, stacklevel=3)
 
     @property
     def total_steps(self) -> int:
@@ -87,6 +124,7 @@ class Sparsifier:
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """Call after every optimizer.step(): proximal maps, masks, mask updates. When the method
         removed parameters (select), they leave the optimizer's groups and state here."""
+        self._refuse_squashed("step")
         self.method.step(optimizer, self.steps)
         if self.method.structure_changed():
             drop_missing_params(optimizer, self.model)
@@ -96,6 +134,7 @@ class Sparsifier:
     def finalize(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Exact zero blocks everywhere, at the target (topped up if the run ended early); masks
         frozen: later `step` calls keep the zero blocks zero."""
+        self._refuse_squashed("finalize")
         self.method.finalize(optimizer)
         if optimizer is not None and self.method.structure_changed():
             drop_missing_params(optimizer, self.model)
@@ -142,25 +181,93 @@ class Sparsifier:
         return {n: z / t for n, (z, t) in self._counts(kind).items()}
 
     def block_sparsity(self, kind: str = "block") -> float:
-        """Zero blocks / blocks over all sparsified layers (kind="weight": zero weights / weights)."""
+        """Zero blocks / blocks over the sparsified layers (kind="weight": zero weights / weights).
+        Those layers may hold a small share of the model: see coverage() and summary()."""
         counts = self._counts(kind).values()
         return sum(z for z, _ in counts) / sum(t for _, t in counts)
 
-    def summary(self) -> dict:
-        return self.method.summary()
+    def coverage(self) -> float:
+        """The share of the model's weights (parameters of two or more dims, ties once) that lies in
+        the sparsified layers."""
+        return self.summary().coverage
+
+    def summary(self) -> SparsitySummary:
+        """Every layer of the model that holds weights: sparsified (its block grid and zero blocks
+        now) or dense (and why), the weights covered; `print(sp.summary())` shows it as a table and
+        `sp.summary()["key"]` reads the method's own numbers (e.g. "final_lambda")."""
+        return summarize(self.model, self.sparsified_layers(), self.block_shape, self.method.name,
+                         self.method.layer_kinds, getattr(self.options, "candidates", None), self.method.summary(),
+                         self._counts("block"), self.originals, self.method.layer_stats())
+
+    def export(self, path, fmt: str = "dense"):
+        """The model as one safetensors file (kronsparse.export): "dense", "bsr" (the sparsified layers
+        in their blocks, the rest dense) or "factors" (Kronecker layers as S, A, B). Read it back with
+        kronsparse.inference (replace_layers_, load_layers) or, "dense", with model.load_state_dict."""
+        from .export import export_model
+
+        return export_model(self.model, path, fmt, "custom", {n: self.block_shape for n in self.layers})
+
+    @torch.no_grad()
+    def squash(self) -> nn.Module:
+        """A plain model, in place: finalize (if not done), then every Kronecker layer becomes the
+        module it replaced (nn.Linear, nn.Conv2d, Conv1D) with its exact dense weight, and the
+        gradient masks on the weights are released. Outputs are unchanged; the model saves and loads
+        as its own architecture. The Sparsifier is done afterwards. Returns the model."""
+        if self.squashed:
+            return self.model
+        if not self.method.finalized:
+            self.finalize()
+        squash_(self.model, self.originals)
+        for p in self.model.parameters():
+            if getattr(p, "_kronsparse_hooked", False):
+                set_grad_hook(p, None)
+        self.squashed = True
+        return self.model
+
+    def _refuse_squashed(self, what: str) -> None:
+        if self.squashed:
+            raise ValueError(f"the Sparsifier has squashed its model into plain layers: it cannot {what} any more")
 
     def state_dict(self) -> dict:
         """Everything of the Sparsifier's to resume mid-run (the model and optimizer have their own)."""
-        return {"steps": self.steps, "method": self.method.state_dict()}
+        return {"steps": self.steps, "method_name": self.method.name, "layers": list(self.layers),
+                "method": self.method.state_dict()}
 
     def load_state_dict(self, state: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Restore; a method that restructures the model (select) does so first, so the model's
         state_dict loads after this. Pass the optimizer to drop parameters that no longer exist
-        (before loading its state_dict)."""
+        (before loading its state_dict). A state of another method, another model's layers or no
+        Sparsifier at all is refused (ValueError)."""
+        self._check_state(state)
         self.method.load_state_dict(state["method"])
         self.steps = state["steps"]
         if self.method.structure_changed() and optimizer is not None:
             drop_missing_params(optimizer, self.model)
+
+    def _check_state(self, state) -> None:
+        if not isinstance(state, dict) or not isinstance(state.get("steps"), int) or not isinstance(
+                state.get("method"), dict):
+            keys = ", ".join(map(str, list(state)[:5])) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a Sparsifier state_dict (it needs 'steps' and 'method'; got {keys})")
+        name = state.get("method_name", self.method.name)  # states saved before 2026-12-07 have no name
+        if name != self.method.name:
+            raise ValueError(f"a state of method {name!r} cannot resume a Sparsifier of method {self.method.name!r}")
+        layers = state.get("layers", list(self.layers))
+        if list(layers) != list(self.layers):
+            raise ValueError(f"the state's layers ({len(layers)}: {', '.join(list(layers)[:3])}, ...) are not this "
+                             f"Sparsifier's ({len(self.layers)}: {', '.join(list(self.layers)[:3])}, ...): another model")
+        if not 0 <= state["steps"] <= self.total_steps:
+            raise ValueError(f"the state is at step {state['steps']}, outside this Sparsifier's 0..{self.total_steps}")
+
+
+def refuse_tied(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    """A method that swaps layers would untie a tied weight: refused for the layers the user named."""
+    tied = tied_weights(model)
+    for name in layers:
+        if name in tied:
+            raise ValueError(f"layer {name!r} shares its weight with {', '.join(tied[name])}; a method that trains "
+                             "Kronecker factors would untie them. Leave it dense (the default) or use a dense-weight "
+                             "method, which sparsifies the shared weight with the tie kept")
 
 
 def drop_missing_params(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:

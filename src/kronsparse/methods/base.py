@@ -23,9 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from ..blocks import matrix_view
+from ..model_tree import find_layers, is_conv1d
 from .steering import check_steering
 
 SCOPES = ("layer", "global")
+IN_OUT = "_kronsparse_in_out"  # set on a weight stored (in, out) (transformers' Conv1D)
 
 
 @dataclass
@@ -148,16 +150,22 @@ class Method:
     def prepare(self, model: nn.Module, layers: dict[str, nn.Module] | None = None) -> None:
         """Record the layers to sparsify (default: every layer of layer_kinds the block shape tiles)."""
         if layers is None:
-            from ..model_tree import find_layers
-
             layers = find_layers(model, self.options.block_shape, kinds=self.layer_kinds)
         self.names, self.layers = list(layers), list(layers.values())
+        for layer in self.layers:
+            if is_conv1d(layer):
+                setattr(layer.weight, IN_OUT, True)
 
-    def grid(self, W: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """A weight (or its gradient) as the matrix the block grid tiles, and that grid's block shape:
-        a conv's (bo, bi) channel blocks are the (bo, bi*kh*kw) blocks of its (out, in*kh*kw) view.
-        The matrix is a view, so in-place changes reach W."""
-        return matrix_view(W, self.options.block_shape)
+    def grid(self, W: Tensor, like: Tensor | None = None) -> tuple[Tensor, tuple[int, int]]:
+        """A weight (or its gradient; `like`: the weight it belongs to) as the matrix the block grid
+        tiles, and that grid's block shape: a conv's (bo, bi) channel blocks are the (bo, bi*kh*kw)
+        blocks of its (out, in*kh*kw) view; a Conv1D's weight, stored (in, out), is tiled as stored
+        in (bi, bo) blocks (the (bo, bi) blocks of its transpose; its masks and norms come
+        transposed, consistently). The matrix is a view, so in-place changes reach W."""
+        bo, bi = self.options.block_shape
+        if getattr(like if like is not None else W, IN_OUT, False):
+            return W, (bi, bo)
+        return matrix_view(W, (bo, bi))
 
     def param_groups(self, model: nn.Module, weight_decay: float | None = None, lr: float | None = None,
                      optimizer_cls: type | None = None) -> list[dict]:
@@ -196,6 +204,11 @@ class Method:
 
     def summary(self) -> dict:
         """Method-specific numbers for metrics.json."""
+        return {}
+
+    def layer_stats(self) -> dict[str, dict]:
+        """Per-layer numbers for Sparsifier.summary(), by layer name (self.names), e.g. how many zero
+        blocks a layer's final top-up made; merged into each row's `stats`."""
         return {}
 
     @property

@@ -134,6 +134,7 @@ class GroupLassoMethod(Method):
             self.finalized = True
         self._apply_masks()
 
+    @torch.no_grad()  # also called from load_state_dict, outside the no_grad of step and finalize
     def _apply_masks(self) -> None:
         for layer, mask in zip(self.layers, self.masks):
             W, bs = self.grid(layer.weight)

@@ -43,15 +43,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..functional import block_norms, soft_threshold
 from ..blocks import matrix_view
-from ..layers import KRON_LAYERS, KronConv2d, KronLinear, kron_like
+from ..functional import block_norms, soft_threshold
+from ..layers import INITS, KRON_LAYERS, KronConv2d, KronLinear, kron_like
+from ..model_tree import as_linear, depth
 from .base import ADAPTIVE_OPTIMIZERS, Method, MethodOptions, learning_rates, mask_grad, with_lr
 from .schedules import DelayedCubic
 from .steering import TargetSteering
 
 SCALE_PINS = ("auto", "decay", "norm")
-INITS = ("fresh", "svd")
 # The factors' lr multiple under Adam-type optimizers (KronOptions.factor_lr), from the ViT of
 # results/vit-variants (Fashion-MNIST, AdamW 1e-3, 4x4 blocks, rank 4, 50%, 3 epochs, seed 0):
 # x1 79.73%, x2 80.97%, x4 82.58%, x8 83.46%, x16 82.34% (block magnitude pruning 82.86%, dense 83.78%);
@@ -94,14 +94,16 @@ class KronOptions(MethodOptions):
             raise ValueError(f"factor_lr must be a finite number > 0, got {self.factor_lr}")
 
 
-def resolve_scale_pin(pin: str, model: nn.Module) -> str:
+def resolve_scale_pin(pin: str, model: nn.Module | int) -> str:
     """"auto" is "decay" for a model with one weight layer (logistic regression) and "norm" for any
-    deeper one, where "decay" loses 9.3 points (MLP, 10 epochs, 2x2: 88.87% vs 98.13%)."""
+    deeper one, where "decay" loses 9.3 points (MLP, 10 epochs, 2x2: 88.87% vs 98.13%). The layers
+    are the model's (model_tree.depth: every layer holding a weight matrix, GPT-2's Conv1D and
+    embeddings included), not the sparsified ones. `model`: the model, or its number of weight
+    layers (an application that knows it without building the model)."""
     if pin != "auto":
         return pin
-    from ..model_tree import weight_layers
-
-    return "decay" if len(weight_layers(model)) == 1 else "norm"
+    count = model if isinstance(model, int) else depth(model)
+    return "decay" if count == 1 else "norm"
 
 
 class KronMethod(Method):
@@ -138,7 +140,7 @@ class KronMethod(Method):
         if isinstance(module, KRON_LAYERS):
             return module
         o = self.options
-        return kron_like(module, o.block_shape, o.rank, o.init, o.path)
+        return kron_like(as_linear(module), o.block_shape, o.rank, o.init, o.path)
 
     def prepare(self, model: nn.Module, layers: dict[str, nn.Module] | None = None) -> None:
         super().prepare(model, layers)
@@ -169,9 +171,7 @@ class KronMethod(Method):
         a model with one weight layer or with the "decay" scale pin, else 8 under Adam-type optimizers."""
         if self.options.factor_lr is not None:
             return self.options.factor_lr
-        from ..model_tree import weight_layers
-
-        if self.pin == "decay" or len(weight_layers(model)) == 1:
+        if self.pin == "decay" or depth(model) == 1:
             return 1.0
         adaptive = optimizer_cls is not None and issubclass(optimizer_cls, ADAPTIVE_OPTIMIZERS)
         return ADAPTIVE_FACTOR_LR if adaptive else 1.0
@@ -200,13 +200,6 @@ class KronMethod(Method):
         order = sorted(groups, key=lambda key: (not key[0], key[1]))  # decayed groups first
         return with_lr([{"params": groups[key], "weight_decay": wd if key[0] else 0.0,
                          **({"lr_scale": scale} if key[1] else {})} for key in order], lr)
-
-    @property
-    def num_blocks(self) -> int:
-        return sum(m.numel() for m in self.masks)
-
-    def sparsity(self) -> float:
-        return sum(int((~m).sum()) for m in self.masks) / self.num_blocks
 
     @torch.no_grad()
     def step(self, optimizer, step: int, lr: float | None = None) -> None:

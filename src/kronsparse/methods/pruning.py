@@ -41,10 +41,6 @@ class IterativePruningMethod(Method):
     def pruned_weights(self) -> int:
         return sum(int((m == 0).sum()) for m in self._masks() if m is not None)
 
-    @property
-    def num_weights(self) -> int:
-        return sum(l.weight.numel() for l in self.layers)
-
     @torch.no_grad()
     def step(self, optimizer, step: int, lr: float | None = None) -> None:
         if self.finalized:

@@ -142,7 +142,7 @@ class RigLMethod(Method):
             if n == 0:
                 continue
             drop = select([torch.where(mask, block_norms(*self.grid(layer.weight)), math.inf)], n, largest=False)[0]
-            scores = block_norms(*self.grid(self.grads[k]))
+            scores = block_norms(*self.grid(self.grads[k], layer.weight))
             grow = select([torch.where(mask, -math.inf, scores)], n, largest=True)[0]
             self.masks[k] = update_block_mask(mask, drop, grow)
             dropped = self._expand_like(layer.weight, drop)

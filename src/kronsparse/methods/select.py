@@ -38,20 +38,19 @@ Decisions:
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from dataclasses import dataclass
-
+from ..blocks import block_name
 from ..functional import group_norm_shrink, soft_threshold
-from ..layers import KronSelectLinear, block_name
-from .schedules import DelayedCubic
+from ..layers import DEFAULT_CANDIDATES, KronSelectLinear
+from ..model_tree import as_linear, replace_module
 from .base import learning_rates
-from .steering import log_step
-from ..model_tree import replace_module
 from .kron import KronMethod, KronOptions
+from .schedules import DelayedCubic
+from .steering import log_step
 
 SELECTION_RULE = ("the candidate left when the group lasso has zeroed all others; if several survive the "
                   "selection phase, the one carrying the most weight (largest ||W_k||_F)")
@@ -69,7 +68,7 @@ class SelectOptions(KronOptions):
     """KronOptions plus the candidate block shapes (block_shape is ignored: the run picks one) and
     the steps of an epoch (for the per-epoch norms in the summary; default: a tenth of training)."""
 
-    candidates: tuple[tuple[int, int], ...] = ((2, 2), (2, 8), (2, 16))
+    candidates: tuple[tuple[int, int], ...] = DEFAULT_CANDIDATES
     steps_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
@@ -119,6 +118,7 @@ class SelectMethod(KronMethod):
             return module
         if self.options.init != "fresh":
             raise ValueError("method 'select' trains its candidates from scratch (init='fresh')")
+        module = as_linear(module)  # a Conv1D as the nn.Linear it is
         W = module.weight
         layer = KronSelectLinear(module.in_features, module.out_features, self.options.candidates, self.options.rank,
                                  module.bias is not None, device=W.device, dtype=W.dtype, path=self.options.path)
@@ -282,14 +282,6 @@ class SelectMethod(KronMethod):
                 "selection_train_params": self.selection_params, "group_norms_plot": PLOT_NAME,
                 "group_norms": {n: list(v) for n, v in self.epoch_norms.items()},
                 "weight_norms": {n: list(v) for n, v in self.epoch_weight_norms.items()}}
-
-    def write_files(self, out: Path) -> list[Path]:
-        """group_norms.png in `out`: the candidates' norms over training (plots.group_norms)."""
-        from ..plots import group_norms  # matplotlib only where a picture is drawn
-
-        path = Path(out) / PLOT_NAME
-        group_norms(self.trace, self.steps_per_epoch, self.selected_at, path)
-        return [path]
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "group_lam": self.group_lam, "removed_at": dict(self.removed_at),

@@ -42,7 +42,6 @@ def check_steering(mode: str) -> None:
     if mode not in STEERINGS:
         raise ValueError(f"unknown steering {mode!r}; valid: {', '.join(STEERINGS)}")
 
-
 def count_for(fraction: float, total: int) -> int:
     """How many of `total` items a fraction means: rounded up, so the fraction is always reached."""
     return math.ceil(fraction * total - 1e-9)

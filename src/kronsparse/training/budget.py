@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..limits import env_name, limit
+from ..methods import get_method
 from .config import TrainConfig
-from .limits import env_name, limit
 from .models import build_model
 
 
@@ -43,7 +44,7 @@ def training_bytes(cfg: TrainConfig, num_features: int, num_classes: int, batch:
         model(torch.empty(batch, num_features, device="meta"))
     for h in hooks:
         h.remove()
-    terms = cfg.rank * (len(cfg.candidates or ()) or 1) if cfg.method in ("kron", "select") else 1
+    terms = cfg.rank * (len(cfg.candidates or ()) or 1) if get_method(cfg.method).trains_factors else 1
     return 4 * (4 * params * terms + 3 * activations[0]), params, activations[0]
 
 

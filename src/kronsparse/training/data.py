@@ -38,7 +38,7 @@ from typing import BinaryIO, Iterator, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from .limits import env_name, limit
+from ..limits import env_name, limit
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from .atomic import write_bytes
+from ..atomic import write_bytes
 
 PATTERN = re.compile(r"^step-(\d{9})-([0-9a-f]{64})\.pt$")
 KEEP = 2

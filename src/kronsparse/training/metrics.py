@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .costs import layer_costs
-from .functional import block_mask_of, check_block_shape
-from .blocks import matrix_view
-from .layers import KRON_LAYERS, KronLinear
-from .model_tree import layer_dims, layer_weight
+from ..blocks import matrix_view
+from ..costs import choose_path, layer_costs
+from ..functional import block_mask_of, check_block_shape
+from ..layers import KRON_LAYERS, KronLinear
+from ..model_tree import layer_dims, layer_weight
 
 
 @torch.no_grad()
@@ -56,8 +56,6 @@ def sparsity_metrics(weights: list[Tensor], biases: list[Tensor | None], sparse_
 
 def training_costs(model: nn.Module, batch_size: int) -> dict:
     """Trainable scalars and forward multiply-adds per sample while training, and the path used."""
-    from .costs import choose_path
-
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     positions = getattr(model, "positions", [1] * len(model.layers))
     macs, paths = 0, []

@@ -13,18 +13,20 @@ import torch
 import torch.nn.functional as nnf
 from tqdm.auto import tqdm
 
+from ..atomic import write_json, write_safetensors
+from ..blocks import block_name, paper_block_name
+from ..methods import get_method
+from ..methods.select import PLOT_NAME, SelectMethod
+from ..model_tree import layer_weight
+from ..sparsifier import Sparsifier
 from . import data as datamod
-from .config import TrainConfig
-from . import rundir
+from . import run_folder
 from .budget import check_training_memory
-from .checkpoint import candidates as checkpoint_candidates, list_checkpoints, save_checkpoint
-from .atomic import write_json, write_safetensors
-from .export import run_tensors
+from .checkpoint import candidates as checkpoint_candidates
+from .checkpoint import list_checkpoints, save_checkpoint
+from .config import TrainConfig
 from .metrics import accuracy, sparsity_metrics, training_costs
-from .model_tree import layer_weight
-from .models import build_model, layer_factory
-from .methods import get_method
-from .sparsifier import Sparsifier
+from .models import LayerFactory, build_model, dense_factory, kron_factory, select_factory
 
 
 def resolve_device(name: str) -> torch.device:
@@ -37,6 +39,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def layer_factory(cfg) -> LayerFactory:
+    """The layers a run's model is built from: Kronecker layers for the methods that train factors
+    (built with their own init, so the Sparsifier takes them as they are), dense ones otherwise."""
+    method = get_method(cfg.method)
+    if not method.trains_factors:
+        return dense_factory
+    if issubclass(method, SelectMethod):
+        return select_factory(cfg.candidates, cfg.rank, cfg.path)
+    return kron_factory(cfg.block_shape, cfg.rank, cfg.path)
 
 
 def make_optimizer(cfg: TrainConfig, sparsifier: Sparsifier) -> torch.optim.Optimizer:
@@ -201,7 +214,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
     try:
         if out is None:
             return _train(cfg, None, progress, checkpoint_every, resume)
-        with rundir.open_folder(out) as folder:
+        with run_folder.open_folder(out) as folder:
             return _train(cfg, folder, progress, checkpoint_every, resume)
     except FloatingPointError as err:
         raise _blame_divergence(err, cfg) from None
@@ -243,7 +256,7 @@ def _train(cfg: TrainConfig, out: Path | None, progress: bool, checkpoint_every:
         def on_step(r: Run) -> None:
             if r.step % checkpoint_every == 0:
                 checkpoint(r)
-    epochs = tqdm(range(run.epoch, cfg.epochs), desc=f"{cfg.method} {cfg.block_shape[0]}x{cfg.block_shape[1]}",
+    epochs = tqdm(range(run.epoch, cfg.epochs), desc=f"{cfg.method} {block_name(cfg.block_shape)}",
                   disable=not progress, unit="epoch", initial=run.epoch, total=cfg.epochs)
     for _ in epochs:
         record = run.train_epoch(progress, on_step)
@@ -262,7 +275,7 @@ def finished_metrics(cfg: TrainConfig, out: Path) -> dict | None:
     config; None if `out` holds no complete run (a torn or mixed folder is finished from checkpoints)."""
     if not (out / "metrics.json").exists():
         return None
-    metrics = rundir.finished_metrics(out)
+    metrics = run_folder.finished_metrics(out)
     if metrics is None:
         _say(f"{out} holds no complete result (missing or mismatched manifest): resuming from its checkpoints")
         return None
@@ -313,7 +326,7 @@ def final_metrics(run: Run, wall_seconds: float) -> dict:
     m = {
         "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset,
         "block_shape": list(run.method.block_shape),
-        "paper_block_name": f"{run.method.block_shape[1]}x{run.method.block_shape[0]}",
+        "paper_block_name": paper_block_name(run.method.block_shape),
         "rank": cfg.rank, "epochs": cfg.epochs, "seed": cfg.seed,
         "test_accuracy": accuracy(run.model, ds.x_test, ds.y_test),
         **run.final_metrics_core(),
@@ -332,13 +345,14 @@ def final_metrics(run: Run, wall_seconds: float) -> dict:
 
 def save_run(run: Run, metrics: dict, out: Path) -> None:
     """The manifest is deleted first and written last: only a folder whose files all come from this
-    run, written whole, is a complete run (rundir.verify)."""
-    tensors = run_tensors(run.model, run.cfg.model)
-    rundir.unseal(out)
+    run, written whole, is a complete run (run_folder.verify)."""
+    tensors = run_folder.run_tensors(run.model, run.cfg.model)
+    run_folder.unseal(out)
     write_json(out / "config.json", run.cfg.to_dict())
     write_safetensors(out / "model.safetensors", tensors, {"format": "pt", "model": run.cfg.model})
-    write_files = getattr(run.method, "write_files", None)  # a method's own files, e.g. select's PNG
-    if write_files is not None:
-        write_files(out)
+    if isinstance(run.method, SelectMethod):  # its candidates' norms over training
+        from .plots import group_norms  # matplotlib only where a picture is drawn
+
+        group_norms(run.method.trace, run.method.steps_per_epoch, run.method.selected_at, out / PLOT_NAME)
     write_json(out / "metrics.json", metrics)
-    rundir.seal(out)
+    run_folder.seal(out)

@@ -3,70 +3,30 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
-from .limits import check_at_most
+import torch
 
-
-def parse_block(text: str) -> tuple[int, int]:
-    """'2x16' -> (2, 16): OUTxIN in nn.Linear's (out, in) order (the paper's "16x2")."""
-    try:
-        bo, bi = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"block shape must look like OUTxIN, e.g. 2x16, got {text!r}") from None
-    if bo < 1 or bi < 1:
-        raise ValueError(f"block shape sides must be positive, got {text!r}")
-    return bo, bi
-
-
-SCALE_PINS = ("auto", "decay", "norm")
-STEERINGS = ("track", "legacy", "prune")  # methods/steering.py (kept apart: config does not import torch)
-
-
-def resolve_scale_pin(pin: str, model: str) -> str:
-    """The kron method's scale pin for `model` (see methods/kron.py): "auto" is "decay" on the
-    one-layer linear model and "norm" on every deeper model, where "decay" loses 9.3 points (MLP,
-    10 epochs, 2x2: 88.87% vs 98.13%, results/mlp-scale-pin/)."""
-    if pin != "auto":
-        return pin
-    return "decay" if model == "linear" else "norm"
-
+from ..limits import check_at_most
+from ..methods.kron import SCALE_PINS
+from ..methods.steering import STEERINGS
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
-def _flag(name: str) -> str:
+def flag(name: str) -> str:
+    """The command-line option of config field `name`: "lam" -> "--lambda", "n_train" -> "--n-train"."""
     return "--lambda" if name == "lam" else "--" + name.replace("_", "-")
-
-
-def optional_flags(c: dict) -> list[str]:
-    """`--lambda X`, `--factor-lr X` for the options config `c` set (None: the default, no flag)."""
-    return [f"{_flag(k)} {c[k]:g}" for k in ("lam", "factor_lr") if c.get(k) is not None]
 
 
 def check_device_name(name: str) -> None:
     """A device kronsparse can train on (cpu, cuda, cuda:N, mps); availability is checked at run time."""
-    import torch
-
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError, ValueError):
         device = None
     if device is None or device.type not in DEVICE_TYPES:
         raise ValueError(f"unknown device {name!r}; use one of {', '.join(DEVICE_TYPES)} (e.g. cuda:0)")
-
-
-def explicit_scale_pin(c: dict) -> str | None:
-    """The scale pin of config `c` where it is not the one "auto" picks for its model, else None."""
-    pin = c.get("scale_pin", "decay")  # configs written before "auto" existed say decay or norm
-    return None if resolve_scale_pin(pin, c["model"]) == resolve_scale_pin("auto", c["model"]) else pin
-
-
-def method_label(m: dict) -> str:
-    """The method's table name: kron with the scale pin "auto" does not pick gets a row of its own."""
-    pin = explicit_scale_pin(m["config"]) if m["method"] == "kron" else None
-    return m["method"] + (f" (scale-pin {pin})" if pin else "")
-
 
 
 @dataclass
@@ -85,8 +45,9 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float | None = None  # None: method default (1e-3 on A, B for kron; 0 for dense)
-    scale_pin: str = "auto"  # kron: how the scale is kept from escaping into A, see resolve_scale_pin
-    factor_lr: float | None = None  # kron/select: lr of A, B, S as a multiple of --lr; None: 8 under adam/adamw (deep models), else 1
+    scale_pin: str = "auto"  # kron: how the scale is kept from escaping into A, see methods/kron.py
+    # kron/select: lr of A, B, S as a multiple of --lr; None: 8 under adam/adamw (deep models), else 1
+    factor_lr: float | None = None
     steering: str = "track"  # proximal methods: how the zeros follow the ramp (methods/steering.py)
     batch_size: int = 64
     epochs: int = 10
@@ -119,7 +80,7 @@ class TrainConfig:
         for name in ("lr", "momentum", "lam", "weight_decay", "target_sparsity", "sparsify_fraction", "factor_lr"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
-                raise ValueError(f"{_flag(name)} must be a finite number, got {value!r}")
+                raise ValueError(f"{flag(name)} must be a finite number, got {value!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.factor_lr is not None and self.factor_lr <= 0:
@@ -143,7 +104,7 @@ class TrainConfig:
         for name in ("n_train", "n_test"):  # 0 used to mean "all": say so instead
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{_flag(name)} must be >= 1 (leave it out to use every sample), got {value}")
+                raise ValueError(f"{flag(name)} must be >= 1 (leave it out to use every sample), got {value}")
         if self.threads is not None:
             if self.threads < 1:
                 raise ValueError(f"--threads must be >= 1, got {self.threads}")
@@ -160,11 +121,3 @@ class TrainConfig:
         if self.candidates is not None:
             d["candidates"] = [list(c) for c in self.candidates]
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
-        return cls(**d)

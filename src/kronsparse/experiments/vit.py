@@ -1,36 +1,104 @@
-"""The report of `kronsparse reproduce fashion-vit`: the paper's Table 3 columns counted in full, the
-selection experiment, verdicts for the paper's claims, plots.
+"""`kronsparse reproduce fashion-vit`: the paper's Table 3 and its block-size selection experiment in
+miniature, on Fashion-MNIST with a compact ViT (or the paper's ViT-tiny at 224 px with --model vit-tiny).
 
-Block sparsity is recomputed here from each run's final dense weights (model.safetensors), per layer,
-and checked against the target to within one block per layer. Training FLOPs are counted twice: by
-our formulas (metrics.json, `train_macs`: forward multiply-adds per sample of the path each Kronecker
-layer runs, its weight build and the attention products included) and by torch.utils.flop_counter on
-one training step of the same model at the run's batch size (forward and backward, every layer).
+Every method at 50% of 4x4 blocks (rank 4 for the Kronecker methods), the dense ceiling, pattern
+selection over 2x2 / 4x4 / 8x8 and each candidate trained alone. Each run trains in a fresh worker
+process so that its peak memory is its own.
+
+The report: the paper's Table 3 columns counted in full, the selection experiment, verdicts for the
+paper's claims, plots. Block sparsity is recomputed here from each run's final dense weights
+(model.safetensors), per layer, and checked against the target to within one block per layer.
+Training FLOPs are counted twice: by our formulas (metrics.json, `train_macs`: forward
+multiply-adds per sample of the path each Kronecker layer runs, its weight build and the attention
+products included) and by torch.utils.flop_counter on one training step of the same model at the
+run's batch size (forward and backward, every layer).
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import dataclasses
 import json
 import math
 import statistics
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .blocks import matrix_view
-from .config import TrainConfig, optional_flags
-from .functional import block_mask_of
-from .atomic import write_text
-from .layers import KronLinear
-from .metrics import training_costs
-from .blocks import tiles
-from .models import build_model, layer_factory
-from .vit import VIT_MODELS, ViT
+from ..atomic import write_text
+from ..blocks import block_name, matrix_view, tiles
+from ..functional import block_mask_of
+from ..layers import KronLinear
+from ..methods import get_method
+from ..training import run_folder
+from ..training.config import TrainConfig
+from ..training.metrics import training_costs
+from ..training.models import build_model
+from ..training.train import layer_factory
+from ..training.vit import VIT_MODELS, ViT
+from . import plots
+from .common import Experiment, Spec, holds, markdown_table, mean_std, memory_file, table_csv
+from .common import command_of as train_command
+from .common import load_runs as load_metrics
+
+METHODS = ("kron", "group-lasso", "elastic-group-lasso", "rigl", "block-magnitude", "iterative-pruning")
+BLOCK = (4, 4)
+TARGET = 0.5
+RANK = 4
+CANDIDATES = ((2, 2), (4, 4), (8, 8))
+# The recipe of the issue's hand-tried runs: AdamW 1e-3, batch 128, inputs standardised.
+RECIPE = {"dataset": "fashion-mnist", "optimizer": "adamw", "lr": 1e-3, "batch_size": 128, "standardize": True,
+          "rank": RANK}
+QUICK = {"epochs": 3, "n_train": 20_000}  # one seed; under 15 minutes with --jobs 2 on 2 CPU cores
+FULL = {"epochs": 10}  # all 60,000 training images
+
+
+class FashionViT(Experiment):
+    name = "fashion-vit"
+    fresh_process = True
+
+    def base_config(self, quick: bool, overrides: dict) -> TrainConfig:
+        return base_config(quick, overrides)
+
+    def plan(self, seeds: list[int], quick: bool, base: TrainConfig) -> list[Spec]:
+        return plan(seeds, base)
+
+    def write_report(self, specs: list[Spec], out: Path) -> None:
+        write_report(specs, out)
+
+
+EXPERIMENTS = {FashionViT.name: FashionViT()}
+
+
+def plan(seeds: list[int], base: TrainConfig) -> list[Spec]:
+    """Role "table": dense and every method at 50% of 4x4 blocks, and select over the candidates;
+    role "alone": kron at each other candidate (kron 4x4 is in the table), for the selection claim."""
+    specs: list[Spec] = []
+
+    def add(role: str, method: str, block, target, **extra) -> None:
+        name = f"{method}-{block_name(block)}-r{base.rank}-" + (f"t{target:g}" if target is not None else "dense")
+        cfg = dataclasses.replace(base, method=method, block_shape=block, target_sparsity=target, **extra)
+        specs.append(Spec(f"{name}-s{cfg.seed}", cfg, role))
+
+    for seed in seeds:
+        base = dataclasses.replace(base, seed=seed)
+        add("table", "dense", BLOCK, None)
+        for method in METHODS:
+            add("table", method, BLOCK, TARGET)
+        add("table", "select", CANDIDATES[0], TARGET, candidates=CANDIDATES)
+        for block in CANDIDATES:
+            if block != BLOCK:
+                add("alone", "kron", block, TARGET)
+    return specs
+
+
+def base_config(quick: bool, overrides: dict) -> TrainConfig:
+    model = overrides.get("model", "vit")
+    if model not in VIT_MODELS:
+        raise ValueError(f"fashion-vit trains a vision transformer; --model must be one of {', '.join(VIT_MODELS)}")
+    return TrainConfig(**{**RECIPE, "model": model, **(QUICK if quick else FULL), **overrides})
+
 
 # The paper's Table 3 (CIFAR-100, 4x4 blocks; ViT-tiny), accuracy % and block sparsity %, METHOD.md §7.
 PAPER = {"dense": (64.32, None), "group-lasso": (60.41, 49.99), "elastic-group-lasso": (61.92, 49.92),
@@ -40,26 +108,17 @@ PAPER_TRAIN_PARAMS, PAPER_TRAIN_FLOPS = 0.16e6, 65.37e6  # the authors' profiler
 DEIT_TINY_FULL_COUNT = 1_884_116  # tests/test_vit.py checks it against the formula
 
 HEAD = ["method", "block", "rank", "accuracy %", "block sparsity %", "within 1 block/layer", "weight sparsity %",
-        "zero blocks from top-up %", "train params", "fwd MACs/sample (ours)", "fwd MACs/sample (flop_counter)", "train FLOPs/sample (fwd+bwd)",
-        "wall s", "peak memory MiB"]
+        "zero blocks from top-up %", "train params", "fwd MACs/sample (ours)", "fwd MACs/sample (flop_counter)",
+        "train FLOPs/sample (fwd+bwd)", "wall s", "peak memory MiB"]
 
 
-def block_name(shape) -> str:
-    return f"{shape[0]}x{shape[1]}"
-
-
-def memory_file(out: Path, name: str) -> Path:
-    """Where a run's peak memory is kept: beside the runs, not in them (metrics.json stays deterministic)."""
-    return out / "memory" / f"{name}.json"
-
-
-def load_runs(specs, out: Path) -> list[dict]:
-    runs = []
-    for spec in specs:
-        m = json.loads((out / "runs" / spec.name / "metrics.json").read_text())
+def load_runs(specs: list[Spec], out: Path) -> list[dict]:
+    """The runs' metrics with their peak memory and the config each was planned with."""
+    runs = load_metrics(specs, out)
+    for m, spec in zip(runs, specs):
         memory = memory_file(out, spec.name)
         m.update(json.loads(memory.read_text()) if memory.exists() else {"peak_memory_bytes": None})
-        runs.append({**m, "role": spec.role, "run": spec.name, "spec_cfg": spec.cfg})
+        m["spec_cfg"] = spec.cfg
     return runs
 
 
@@ -67,12 +126,12 @@ def load_runs(specs, out: Path) -> list[dict]:
 def recount_sparsity(m: dict, out: Path) -> dict:
     """Block and weight sparsity of the sparsified layers read from model.safetensors, and the worst
     per-layer distance from the target: in blocks (in weights for unstructured iterative pruning)."""
-    tensors = load_file(str(out / "runs" / m["run"] / "model.safetensors"))
+    weights = run_folder.layer_weights(out / "runs" / m["run"], m["model"])
     shape, target = tuple(m["block_shape"]), m["config"]["target_sparsity"] or 0.0
     zb = tb = zw = tw = 0
     worst = 0.0
     for k in m["sparsified_layers"]:
-        W = tensors[f"layers.{k}.weight"]
+        W = weights[k]
         mask = block_mask_of(*matrix_view(W, shape))
         zb, tb = zb + int((~mask).sum()), tb + mask.numel()
         zw, tw = zw + int((W == 0).sum()), tw + W.numel()
@@ -121,15 +180,10 @@ def enrich(runs: list[dict], out: Path) -> None:
     for m in runs:
         m["recount"] = recount_sparsity(m, out)
         cfg = m["spec_cfg"]
-        key = (cfg.method in ("kron", "select"), tuple(m["block_shape"]), cfg.method == "select", cfg.model)
+        key = (get_method(cfg.method).trains_factors, tuple(m["block_shape"]), cfg.method == "select", cfg.model)
         if key not in flops_cache:
             flops_cache[key] = count_flops(cfg, tuple(m["block_shape"]))
         m["flops"] = flops_cache[key]
-
-
-def mean_std(values):
-    values = [float(v) for v in values]
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def rows_of(runs: list[dict], role: str) -> list[dict]:
@@ -141,7 +195,7 @@ def rows_of(runs: list[dict], role: str) -> list[dict]:
     rows = []
     for (method, block), ms in groups.items():
         row = {"method": method, "block": block, "seeds": len(ms),
-               "rank": ms[0]["rank"] if method in ("kron", "select") else ""}
+               "rank": ms[0]["rank"] if get_method(method).trains_factors else ""}
         if method == "select":
             row["block"] = "select→" + ",".join(sorted({block_name(m["block_shape"]) for m in ms}))
             row["block_chosen"] = [block_name(m["block_shape"]) for m in ms]
@@ -170,22 +224,8 @@ def rows_of(runs: list[dict], role: str) -> list[dict]:
 
 
 def command_of(c: dict) -> str:
-    parts = ["kronsparse train", f"--method {c['method']}", f"--model {c['model']}", f"--dataset {c['dataset']}",
-             f"--block {block_name(c['block_shape'])}", f"--rank {c['rank']}", f"--optimizer {c['optimizer']}",
-             f"--lr {c['lr']:g}", f"--batch-size {c['batch_size']}", f"--epochs {c['epochs']}", f"--seed {c['seed']}"]
-    if c.get("target_sparsity") is not None:
-        parts.append(f"--target-sparsity {c['target_sparsity']:g}")
-    if c.get("candidates"):
-        parts.append("--candidates " + ",".join(block_name(b) for b in c["candidates"]))
-    if c.get("standardize"):
-        parts.append("--standardize")
-    parts += optional_flags(c)
-    for key in ("n_train", "n_test"):
-        if c.get(key):
-            parts.append(f"--{key.replace('_', '-')} {c[key]}")
-    if c.get("device", "cpu") != "cpu":
-        parts.append(f"--device {c['device']}")
-    return " ".join(parts) + " --out DIR"
+    """The `kronsparse train` command that makes the run of config `c` on its own."""
+    return train_command(c, ("optimizer", "lr", "batch_size", "standardize"))
 
 
 def _pm(row: dict, key: str, scale: float = 100.0, digits: int = 2) -> str:
@@ -194,34 +234,21 @@ def _pm(row: dict, key: str, scale: float = 100.0, digits: int = 2) -> str:
 
 
 def table_markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
-    for r in rows:
-        miss = f"{'yes' if r['within_one'] else 'NO'} ({r['worst_layer_miss']:g} {r['miss_unit']}s)"
-        cells = [r["method"], r["block"], str(r["rank"]), _pm(r, "test_accuracy"), _pm(r, "block_sparsity"), miss,
-                 _pm(r, "weight_sparsity"),
-                 "" if r["topped_up_fraction"] is None else f"{100 * r['topped_up_fraction']:.2f}",
-                 f"{r['train_params']:,.0f}", f"{r['train_macs']:,.0f}",
-                 f"{r['flop_counter_fwd_macs']:,.0f}", f"{r['flop_counter_train_flops']:,.0f}",
-                 f"{r['wall_seconds']:.1f}", f"{r['peak_memory_mib']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return markdown_table(HEAD, [_cells(r) for r in rows])
 
 
-def table_csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
+def _cells(r: dict) -> list[str]:
+    """One row of the table as its cells, in HEAD's order."""
+    miss = f"{'yes' if r['within_one'] else 'NO'} ({r['worst_layer_miss']:g} {r['miss_unit']}s)"
+    topped = "" if r["topped_up_fraction"] is None else f"{100 * r['topped_up_fraction']:.2f}"
+    return [r["method"], r["block"], str(r["rank"]), _pm(r, "test_accuracy"), _pm(r, "block_sparsity"), miss,
+            _pm(r, "weight_sparsity"), topped, f"{r['train_params']:,.0f}", f"{r['train_macs']:,.0f}",
+            f"{r['flop_counter_fwd_macs']:,.0f}", f"{r['flop_counter_train_flops']:,.0f}",
+            f"{r['wall_seconds']:.1f}", f"{r['peak_memory_mib']:.0f}"]
 
 
 def find(rows, method, block="4x4"):
     return next((r for r in rows if r["method"] == method and (r["block"] == block or method == "select")), None)
-
-
-def _holds(ok: bool) -> str:
-    return "holds" if ok else "does not hold"
 
 
 def verdicts(table: list[dict], alone: list[dict]) -> list[str]:
@@ -240,22 +267,22 @@ def verdicts(table: list[dict], alone: list[dict]) -> list[str]:
         ok = acc > b["test_accuracy"] and sp >= b["block_sparsity"] - 1e-9
         out.append(f"- The method beats {label} at about 50% of 4x4 blocks (paper: {p_k:.2f}% vs {p_b:.2f}%): "
                    f"ours {100 * acc:.2f}% at {100 * sp:.2f}% vs {100 * b['test_accuracy']:.2f}% at "
-                   f"{100 * b['block_sparsity']:.2f}% — {_holds(ok)}.")
+                   f"{100 * b['block_sparsity']:.2f}% — {holds(ok)}.")
     if dense is not None:
         gap, paper_gap = 100 * (acc - dense["test_accuracy"]), PAPER["kron"][0] - PAPER["dense"][0]
         out.append(f"- The method stays within {-paper_gap:.2f} points of dense (paper: {PAPER['kron'][0]:.2f}% vs "
                    f"{PAPER['dense'][0]:.2f}%): ours {100 * acc:.2f}% vs {100 * dense['test_accuracy']:.2f}% "
-                   f"({gap:+.2f} points) — {_holds(gap >= paper_gap)}.")
+                   f"({gap:+.2f} points) — {holds(gap >= paper_gap)}.")
         ratio = dense["train_params"] / k["train_params"]
         out.append(f"- The method trains fewer parameters than dense (paper: 0.16M, not a full count; DeiT-tiny "
                    f"at 4x4, rank 4 counted in full: {DEIT_TINY_FULL_COUNT:,}): ours {k['train_params']:,.0f} vs "
-                   f"{dense['train_params']:,.0f} ({ratio:.2f}x fewer) — {_holds(ratio > 1)}.")
+                   f"{dense['train_params']:,.0f} ({ratio:.2f}x fewer) — {holds(ratio > 1)}.")
         fl = k["flop_counter_train_flops"] / dense["flop_counter_train_flops"]
         out.append(f"- The method needs fewer training FLOPs than dense (paper: 65.37M, not a full count): ours "
                    f"{k['flop_counter_train_flops']:,.0f} vs {dense['flop_counter_train_flops']:,.0f} FLOPs per "
-                   f"sample per step, forward and backward ({fl:.3f}x dense) — {_holds(fl < 1)}.")
+                   f"sample per step, forward and backward ({fl:.3f}x dense) — {holds(fl < 1)}.")
     out.append(f"- The method reaches about 50% block sparsity (paper: {PAPER['kron'][1]:.2f}%): ours "
-               f"{100 * sp:.2f}%, every layer within one block of 50% — {_holds(k['within_one'])}.")
+               f"{100 * sp:.2f}%, every layer within one block of 50% — {holds(k['within_one'])}.")
     bm = find(table, "block-magnitude")
     if bm is not None:
         out.append(f"- Distance to gradual block magnitude pruning (trains a dense W) at equal target sparsity: "
@@ -279,8 +306,8 @@ def selection_verdicts(table: list[dict], alone: list[dict]) -> list[str]:
     kept = "/".join(sorted(set(chosen)))
     out = [f"- Selection keeps the block shape that is best when each candidate is trained alone (paper: kept "
            f"2x2; alone 2x2 64.56%, 4x4 62.99%, 8x8 62.88%): ours kept {kept} (over {len(chosen)} seed(s)); "
-           f"alone {accs}, best {best} — {_holds(set(chosen) == {best})}.",
-           f"- Selection keeps 2x2, as in the paper: ours {kept} — {_holds(set(chosen) == {'2x2'})}.",
+           f"alone {accs}, best {best} — {holds(set(chosen) == {best})}.",
+           f"- Selection keeps 2x2, as in the paper: ours {kept} — {holds(set(chosen) == {'2x2'})}.",
            f"- The selected run is as accurate as its block shape trained alone: select {100 * sel['test_accuracy']:.2f}%"
            + (f" vs kron {kept} alone {100 * candidates[kept]['test_accuracy']:.2f}%" if kept in candidates else "")
            + f" ({sel['wall_seconds']:.0f} s against {sum(r['wall_seconds'] for r in candidates.values()):.0f} s for "
@@ -290,7 +317,7 @@ def selection_verdicts(table: list[dict], alone: list[dict]) -> list[str]:
     return out
 
 
-def write_report(specs, out: Path) -> None:
+def write_report(specs: list[Spec], out: Path) -> None:
     runs = load_runs(specs, out)
     enrich(runs, out)
     table, alone = rows_of(runs, "table"), rows_of(runs, "alone")
@@ -328,61 +355,11 @@ def write_report(specs, out: Path) -> None:
              f"full (tests/test_vit.py).", "", "## Commands", ""]
     lines += [f"- {r['method']} {r['block']}: `{r['command']}`" for r in table + alone]
     write_text(out / "report.md", "\n".join(lines) + "\n")
-    try:
-        plots(runs, table, alone_all, out)
-    except ImportError:  # matplotlib is an optional extra
-        pass
-
-
-def plots(runs, table, alone, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .atomic import atomic_write
-
-    def save(fig, name):
-        atomic_write(out / name, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
-        plt.close(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for (key, label, scale), ax in zip((("train_params", "trainable parameters", "log"),
-                                        ("flop_counter_train_flops", "training FLOPs / sample (fwd+bwd)", "linear")),
-                                       axes):
-        for r in table + [a for a in alone if a["block"] != "4x4"]:
-            name = f"{r['method']} {r['block']}"
-            ax.scatter(r[key], 100 * r["test_accuracy"], s=20)
-            ax.annotate(name, (r[key], 100 * r["test_accuracy"]), fontsize=7)
-        ax.set(xscale=scale, xlabel=label, ylabel="test accuracy %")
-        ax.grid(alpha=0.3)
-    save(fig, "cost.png")
-
-    seed0 = min(m["seed"] for m in runs)
-    chosen = [m for m in runs if m["seed"] == seed0]
-    k_fc1 = 3  # patch embedding, qkv, proj, fc1: the first block's MLP input layer
-    fig, axes = plt.subplots(1, len(chosen), figsize=(1.6 * len(chosen), 3.2), squeeze=False)
-    for ax, m in zip(axes[0], chosen):
-        W = load_file(str(out / "runs" / m["run"] / "model.safetensors"))[f"layers.{k_fc1}.weight"]
-        mask = block_mask_of(*matrix_view(W, tuple(m["block_shape"])))
-        ax.imshow(mask.numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
-        ax.set_title(f"{m['method']}\n{block_name(m['block_shape'])}", fontsize=7)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle("block mask of the first block's fc1 (black: kept)", fontsize=9, y=1.08)
-    save(fig, "masks.png")
-
+    plots.vit_cost(table, alone_all, out / "cost.png")
+    plots.vit_masks(runs, out, out / "masks.png")
     sel = find(table, "select")
-    if sel is not None and alone:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        blocks = sorted({a["block"] for a in alone}, key=lambda b: int(b.split("x")[0]))
-        accs = [100 * next(a for a in alone if a["block"] == b)["test_accuracy"] for b in blocks]
-        ax.bar(blocks, accs, color="0.7", label="kron, trained alone")
-        ax.axhline(100 * sel["test_accuracy"], color="C3", label=f"select (kept {'/'.join(sel['block_chosen'])})")
-        ax.set(ylim=(min(accs + [100 * sel["test_accuracy"]]) - 3, max(accs + [100 * sel["test_accuracy"]]) + 1),
-               ylabel="test accuracy %", xlabel="block shape")
-        ax.legend(fontsize=8)
-        save(fig, "selection.png")
+    if sel is not None and alone_all:
+        plots.selection(sel, alone_all, out / "selection.png")
 
 
 def deit_tiny(factory) -> ViT:

@@ -1,5 +1,5 @@
-"""Pictures of a reproduction: accuracy against sparsity, against training cost, the masks, and
-pattern selection's group norms over training.
+"""Pictures of a reproduction: accuracy against sparsity, against training cost, the masks (the MNIST
+experiments); cost, masks and the selection experiment (fashion-vit).
 
 Each figure has a title that says what it shows, labelled axes, and a legend or colour bar, so it
 reads without the code; no text is placed on the data, so no labels overlap.
@@ -16,24 +16,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .atomic import atomic_write  # noqa: E402
-from .config import method_label  # noqa: E402
+from ..blocks import block_mask_of, block_name, matrix_view, paper_block_name, parse_block  # noqa: E402
+from ..training import run_folder  # noqa: E402
+from ..training.plots import save as _save  # noqa: E402
+from .common import method_label  # noqa: E402
 
 MARKERS = "osD^v<>P*X"
 
 
-def _save(fig, path: Path, dpi: int = 110) -> None:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
-    plt.close(fig)
-
-
 def _block(m) -> str:
-    return f"{m['config']['block_shape'][0]}x{m['config']['block_shape'][1]}"
+    return block_name(m["config"]["block_shape"])
 
 
 def _paper(block: str) -> str:
-    bo, bi = block.split("x")
-    return f"{bi}x{bo}"
+    return paper_block_name(parse_block(block))
 
 
 def _blocks(runs) -> list[str]:
@@ -48,7 +44,7 @@ def _colours(names) -> dict[str, tuple]:
 
 def _selected(m) -> str:
     """The block shape a select run kept (its metrics' block_shape), e.g. "2x2"."""
-    return f"{m['block_shape'][0]}x{m['block_shape'][1]}"
+    return block_name(m["block_shape"])
 
 
 def pareto(runs, path: Path) -> None:
@@ -134,10 +130,6 @@ def masks(runs, path: Path, out: Path) -> None:
     """The final first-layer weights of each table run (first seed), zeros in dark grey; for a linear
     model on MNIST each row is a class template of 28x28 pixels. Each image is scaled by its own
     largest |weight|, which the colour bar says."""
-    from safetensors.torch import load_file
-
-    from .export import run_key
-
     seed0 = min(m["seed"] for m in runs)
     chosen = [m for m in runs if m["role"] == "table" and m["seed"] == seed0]
     cols = 10
@@ -145,8 +137,7 @@ def masks(runs, path: Path, out: Path) -> None:
     cmap = plt.get_cmap("coolwarm").with_extremes(bad="0.2")
     image = None
     for r, (row, m) in enumerate(zip(axes, chosen)):
-        t = load_file(str(out / "runs" / m["run"] / "model.safetensors"))
-        W = t[run_key(m["model"], 0, "weight")].numpy()
+        W = run_folder.layer_weights(out / "runs" / m["run"], m["model"])[0].numpy()
         side = int(round(W.shape[1] ** 0.5))
         for k, ax in enumerate(row):
             ax.set_xticks([])
@@ -171,21 +162,51 @@ def masks(runs, path: Path, out: Path) -> None:
     _save(fig, path, dpi=80)
 
 
-def group_norms(trace: dict, steps_per_epoch: int, selected_at: int | None, path: Path) -> None:
-    """Two panels over training: ||S_k||_2 (the penalised group) and ||W_k||_F (the weight it carries)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    epochs = [s / steps_per_epoch for s in trace["step"]]
-    for name, values in trace.items():
-        if name == "step":
-            continue
-        bo, bi = name.split("x")
-        for ax, series in zip(axes, zip(*values)):
-            ax.plot(epochs, series, label=f"{name} (paper {bi}x{bo})")
-    for ax, label in zip(axes, ("group norm ||S_k||_2", "weight norm ||W_k||_F")):
-        if selected_at is not None:
-            ax.axvline((selected_at + 1) / steps_per_epoch, color="gray", ls="--", lw=1, label="selected")
-        ax.set(xlabel="epoch", ylabel=label)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("pattern selection: every candidate block shape over training")
-    fig.tight_layout()
-    _save(fig, path, dpi=120)
+# --------------------------------------------------------------------------------------------
+# fashion-vit
+# --------------------------------------------------------------------------------------------
+
+
+def vit_cost(table: list[dict], alone: list[dict], path: Path) -> None:
+    """Accuracy against trainable parameters and against training FLOPs, one labelled point per row."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (key, label, scale), ax in zip((("train_params", "trainable parameters", "log"),
+                                        ("flop_counter_train_flops", "training FLOPs / sample (fwd+bwd)", "linear")),
+                                       axes):
+        for r in table + [a for a in alone if a["block"] != "4x4"]:
+            name = f"{r['method']} {r['block']}"
+            ax.scatter(r[key], 100 * r["test_accuracy"], s=20)
+            ax.annotate(name, (r[key], 100 * r["test_accuracy"]), fontsize=7)
+        ax.set(xscale=scale, xlabel=label, ylabel="test accuracy %")
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def vit_masks(runs: list[dict], out: Path, path: Path) -> None:
+    """The block mask of the first transformer block's fc1 in every run of the first seed."""
+    seed0 = min(m["seed"] for m in runs)
+    chosen = [m for m in runs if m["seed"] == seed0]
+    k_fc1 = 3  # patch embedding, qkv, proj, fc1: the first block's MLP input layer
+    fig, axes = plt.subplots(1, len(chosen), figsize=(1.6 * len(chosen), 3.2), squeeze=False)
+    for ax, m in zip(axes[0], chosen):
+        W = run_folder.layer_weights(out / "runs" / m["run"], m["model"])[k_fc1]
+        mask = block_mask_of(*matrix_view(W, tuple(m["block_shape"])))
+        ax.imshow(mask.numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+        ax.set_title(f"{m['method']}\n{block_name(m['block_shape'])}", fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("block mask of the first block's fc1 (black: kept)", fontsize=9, y=1.08)
+    _save(fig, path)
+
+
+def selection(sel: dict, alone: list[dict], path: Path) -> None:
+    """The selected run's accuracy beside each candidate block shape trained alone."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    blocks = sorted({a["block"] for a in alone}, key=lambda b: int(b.split("x")[0]))
+    accs = [100 * next(a for a in alone if a["block"] == b)["test_accuracy"] for b in blocks]
+    ax.bar(blocks, accs, color="0.7", label="kron, trained alone")
+    ax.axhline(100 * sel["test_accuracy"], color="C3", label=f"select (kept {'/'.join(sel['block_chosen'])})")
+    ax.set(ylim=(min(accs + [100 * sel["test_accuracy"]]) - 3, max(accs + [100 * sel["test_accuracy"]]) + 1),
+           ylabel="test accuracy %", xlabel="block shape")
+    ax.legend(fontsize=8)
+    _save(fig, path)

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from .blocks import tiles
-from .layers import KronConv2d, KronLinear, KronSelectLinear
+from ..blocks import tiles
+from ..layers import KronConv2d, KronLinear, KronSelectLinear
+from ..methods.kron import resolve_scale_pin as kron_scale_pin
 from .vit import VIT_MODELS, build_vit
 
 LayerFactory = Callable[[int, int], nn.Module]
@@ -52,6 +53,23 @@ def build_model(name: str, factory: LayerFactory, num_features: int = 784, num_c
     return FeedForward([factory(i, o) for i, o in zip(sizes[:-1], sizes[1:])])
 
 
+def weight_layer_count(name: str) -> int:
+    """How many weight layers model `name` has (its `layers`), without building it."""
+    if name == "lenet5":
+        return 5
+    if name in VIT_MODELS:  # the patch embedding, qkv, proj, fc1, fc2 of each block, the head
+        return 4 * VIT_MODELS[name].depth + 2
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(ARCHITECTURES)}")
+    return len(ARCHITECTURES[name]) - 1
+
+
+def resolve_scale_pin(pin: str, model: str) -> str:
+    """The kron method's scale pin for a run of model `model`: kron's own rule (methods/kron.py) on
+    the model's depth ("auto": "decay" on the one-layer linear model, "norm" on every deeper one)."""
+    return kron_scale_pin(pin, weight_layer_count(model))
+
+
 def kron_factory(block_shape, rank: int, path: str = "auto") -> LayerFactory:
     """KronLinear where block_shape tiles the layer, a dense nn.Linear otherwise."""
 
@@ -74,16 +92,6 @@ def dense_factory(i: int, o: int) -> nn.Module:
 
 
 dense_factory.conv = lambda i, o, kernel_size, padding=0: nn.Conv2d(i, o, kernel_size, padding=padding)
-
-
-def layer_factory(cfg) -> LayerFactory:
-    """The layers a run's model is built from: Kronecker layers for the methods that train factors
-    (built with their own init, so the Sparsifier takes them as they are), dense ones otherwise."""
-    if cfg.method == "kron":
-        return kron_factory(cfg.block_shape, cfg.rank, cfg.path)
-    if cfg.method == "select":
-        return select_factory(cfg.candidates, cfg.rank, cfg.path)
-    return dense_factory
 
 
 def select_factory(candidates, rank: int, path: str = "auto") -> LayerFactory:

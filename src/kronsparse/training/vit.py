@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from .model_tree import weight_layers
+from ..model_tree import weight_layers
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,27 @@ VARIANTS["mnist-2x16-group-lasso"] = ({**R4, "method": "group-lasso", "rank": 2}
 for _k in (0.5, 2.0, 4.0, 8.0):
     VARIANTS[f"mnist-main-lr{_k:g}"] = ({**MAIN, "factor_lr": _k}, f"main job, factors at {_k:g}x the lr")
     VARIANTS[f"mnist-2x16-r4-lr{_k:g}"] = ({**R4, "factor_lr": _k}, f"2x16 r4, factors at {_k:g}x the lr")
+# every variant above was measured with the steering of its time (before issue 26): it keeps it
+for _over, _ in VARIANTS.values():
+    _over.setdefault("steering", "legacy")
+
+# issue 26: does the penalty earn its place? the steering that follows the ramp through the penalty
+# ("track", the default), the steering before it ("legacy": the final top-up did nearly all the
+# pruning in short runs) and no penalty ("prune": gradual magnitude pruning of S on the same ramp)
+MLP2 = {"_base": {**MNIST, "model": "mlp", "epochs": 2}, "block_shape": (2, 2), "rank": 2, "target_sparsity": 0.6}
+ABLATION = {"": (QUICK, {"target_sparsity": 0.5}, "ViT quick"), "mnist-": (MNIST, MAIN, "MNIST main job (linear)"),
+            "sgd-mlp-": (MLP2["_base"], MLP2, "SGD, MNIST mlp, 2x2, 60%")}
+for _prefix, (_base, _over, _what) in ABLATION.items():
+    for _method in ("kron", "group-lasso", "elastic-group-lasso"):
+        if _prefix == "mnist-" and _method != "kron":
+            continue
+        for _steer, _how in (("track", "the penalty, steered by the order statistics (default)"),
+                             ("legacy", "the penalty, lambda from 1e-3 at most 1.05x per 10 steps"),
+                             ("prune", "no penalty: gradual magnitude pruning on the same ramp")):
+            if _method != "kron" and _steer == "prune":
+                continue
+            VARIANTS[f"{_prefix}{_method}-steer-{_steer}"] = (
+                {**_over, "_base": _base, "method": _method, "steering": _steer}, f"{_what}: {_method}, {_how}")
 
 
 def _patch_floor() -> None:
@@ -174,7 +195,14 @@ def _one(name: str, seed: int) -> dict:
     return {"variant": name, "seed": seed, "test_accuracy": m["test_accuracy"], "block_sparsity": m["block_sparsity"],
             "factor_lr": m.get("factor_lr"),
             "trainable_params": m.get("train_params"), "topped_up_blocks": m.get("topped_up_blocks"),
-            "wall_seconds": m["wall_seconds"], "settings": settings}
+            "zero_blocks": m.get("zero_blocks"), "wall_seconds": m["wall_seconds"], "settings": settings}
+
+
+def topup_share(rs: list[dict]) -> str:
+    """Mean share (%) of the zero blocks the final top-up made, over the runs that recorded both counts."""
+    shares = [r["topped_up_blocks"] / r["zero_blocks"] for r in rs
+              if r.get("topped_up_blocks") is not None and r.get("zero_blocks")]
+    return f"{100 * statistics.mean(shares):.2f}" if shares else ""
 
 
 def write_table(out: Path) -> None:
@@ -182,20 +210,24 @@ def write_table(out: Path) -> None:
     by = {}
     for r in rows:
         by.setdefault(r["variant"], []).append(r)
-    lines = ["| variant | what changes | seeds | accuracy % (mean ± std over seeds) | block sparsity % | train params |",
-             "|---|---|---|---|---|---|"]
+    # the top-up column where runs recorded their zero blocks (the runs of issue 26 on)
+    topup = any(r.get("zero_blocks") is not None for r in rows)
+    lines = ["| variant | what changes | seeds | accuracy % (mean ± std over seeds) | block sparsity % | "
+             + ("zero blocks from top-up % | " if topup else "") + "train params |",
+             "|---|---|---|---|---|" + ("---|" if topup else "") + "---|"]
     for name, rs in by.items():
         if any(r["test_accuracy"] is None for r in rs):
             failed = next(r for r in rs if r["test_accuracy"] is None)
             lines.append(f"| {name} | {VARIANTS.get(name, ({}, ''))[1]} | {len(rs)} | {failed['diverged']} (seed "
-                         f"{failed['seed']}) |  |  |")
+                         f"{failed['seed']}) |  |  |" + ("  |" if topup else ""))
             continue
         acc = [100 * r["test_accuracy"] for r in rs]
         spread = f" ± {statistics.stdev(acc):.2f}" if len(acc) > 1 else ""
         params = next((r["trainable_params"] for r in rs if r["trainable_params"]), None)
         lines.append(f"| {name} | {VARIANTS.get(name, ({}, ''))[1]} | {len(rs)} | {statistics.mean(acc):.2f}{spread} | "
                      f"{100 * statistics.mean(r['block_sparsity'] for r in rs):.2f} | "
-                     f"{'' if params is None else f'{params:,}'} |")
+                     + (f"{topup_share(rs)} | " if topup else "")
+                     + f"{'' if params is None else f'{params:,}'} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
 
 

@@ -84,9 +84,27 @@ def test_norm_scale_pin_reaches_the_target_and_prunes_only_planted_blocks():
     assert (~layer.block_mask() & planted).sum() == 0
 
 
-def test_each_layer_steers_its_own_lambda():
-    """A layer whose prox zeroes too much gets a smaller lambda, one that zeroes too little a larger one."""
+def test_each_layer_tracks_the_ramp_with_its_own_lambda():
+    """"track": each layer's threshold comes from its own |S| (the k-th smallest over 10 steps), so a
+    layer of tiny S gets a tiny lambda and one of large S a large one; lambda = threshold / lr."""
     cfg = KronOptions(block_shape=(2, 2), rank=2, target_sparsity=0.5, scale_pin="decay")
+    model = FeedForward([KronLinear(16, 8, (2, 2), 2), KronLinear(8, 4, (2, 2), 2)])
+    method = KronMethod(cfg, 1000)
+    method.prepare(model)
+    with torch.no_grad():
+        model.layers[0].S.fill_(1e-3)
+        model.layers[1].S.fill_(10.0)
+    method.step(None, 300, 0.01)  # inside the ramp (it starts at 25% of the 700 sparsifying steps)
+    assert method.lams[0] == pytest.approx(1e-3 / 10 / 0.01) and method.lams[1] == pytest.approx(10.0 / 10 / 0.01)
+    fresh = KronMethod(cfg, 1000)
+    fresh.prepare(FeedForward([KronLinear(16, 8, (2, 2), 2), KronLinear(8, 4, (2, 2), 2)]))
+    fresh.load_state_dict(method.state_dict())
+    assert fresh.lams == method.lams and fresh.steering.gains == method.steering.gains
+
+
+def test_each_layer_steers_its_own_lambda():
+    """"legacy": a layer whose prox zeroes too much gets a smaller lambda, one that zeroes too little a larger one."""
+    cfg = KronOptions(block_shape=(2, 2), rank=2, target_sparsity=0.5, scale_pin="decay", steering="legacy")
     model = FeedForward([KronLinear(16, 8, (2, 2), 2), KronLinear(8, 4, (2, 2), 2)])
     method = KronMethod(cfg, 1000)
     method.prepare(model)
@@ -111,8 +129,12 @@ def test_auto_scale_pin_is_decay_only_for_the_one_layer_model(model, pin, expect
     method = KronMethod(KronOptions(scale_pin=pin, target_sparsity=0.5), 100)
     method.prepare(net)
     assert method.pin == expected and method.summary()["scale_pin"] == expected
-    # with "norm" the ramp waits for the block sizes to mean something (a quarter of the phase)
-    assert (method.steering.schedule.start > 0) == (expected == "norm")
+    # the ramp waits a quarter of the phase for |S| to mean something; only the legacy steering with
+    # the "decay" pin starts at once (its lambda needed that time to grow anyway)
+    assert method.steering.schedule.start > 0
+    legacy = KronMethod(KronOptions(scale_pin=pin, target_sparsity=0.5, steering="legacy"), 100)
+    legacy.prepare(build_model(model, kron_factory((2, 2), 2)))
+    assert (legacy.steering.schedule.start > 0) == (expected == "norm")
 
 
 @pytest.mark.parametrize("name", ["linear", "mlp", "lenet5", "vit", "vit-tiny"])

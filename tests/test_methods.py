@@ -78,7 +78,9 @@ def test_elastic_group_lasso_prox_soft_thresholds_then_shrinks():
 
 
 def test_group_lasso_cap_keeps_the_largest_excess_block_and_top_up_prunes_the_smallest():
-    cfg = options("group-lasso", block_shape=(2, 2), target_sparsity=0.5, lam=2.0, sparsify_fraction=1.0)
+    # the legacy steering: lambda as given (the default "track" sets it from the block norms)
+    cfg = options("group-lasso", block_shape=(2, 2), target_sparsity=0.5, lam=2.0, sparsify_fraction=1.0,
+                  steering="legacy")
     method, model = prepared(GroupLassoMethod, cfg, (4, 4), total_steps=1)  # ramp 0 steps: cap = 2 of 4
     W = blocks_of([[0.05, 0.1], [0.15, 2.5]], (2, 2))  # block norms 0.1, 0.2, 0.3, 5
     model.layers[0].weight.data.copy_(W)
@@ -89,7 +91,8 @@ def test_group_lasso_cap_keeps_the_largest_excess_block_and_top_up_prunes_the_sm
     torch.testing.assert_close(out[2:, 2:], W[2:, 2:] * (1 - 0.4 / 5))
     assert torch.equal(method.masks[0], block_mask_of(out, (2, 2)))  # frozen at the phase's end
 
-    cfg = options("group-lasso", block_shape=(2, 2), target_sparsity=0.5, lam=1e-6, sparsify_fraction=1.0)
+    cfg = options("group-lasso", block_shape=(2, 2), target_sparsity=0.5, lam=1e-6, sparsify_fraction=1.0,
+                  steering="legacy")
     method, model = prepared(GroupLassoMethod, cfg, (4, 4), total_steps=1)
     model.layers[0].weight.data.copy_(blocks_of([[0.3, 0.1], [2.0, 0.2]], (2, 2)))
     method.step(None, 0, 0.1)

@@ -309,16 +309,14 @@ STEERING = Path(__file__).resolve().parents[1] / "benchmarks" / "steering_optimi
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
 def test_the_target_is_reached_under_every_optimizer(optimizer):
-    """Exactly the target under SGD, Adam and AdamW; under SGD the steering, not the final top-up, does
-    most of the pruning. Under Adam lambda must climb to ~1 (the threshold lr * lambda against Adam's
-    ~lr steps), which a 3,000-step run does not give it: there the top-up does most of it. The run is
-    the one benchmarks/steering_optimizers.py reports in the README (3,000 steps of a small MLP)."""
+    """Exactly the target under SGD, Adam and AdamW, and the steered proximal step, not the final
+    top-up, does the pruning (at most 10% of the zero blocks from the top-up). The run is the one
+    benchmarks/steering_optimizers.py reports in docs/training.md (3,000 steps of a small MLP)."""
     spec = importlib.util.spec_from_file_location("steering_optimizers", STEERING)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     result = bench.run(optimizer, target=TARGET)
-    if optimizer == "sgd":
-        assert result["topped_up_blocks"] <= 0.25 * math.ceil(TARGET * 32) * 2  # 32 blocks in each tiled layer
+    assert result["topped_up_blocks"] <= 0.10 * math.ceil(TARGET * 32) * 2  # 32 blocks in each tiled layer
     assert result["layer_sparsity"] == {"0": TARGET, "2": TARGET}
 
 

@@ -15,6 +15,7 @@ from .blocks import parse_block
 from .costs import layer_costs, plan_block_shapes
 from .limits import env_name, limit
 from .methods.kron import SCALE_PINS
+from .methods.steering import STEERINGS
 
 ROW_KEYS = ("method", "model", "dataset", "paper_block_name", "rank", "test_accuracy", "block_sparsity",
             "weight_sparsity", "train_params", "train_macs", "inference_params", "wall_seconds")
@@ -76,6 +77,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factor-lr", type=float, default=None, metavar="X",
                    help="kron, select: learning rate of the factors A, B, S as a multiple of --lr "
                         "(default: 8 with adam/adamw on models deeper than one layer, else 1)")
+    p.add_argument("--steering", default=d["steering"].default, choices=STEERINGS,
+                   help="kron, group-lasso, elastic-group-lasso with a target: track (the threshold from the order "
+                        "statistics of |S| or block norms), legacy (lambda from 1e-3, at most 1.05x per 10 steps), "
+                        "prune (no penalty: gradual magnitude pruning on the same ramp) (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="(default: %(default)s)")
     p.add_argument("--epochs", type=int, default=d["epochs"].default, help="(default: %(default)s)")
     p.add_argument("--sparsify-fraction", type=float, default=d["sparsify_fraction"].default, metavar="F",

@@ -49,7 +49,8 @@ class Sparsifier:
             module names, or a callable (name, module) -> bool. `print(sp.summary())` shows what
             was sparsified and what stayed dense, and why.
         **options: the method's own options (`get_method(name).Options`), e.g. rank, scale_pin,
-            init ("fresh" or "svd"), lam, sparsify_fraction, weight_decay, scope, candidates.
+            init ("fresh" or "svd"), lam, sparsify_fraction, weight_decay, scope, candidates, steering
+            ("track", the default: the penalty follows the ramp; "legacy"; "prune": no penalty).
     """
 
     def __init__(self, model: nn.Module, method: str = "kron", *, block_shape=(4, 4), total_steps: int,
@@ -137,6 +138,23 @@ class Sparsifier:
         self.method.finalize(optimizer)
         if optimizer is not None and self.method.structure_changed():
             drop_missing_params(optimizer, self.model)
+        share = self.topup_share()
+        if share is not None and share["total"] > 0.5:
+            warnings.warn(f"kronsparse: the final top-up made {100 * share['total']:.0f}% of the zero blocks (the "
+                          "penalty did not reach the target by itself: the run's sparsity is then mostly one "
+                          "magnitude pruning step); see Sparsifier.topup_share()", stacklevel=2)
+
+    def topup_share(self) -> dict | None:
+        """The share of zero blocks that the final top-up made rather than the penalty:
+        {"total": share over all sparsified layers, "layers": {name: share}} (0 where a layer has
+        no zero block); None for methods without a top-up or before it ran."""
+        layers = getattr(self.method, "topped_up_layers", None)
+        if not layers:
+            return None
+        counts = self._counts("block")
+        zeros = [counts[name][0] for name in self.method.names]
+        per = {name: (t / z if z else 0.0) for name, t, z in zip(self.method.names, layers, zeros)}
+        return {"total": sum(layers) / sum(zeros) if sum(zeros) else 0.0, "layers": per}
 
     @property
     def block_shape(self) -> tuple[int, int]:

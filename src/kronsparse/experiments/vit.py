@@ -342,9 +342,9 @@ def write_report(specs: list[Spec], out: Path) -> None:
              "torch.utils.flop_counter on the same model and batch size (its FLOPs / 2); the train FLOPs column is "
              "flop_counter's forward and backward of one step, per sample. \"zero blocks from top-up\": the "
              "share of a proximal method's zero blocks that its penalty had not zeroed when the sparsifying phase "
-             "ended and the smallest active blocks were pruned to reach the target (100: lambda, steered up from "
-             "1e-3, never grew large enough; all its sparsity is then one magnitude pruning step at 70% of "
-             "training). Peak memory: "
+             "ended and the smallest active blocks were pruned to reach the target (100: the penalty never zeroed "
+             "a block and all the sparsity is one magnitude pruning step at 70% of training, as with the "
+             "\"legacy\" steering in short runs). Peak memory: "
              f"{runs[0].get('peak_memory_kind') or 'not measured'} of the run's own process. Wall time: "
              "runs trained side by side, one thread each when --jobs > 1.", "",
              "## Table 3 in miniature, and each selection candidate trained alone", "", table_markdown(table + alone),

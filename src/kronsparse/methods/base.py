@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..blocks import matrix_view
 from ..model_tree import find_layers, is_conv1d
+from .steering import check_steering
 
 SCOPES = ("layer", "global")
 IN_OUT = "_kronsparse_in_out"  # set on a weight stored (in, out) (transformers' Conv1D)
@@ -36,11 +37,15 @@ class MethodOptions:
 
     block_shape: tuple[int, int] = (2, 2)  # (bo, bi) in nn.Linear's (out, in) order
     target_sparsity: float | None = None  # fraction of zero blocks to reach (weights for iterative-pruning)
-    lam: float | None = None  # penalty strength; with a target, where steering starts
+    lam: float | None = None  # penalty strength; with a target, where the "legacy" steering starts (others set it)
     sparsify_fraction: float = 0.7  # share of training that sparsifies; then the mask is frozen
     weight_decay: float | None = None  # None: the method's default (see param_groups)
     scope: str = "layer"
     seed: int = 0
+    # proximal methods with a target: how the zeros follow the ramp (methods/steering.py): "track"
+    # (threshold from the order statistics of |S| or block norms), "legacy" (lambda from 1e-3, at
+    # most 1.05x per 10 steps), "prune" (no penalty: gradual magnitude pruning on the same ramp)
+    steering: str = "track"
 
     def __post_init__(self) -> None:
         self.block_shape = tuple(int(v) for v in self.block_shape)
@@ -54,6 +59,7 @@ class MethodOptions:
             raise ValueError(f"sparsify fraction must be in (0, 1], got {self.sparsify_fraction}")
         if self.scope not in SCOPES:
             raise ValueError(f"unknown scope {self.scope!r}; valid: {', '.join(SCOPES)}")
+        check_steering(self.steering)
 
     @classmethod
     def from_kwargs(cls, method: str, kwargs: dict) -> "MethodOptions":

@@ -5,14 +5,19 @@ param group), so blocks become exactly zero, and pruned blocks stay pruned (thei
 too, so no optimizer state builds up on them). Weight decay on A and B (not on S) pins the scale
 so the penalty cannot be undone by growing A.
 
-With a target sparsity P, lambda is steered (per layer by default, methods/steering.py): every 10
-steps the fraction of the layer's blocks the prox wants zero is compared with a cubic ramp toward P
-(reached at 60% of the sparsifying phase) and the layer's lambda is multiplied by exp(4 * error),
-at most 1.05 either way. The layers of a deep model need different lambdas (the MLP with the "norm"
-pin below ended at 0.010, 0.016 and 0.065). The number of zero blocks never exceeds the ramp's
-current value: when the prox would zero more, the blocks with the largest |S| keep their value for
-that step. If a layer has not reached P when the sparsifying phase ends, its active blocks with the
-smallest norm are pruned to reach it. Then the mask is frozen for the rest of training.
+With a target sparsity P, lambda is steered per layer (by default; methods/steering.py) so the
+zero blocks follow a cubic ramp toward P (reached at 60% of the sparsifying phase). The default
+steering ("track") sets the threshold every step from the order statistics of the layer's |S|:
+the k-th smallest, k the ramp's count 10 steps ahead, over 10 steps, times a multiplier that grows
+while the zeros lag the ramp. So lambda's scale comes from the model and the optimizer (lambda =
+threshold / lr) and the penalty does the pruning in runs of 200 steps as of 20,000, under SGD and
+Adam. `steering="legacy"` is the steering before (lambda from 1e-3, at most 1.05x per 10 steps: in
+short runs the final top-up made nearly all the zeros); `steering="prune"` drops the penalty and
+prunes the smallest |S| up to the ramp (gradual magnitude pruning of S). The number of zero blocks
+never exceeds the ramp's current value: when the prox would zero more, the blocks with the largest
+|S| keep their value for that step. If a layer has not reached P when the sparsifying phase ends,
+its active blocks with the smallest norm are pruned to reach it (the top-up, a last resort). Then
+the mask is frozen for the rest of training.
 
 Two ways keep the scale from escaping into A (`scale_pin`; "auto", the default, picks "decay" when
 the model has a single weight layer and "norm" otherwise):
@@ -119,12 +124,16 @@ class KronMethod(Method):
         self.masks: list[Tensor] = []
         self.lams: list[float] = []  # one lambda per layer (the steering's, with a target)
         self.topped_up = 0
+        self.topped_up_layers: list[int] = []  # per layer, for topup_share()
         self.used_factor_lr = 1.0  # what param_groups applied
 
     def schedule(self) -> DelayedCubic:
-        """The ramp toward the target; with the "norm" pin it waits a quarter of the sparsifying
-        phase, so the block sizes mean something."""
-        start = int(0.25 * self.sparsify_steps) if self.pin == "norm" else 0
+        """The ramp toward the target. It waits a quarter of the sparsifying phase, so |S| means
+        something when the first blocks are chosen (with the "norm" pin it is then the block's size;
+        with "decay" S starts at 1 everywhere, and the "track" steering choosing from step 0 pruned a
+        block a planted teacher kept), except under the "legacy" steering with the "decay" pin, whose
+        lambda needed that time to grow anyway."""
+        start = int(0.25 * self.sparsify_steps) if self.pin == "norm" or self.options.steering != "legacy" else 0
         return DelayedCubic(self.options.target_sparsity, start, int(0.6 * self.sparsify_steps) - start)
 
     def swap(self, module: nn.Module) -> nn.Module:
@@ -145,7 +154,7 @@ class KronMethod(Method):
         self.masks = [l.S.detach() != 0 for l in self.layers]
         if self.options.target_sparsity is not None:
             self.steering = TargetSteering(schedule or self.schedule(), [m.numel() for m in self.masks], self.lam,
-                                           self.options.scope)
+                                           self.options.scope, mode=self.options.steering)
             self.lams = self.steering.lams
         else:
             self.lams = [self.lam] * len(self.layers)
@@ -230,6 +239,8 @@ class KronMethod(Method):
     def _prox(self, steps: list, step: int) -> None:
         """S <- soft_threshold(S * mask, step * lambda_l); zero blocks join the mask. Few kernels: it
         runs every step. With a target, the zeros are capped at the ramp (methods/steering.py)."""
+        if self.steering is not None:
+            self.steering.track(step, [l.S.abs() * m for l, m in zip(self.layers, self.masks)], steps)
         new = [soft_threshold(l.S.mul_(m), s * lam) for l, m, s, lam in zip(self.layers, self.masks, steps, self.lams)]
         if self.steering is not None:
             zero = [n == 0 for n in new]
@@ -237,6 +248,9 @@ class KronMethod(Method):
             keep = self.steering.keep_excess(step, zero, [l.S.abs() for l in self.layers])
             if keep is not None:  # the newly zeroed entries of largest |S| keep their value this step
                 new = [torch.where(k, l.S, n) for k, l, n in zip(keep, self.layers, new)]
+            drop = self.steering.floor(step, [n != 0 for n in new], [n.abs() for n in new])
+            if drop is not None:  # "prune": the smallest |S| up to the ramp
+                new = [n.masked_fill(d, 0.0) for n, d in zip(new, drop)]
         for k, (layer, n) in enumerate(zip(self.layers, new)):
             layer.S.copy_(n)
             self.masks[k] = n != 0
@@ -247,18 +261,21 @@ class KronMethod(Method):
         """Prune the active blocks of smallest dense-weight norm until the target is reached."""
         norms = [block_norms(*matrix_view(l.dense_weight(), l.block_shape)) for l in self.layers]
         drop = self.steering.top_up(self.masks, norms)
+        self.topped_up_layers = [int(d.sum()) for d in drop]
         for k, d in enumerate(drop):
             self.masks[k] = self.masks[k] & ~d
-            self.topped_up += int(d.sum())
+        self.topped_up += sum(self.topped_up_layers)
         self._mask_grads()
 
     def summary(self) -> dict:
         return {"final_lambda": list(self.lams), "topped_up_blocks": self.topped_up, "scale_pin": self.pin,
-                "factor_lr": self.used_factor_lr}
+                "factor_lr": self.used_factor_lr, "steering": self.options.steering}
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "lam": self.lam, "lams": list(self.lams),
-                "masks": [m.clone() for m in self.masks], "topped_up": self.topped_up}
+                "masks": [m.clone() for m in self.masks], "topped_up": self.topped_up,
+                "topped_up_layers": list(self.topped_up_layers),
+                "steering": self.steering.state_dict() if self.steering else None}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -266,4 +283,7 @@ class KronMethod(Method):
         self.lams[:] = list(state["lams"])  # in place: the steering holds the same list
         self.masks = [m.clone() for m in state["masks"]]
         self.topped_up = state["topped_up"]
+        self.topped_up_layers = list(state.get("topped_up_layers", []))
+        if self.steering is not None and state.get("steering"):
+            self.steering.load_state_dict(state["steering"])
         self._mask_grads()

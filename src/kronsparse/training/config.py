@@ -9,6 +9,7 @@ import torch
 
 from ..limits import check_at_most
 from ..methods.kron import SCALE_PINS
+from ..methods.steering import STEERINGS
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 TEXT_MODELS = ("gpt",)  # models.ARCHITECTURES' language model
@@ -50,6 +51,7 @@ class TrainConfig:
     scale_pin: str = "auto"  # kron: how the scale is kept from escaping into A, see methods/kron.py
     # kron/select: lr of A, B, S as a multiple of --lr; None: 8 under adam/adamw (deep models), else 1
     factor_lr: float | None = None
+    steering: str = "track"  # proximal methods: how the zeros follow the ramp (methods/steering.py)
     batch_size: int = 64
     epochs: int = 10
     sparsify_fraction: float = 0.7  # share of training that sparsifies; then the mask is frozen
@@ -101,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"lambda must be >= 0, got {self.lam}")
         if self.scale_pin not in SCALE_PINS:
             raise ValueError(f"unknown scale pin {self.scale_pin!r}; valid: {', '.join(SCALE_PINS)}")
+        if self.steering not in STEERINGS:
+            raise ValueError(f"unknown steering {self.steering!r}; valid: {', '.join(STEERINGS)}")
         if not 0.0 < self.sparsify_fraction <= 1.0:
             raise ValueError(f"sparsify fraction must be in (0, 1], got {self.sparsify_fraction}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:

@@ -70,7 +70,8 @@ def method_options(cfg: TrainConfig, steps_per_epoch: int) -> dict:
     """The Sparsifier options a config means (each method takes the ones its Options know)."""
     values = {"target_sparsity": cfg.target_sparsity, "lam": cfg.lam, "sparsify_fraction": cfg.sparsify_fraction,
               "weight_decay": cfg.weight_decay, "seed": cfg.seed, "rank": cfg.rank, "scale_pin": cfg.scale_pin,
-              "path": cfg.path, "candidates": cfg.candidates, "factor_lr": cfg.factor_lr, "steps_per_epoch": steps_per_epoch}
+              "path": cfg.path, "candidates": cfg.candidates, "factor_lr": cfg.factor_lr, "steps_per_epoch": steps_per_epoch,
+              "steering": cfg.steering}
     known = {f.name for f in dataclasses.fields(get_method(cfg.method).Options)}
     return {k: v for k, v in values.items() if k in known and v is not None}
 

@@ -98,6 +98,11 @@ def test_topup_share_counts_the_topped_up_blocks_and_warns_when_they_dominate():
     for k, name in enumerate(sp.method.names):
         assert share["layers"][name] == pytest.approx(sp.method.topped_up_layers[k] / zeros[name])
     assert share["total"] > 0.5
+    summary = sp.summary()  # the summary's rows carry the same counts, and print them
+    rows = {r.name: r for r in summary.layers if r.sparsified}
+    for k, name in enumerate(sp.method.names):
+        assert rows[name].stats["topped_up_blocks"] == sp.method.topped_up_layers[k]
+        assert f"({sp.method.topped_up_layers[k]} of {rows[name].stats['zero_blocks']} from the final top-up)" in str(summary)
 
 
 def test_prune_steering_is_magnitude_pruning_without_a_penalty():

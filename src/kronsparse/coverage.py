@@ -76,6 +76,8 @@ class SparsitySummary:
             shape = "x".join(map(str, r.shape))
             what = (f"{r.grid[0]}x{r.grid[1]} blocks, {r.stats['zero_blocks'] / (r.grid[0] * r.grid[1]):.1%} zero"
                     if r.sparsified else f"dense: {r.reason}")
+            if r.sparsified and "topped_up_blocks" in r.stats:
+                what += f" ({r.stats['topped_up_blocks']} of {r.stats['zero_blocks']} from the final top-up)"
             lines.append(f"  {r.name or '(model)':<{width}}  {r.kind:<18} {shape:<14} {r.weights:>10,}  {what}")
         return "\n".join(lines)
 

@@ -207,9 +207,10 @@ class Method:
         return {}
 
     def layer_stats(self) -> dict[str, dict]:
-        """Per-layer numbers for Sparsifier.summary(), by layer name (self.names), e.g. how many zero
-        blocks a layer's final top-up made; merged into each row's `stats`."""
-        return {}
+        """Per-layer numbers for Sparsifier.summary(), by layer name (self.names), merged into each
+        row's `stats`: how many zero blocks a layer's final top-up made, for the methods that have one."""
+        topped = getattr(self, "topped_up_layers", None)
+        return {name: {"topped_up_blocks": n} for name, n in zip(self.names, topped)} if topped else {}
 
     @property
     def block_shape(self) -> tuple[int, int]:

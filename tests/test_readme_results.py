@@ -308,6 +308,7 @@ def rows_by(table: list[list[str]], key: tuple[str, ...]) -> dict[tuple[str, ...
 @pytest.mark.parametrize("title, path", [
     ("The paper's MNIST experiment", "results/reproduce-mnist-linear/table.md"),
     ("The paper's Table 3 in miniature", "results/fashion-vit-full/table.md"),
+    ("A language model", "results/pycode-gpt-full/table.md"),
 ])
 def test_the_readme_headline_tables_are_rows_of_their_files(title, path):
     """Each README headline table shows some rows and columns of a committed table, cell for cell."""
@@ -436,3 +437,19 @@ def test_the_language_model_cost_and_saving_prose_follows_from_the_full_table():
         assert f"{num(k, 'test bpb') - num(dense, 'test bpb'):.3f} bpb against dense" in text
         assert f"{num(k, 'test bpb') - num(bm, 'test bpb'):.3f} bpb against block magnitude" in text
     assert f"reaches {small['test bpb']}" in text or f"({small['test bpb']})" in text
+
+
+def test_the_readme_language_model_prose_follows_from_its_table():
+    text = " ".join(section("Results", "README.md").split("**A language model**")[1].split("**Speed.**")[0].split())
+    rows = rows_by(tables((ROOT / "results/pycode-gpt-full/table.md").read_text())[0], ("method", "block"))
+
+    def num(method, block, column):
+        return float(rows[(method, block)][column].replace(",", ""))
+
+    params, flops = "train params", "train FLOPs/token (flop_counter)"
+    fewer = sorted(num("dense", "", params) / num("kron", b, params) for b in ("8x8", "16x16"))
+    share = sorted(num("kron", b, flops) / num("dense", "", flops) for b in ("8x8", "16x16"))
+    gaps = [num("kron", b, "test bpb") - num("block-magnitude", b, "test bpb") for b in ("8x8", "16x16")]
+    assert f"trains {fewer[0]:.0f}-{fewer[1]:.0f}x fewer parameters" in text
+    assert f"with {share[0]:.2f}x-{share[1]:.2f}x dense's training FLOPs" in text
+    assert f"loses {gaps[0]:.2f} and {gaps[1]:.2f} bits per byte" in text

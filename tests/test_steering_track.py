@@ -115,3 +115,13 @@ def test_prune_steering_is_magnitude_pruning_without_a_penalty():
 def test_an_unknown_steering_is_refused():
     with pytest.raises(ValueError, match="unknown steering 'fast'"):
         Sparsifier(_model("deep"), "kron", block_shape=(2, 2), target_sparsity=0.5, total_steps=10, steering="fast")
+
+
+def test_a_lambda_given_with_a_target_is_not_silently_ignored():
+    with pytest.warns(UserWarning, match="lam=0.01 is ignored"):
+        Sparsifier(_model("deep"), "kron", block_shape=(2, 2), target_sparsity=0.5, total_steps=10, lam=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the legacy steering starts from it; without a target it is the lambda
+        Sparsifier(_model("deep"), "kron", block_shape=(2, 2), target_sparsity=0.5, total_steps=10, lam=0.01,
+                   steering="legacy")
+        Sparsifier(_model("deep"), "group-lasso", block_shape=(2, 2), total_steps=10, lam=0.01)

@@ -17,6 +17,7 @@ exact zero blocks, and metrics read only those.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -60,6 +61,10 @@ class MethodOptions:
         if self.scope not in SCOPES:
             raise ValueError(f"unknown scope {self.scope!r}; valid: {', '.join(SCOPES)}")
         check_steering(self.steering)
+        if self.lam is not None and self.target_sparsity is not None and self.steering != "legacy":
+            warnings.warn(f"kronsparse: lam={self.lam} is ignored: with a target sparsity the {self.steering!r} "
+                          "steering sets lambda itself (steering='legacy' starts from lam; without a target lam is "
+                          "fixed)", stacklevel=4)
 
     @classmethod
     def from_kwargs(cls, method: str, kwargs: dict) -> "MethodOptions":

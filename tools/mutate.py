@@ -95,8 +95,8 @@ MUTATIONS = [
              ["tests/test_resume.py::test_resume_in_process_after_an_exception_mid_epoch"]),
     # -- export round trips through every representation ------------------------------------
     Mutation("export-dense-columns-reversed", "export round trip: dense", "src/kronsparse/export.py",
-             'out[entry.key("weight")] = entry.weight',
-             'out[entry.key("weight")] = entry.weight.flip(-1)',
+             'out[entry.key("weight")] = entry.weight.t() if entry.transposed else entry.weight\n',
+             'out[entry.key("weight")] = entry.weight.t() if entry.transposed else entry.weight.flip(-1)\n',
              ["tests/test_export.py", "tests/test_inference.py"]),
     Mutation("export-bsr-blocks-transposed", "export round trip: bsr", "src/kronsparse/export.py",
              '"values": bsr.values()}',

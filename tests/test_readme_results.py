@@ -453,3 +453,21 @@ def test_the_readme_language_model_prose_follows_from_its_table():
     assert f"trains {fewer[0]:.0f}-{fewer[1]:.0f}x fewer parameters" in text
     assert f"with {share[0]:.2f}x-{share[1]:.2f}x dense's training FLOPs" in text
     assert f"loses {gaps[0]:.2f} and {gaps[1]:.2f} bits per byte" in text
+
+
+def test_the_language_model_track_rerun_is_its_files():
+    text = section("pycode-gpt quick, with the `track` steering")
+    folder = ROOT / "results/pycode-gpt-quick-track"
+    assert tables(text)[0] == tables((folder / "table.md").read_text(encoding="utf-8"))[0]
+    assert f"{json.loads((folder / 'timing.json').read_text())['real_seconds']} s of wall time" in text
+    new, old = (table_file_rows(ROOT / f"results/{name}/table.md") for name in ("pycode-gpt-quick-track", "pycode-gpt-quick"))
+    flat = " ".join(text.split())
+    bpb = {k: r["test bpb"] for k, r in new.items()}
+    gap_new = float(bpb[("kron", "16x16")]) - float(bpb[("block-magnitude", "16x16")])
+    gap_old = float(old[("kron", "16x16")]["test bpb"]) - float(old[("block-magnitude", "16x16")]["test bpb"])
+    assert f"from {old[('kron', '16x16')]['test bpb']} to {bpb[('kron', '16x16')]} test bits per byte" in flat
+    assert f"{gap_new:.3f} behind block magnitude pruning instead of {gap_old:.3f}" in flat
+    assert f"({bpb[('kron', '8x8')]} against {bpb[('block-magnitude', '8x8')]})" in flat
+    assert f"from {old[('group-lasso', '4x4')]['test bpb']} to {bpb[('group-lasso', '4x4')]}" in flat
+    topups = [float(r["zero blocks from top-up %"]) for r in new.values() if r["zero blocks from top-up %"]]
+    assert f"at most {max(topups):.1f}% of any method's zero blocks" in flat

@@ -9,8 +9,6 @@ torch.utils.flop_counter on one training step of the same model (forward and bac
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import statistics
@@ -29,7 +27,7 @@ from ..training.metrics import training_costs
 from ..training.models import build_model, dense_factory, kron_factory, model_options
 from ..training.run_folder import finished_metrics
 from ..training.sample import load_gpt, sample_text
-from .common import memory_file
+from .common import holds, markdown_table, mean_std, memory_file, table_csv
 
 GOAL_BPB = 0.05  # the goal: within 0.05 bits per byte of block magnitude at 8x8 or 16x16
 GOAL_PARAMS = 4.0  # ... while training at least 4x fewer parameters than dense
@@ -102,11 +100,6 @@ def enrich(runs: list[dict], out: Path) -> None:
         if key not in cache:
             cache[key] = count_flops(cfg, tuple(m["block_shape"]))
         m["flops"] = cache[key]
-
-
-def mean_std(values) -> tuple[float, float]:
-    values = [float(v) for v in values]
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def label(m: dict) -> str:
@@ -192,7 +185,7 @@ def _pm(row: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
 
 
 def table_markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+    body = []
     for r in rows:
         sparse = r["method"] != "dense" and not r["method"].startswith("dense ")
         cells = [r["method"], r["block"], str(r["rank"]), str(r["width"]), _pm(r, "val_bpb"), _pm(r, "test_bpb"),
@@ -201,24 +194,12 @@ def table_markdown(rows: list[dict]) -> str:
                  "" if r["topped_up_fraction"] is None else f"{100 * r['topped_up_fraction']:.1f}",
                  f"{r['train_params']:,.0f}", f"{r['train_macs_per_token']:,.0f}",
                  f"{r['flop_counter_train_flops']:,.0f}", f"{r['wall_seconds']:.0f}", f"{r['peak_memory_mib']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def table_csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
+        body.append(cells)
+    return markdown_table(HEAD, body)
 
 
 def find(rows: list[dict], method: str, block: str = "") -> dict | None:
     return next((r for r in rows if r["method"] == method and (r["block"] == block or not block)), None)
-
-
-def _holds(ok: bool) -> str:
-    return "holds" if ok else "does not hold"
 
 
 def table3_verdicts(rows: list[dict]) -> list[str]:
@@ -234,21 +215,21 @@ def table3_verdicts(rows: list[dict]) -> list[str]:
             ok = k["test_bpb"] < b["test_bpb"] and k["block_sparsity"] >= b["block_sparsity"] - 1e-9
             out.append(f"- The method beats {name} at 50% of 4x4 blocks: ours {k['test_bpb']:.4f} bpb at "
                        f"{100 * k['block_sparsity']:.2f}% vs {b['test_bpb']:.4f} bpb at {100 * b['block_sparsity']:.2f}% "
-                       f"— {_holds(ok)}.")
+                       f"— {holds(ok)}.")
     gap = k["test_bpb"] - dense["test_bpb"]
     out.append(f"- The method stays close to dense (paper: 1.33 points of accuracy below; here: within "
                f"{GOAL_BPB} bpb): ours {k['test_bpb']:.3f} vs {dense['test_bpb']:.3f} bpb ({gap:+.3f}) — "
-               f"{_holds(gap <= GOAL_BPB)}.")
+               f"{holds(gap <= GOAL_BPB)}.")
     ratio = dense["train_params"] / k["train_params"]
     out.append(f"- The method trains fewer parameters than dense: {k['train_params']:,.0f} vs "
-               f"{dense['train_params']:,.0f} ({ratio:.2f}x fewer) — {_holds(ratio > 1)}.")
+               f"{dense['train_params']:,.0f} ({ratio:.2f}x fewer) — {holds(ratio > 1)}.")
     fl = k["flop_counter_train_flops"] / dense["flop_counter_train_flops"]
     out.append(f"- The method needs fewer training FLOPs than dense: {k['flop_counter_train_flops']:,.0f} vs "
                f"{dense['flop_counter_train_flops']:,.0f} FLOPs per token per step, forward and backward "
-               f"({fl:.3f}x dense) — {_holds(fl < 1)}.")
+               f"({fl:.3f}x dense) — {holds(fl < 1)}.")
     lo = k["layer_min"]
     out.append(f"- The method reaches 50% block sparsity in every layer: ours {100 * k['block_sparsity']:.2f}% "
-               f"(per layer {100 * lo:.1f}–{100 * k['layer_max']:.1f}%) — {_holds(abs(k['block_sparsity'] - 0.5) < 0.01)}.")
+               f"(per layer {100 * lo:.1f}–{100 * k['layer_max']:.1f}%) — {holds(abs(k['block_sparsity'] - 0.5) < 0.01)}.")
     return out
 
 
@@ -286,7 +267,7 @@ def goal_verdicts(rows: list[dict]) -> list[str]:
         best = min(alone, key=lambda b: alone[b]["test_bpb"]) if alone else None
         kept = "/".join(sorted(set(sel["block_chosen"])))
         out.append(f"- Selection over 4x4 / 8x8 / 16x16 kept {kept} ({sel['test_bpb']:.3f} bpb); of kron trained at each "
-                   f"alone the best is {best} — selection keeps the best {_holds(set(sel['block_chosen']) == {best})}.")
+                   f"alone the best is {best} — selection keeps the best {holds(set(sel['block_chosen']) == {best})}.")
     return out
 
 

@@ -325,6 +325,7 @@ def write_report(specs, out: Path) -> None:
 def plots(runs: list[dict], out: Path) -> None:
     """bpb against training FLOPs per token and against trainable parameters, one point per run."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -334,13 +335,25 @@ def plots(runs: list[dict], out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for key, xlabel, ax in (("flops", "training FLOPs / token (flop_counter, fwd+bwd)", axes[0]),
                             ("train_params", "trainable parameters", axes[1])):
-        for m in runs:
-            x = m["flops"]["flop_counter_train_flops"] if key == "flops" else m["train_params"]
-            name = f"{label(m)} {block_of(m)}".strip()
-            ax.scatter(x, m["test_bpb"], s=18, color="C3" if m["method"] == "kron" else
-                       "C0" if m["method"] == "dense" else "0.5")
-            ax.annotate(name, (x, m["test_bpb"]), fontsize=7)
+        points = sorted((m["flops"]["flop_counter_train_flops"] if key == "flops" else m["train_params"],
+                         m["test_bpb"], f"{label(m)} {block_of(m)}".strip(), m["method"]) for m in runs)
+        span = max(p[1] for p in points) - min(p[1] for p in points) or 1.0
+        clusters: list[list[tuple]] = []  # runs of about one x (the dense-W methods share their cost)
+        for point in points:
+            if clusters and point[0] < 1.1 * clusters[-1][0][0]:
+                clusters[-1].append(point)
+            else:
+                clusters.append([point])
+        for cluster in clusters:
+            floor, right = -math.inf, 1.05 * max(x for x, *_ in cluster)
+            for x, y, name, method in sorted(cluster, key=lambda p: p[1]):
+                ax.scatter(x, y, s=18, color="C3" if method == "kron" else "C0" if method == "dense" else "0.5")
+                label_y = max(y, floor)  # labels stack upward instead of overlapping
+                floor = label_y + 0.035 * span
+                ax.text(right, label_y, name, fontsize=7, va="center")
         ax.set(xscale="log", xlabel=xlabel, ylabel="test bits per byte")
+        ax.margins(x=0.3)  # room for the labels of the rightmost points
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor log labels overlapped
         ax.grid(alpha=0.3)
     atomic_write(out / "cost.png", lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     plt.close(fig)

@@ -63,9 +63,8 @@ DDP_SCRIPT = textwrap.dedent('''
             opt.zero_grad(); loss.backward(); opt.step()
 
     def worker(rank, world, out):
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        torch.set_num_threads(1)  # a file rendezvous: no port to pick that another process could take first
+        dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=world)
         net = DDP(model())
         train(net, rank, world)
         if rank == 0:
@@ -85,15 +84,10 @@ DDP_SCRIPT = textwrap.dedent('''
 
 @pytest.mark.slow  # two processes, ~20 s
 def test_ddp_on_two_gloo_processes_equals_one_process_with_the_same_global_batch(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "ddp.pt"), str(port)], capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "ddp.pt"), str(tmp_path / "rendezvous")],
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "DDP == single process" in done.stdout
 

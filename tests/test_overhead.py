@@ -3,8 +3,12 @@ is the oracle), so no committed training result moves."""
 
 import pytest
 import torch
+from torch import nn
 
 from kronsparse import kernels
+from kronsparse.functional import soft_threshold
+from kronsparse.layers import KronLinear
+from kronsparse.methods.kron import KronMethod, KronOptions
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -40,3 +44,79 @@ def test_word_reorder_gradient(to_blocks):
     t = torch.randn(24, dtype=torch.float64, requires_grad=True)
     word = kernels._word_dtype(t, 1)
     assert torch.autograd.gradcheck(lambda x: kernels._WordReorder.apply(x, grid, to_blocks, word), (t,))
+
+
+# --------------------------------------------------------------------------------------------
+# The kron method's step: foreach over layers, scores built only when used
+# --------------------------------------------------------------------------------------------
+
+
+class PerLayerKron(KronMethod):
+    """The oracle: the kron method's scale pin and prox as they were, one layer at a time, every
+    score built every step (methods/kron.py before the foreach version)."""
+
+    @torch.no_grad()
+    def _pin_scale(self) -> None:
+        if self.pin != "norm":
+            return
+        for layer in self.layers:
+            n = layer.A.square().sum(0).sqrt_().clamp_min_(torch.finfo(layer.A.dtype).tiny)
+            layer.A.div_(n)
+            layer.S.mul_(n)
+
+    def _prox(self, steps: list, step: int) -> None:
+        if self.steering is not None:
+            self.steering.track(step, [layer.S.abs() * m for layer, m in zip(self.layers, self.masks)], steps)
+        new = [soft_threshold(layer.S.mul_(m), s * lam)
+               for layer, m, s, lam in zip(self.layers, self.masks, steps, self.lams)]
+        if self.steering is not None:
+            zero = [n == 0 for n in new]
+            self.steering.update(step, [int(z.sum()) for z in zero])
+            keep = self.steering.keep_excess(step, zero, [layer.S.abs() for layer in self.layers])
+            if keep is not None:
+                new = [torch.where(k, layer.S, n) for k, layer, n in zip(keep, self.layers, new)]
+            drop = self.steering.floor(step, [n != 0 for n in new], [n.abs() for n in new])
+            if drop is not None:
+                new = [n.masked_fill(d, 0.0) for n, d in zip(new, drop)]
+        for k, (layer, n) in enumerate(zip(self.layers, new)):
+            layer.S.copy_(n)
+            self.masks[k] = n != 0
+        self._mask_grads()
+
+
+def train_kron(method_cls, steps: int, **options):
+    """A 3-layer Kron MLP on random data, every step's S, A, masks and lambdas recorded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(KronLinear(24, 16, (2, 2), 2), nn.ReLU(), KronLinear(16, 12, (2, 4), 2), nn.ReLU(),
+                          KronLinear(12, 4, (1, 3), 1))
+    method = method_cls(KronOptions(**options), steps)
+    method.prepare(model, {n: m for n, m in model.named_modules() if isinstance(m, KronLinear)})
+    opt = torch.optim.SGD(method.param_groups(model, lr=0.05), lr=0.05, momentum=0.9)
+    x, y = torch.randn(64, 24), torch.randint(0, 4, (64,))
+    trace = []
+    for step in range(steps):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.step(opt, step)
+        trace.append([bits(t).clone() for layer in method.layers for t in (layer.S, layer.A)]
+                     + [m.clone() for m in method.masks] + [torch.tensor(method.lams, dtype=torch.float64)])
+    return trace
+
+
+@pytest.mark.parametrize("options", [
+    dict(target_sparsity=0.6, scale_pin="norm"),  # the default steering ("track") and pin of deep models
+    dict(target_sparsity=0.6, scale_pin="decay"),
+    dict(target_sparsity=0.5, scale_pin="norm", steering="legacy"),
+    dict(target_sparsity=0.5, scale_pin="norm", steering="prune"),
+    dict(target_sparsity=0.7, scale_pin="norm", scope="global"),
+    dict(lam=0.05, scale_pin="norm"),  # a fixed lambda, no target
+])
+def test_the_kron_step_is_bit_identical_to_the_per_layer_one(options):
+    options = dict(block_shape=(2, 2), rank=2, sparsify_fraction=0.8, **options)
+    fast, oracle = train_kron(KronMethod, 150, **options), train_kron(PerLayerKron, 150, **options)
+    assert len(fast) == len(oracle) == 150
+    for step, (a, b) in enumerate(zip(fast, oracle)):
+        assert all(torch.equal(u, v) for u, v in zip(a, b)), f"step {step}"
+    assert not fast[-1][-2].all()  # it pruned something: the prox, cap and top-up all ran

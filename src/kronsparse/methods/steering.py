@@ -120,18 +120,22 @@ class TargetSteering:
 
     def track(self, step: int, scores: list[Tensor], units: list[float]) -> None:
         """"track", every `track_every` steps: lambda per layer from the order statistics of `scores`
-        (what the prox shrinks, 0 where already zero). `units[k]`: how far layer k's scores drop per
+        (what the prox shrinks, 0 where already zero; or a callable returning them, called only when
+        an order statistic is taken). `units[k]`: how far layer k's scores drop per
         unit of lambda in one step (lr for kron's |S|, lr * sqrt(bo*bi) for group lasso's norms).
         The threshold is the k-th smallest score over `interval`, k the ramp's count `interval`
         steps ahead: what brings that block to zero by then if the gradient does not hold it up
         (the multiplier `gains` makes up for what it does)."""
         if self.mode != "track" or step % self.track_every:
             return
-        need = [s.detach() / self.interval for s in scores]
+        need = None
         for group in self._groups():
-            flat = torch.cat([need[k].flatten() for k in group])
-            k = min(count_for(self.schedule(step + self.interval), flat.numel()), flat.numel())
-            threshold = float(torch.kthvalue(flat.float().cpu(), k).values) if k > 0 else 0.0
+            total = sum(self.sizes[k] for k in group)
+            k = min(count_for(self.schedule(step + self.interval), total), total)
+            threshold = 0.0
+            if k > 0:  # before the ramp (k = 0) the scores are not needed: not even built
+                need = need or [s.detach() / self.interval for s in (scores() if callable(scores) else scores)]
+                threshold = float(torch.kthvalue(torch.cat([need[j].flatten() for j in group]).float().cpu(), k).values)
             for j in group:  # falls at most by track_fall per step: a sudden drop let SGD's momentum revive
                 # most of a group lasso layer's zero blocks at once (38% -> 3% in 3 steps, a one-layer toy)
                 lam = self.gains[j] * threshold / units[j] if units[j] > 0 else 0.0
@@ -144,21 +148,24 @@ class TargetSteering:
             return None
         return self.top_up(active, scores, self.schedule(step))
 
-    def keep_excess(self, step: int, zero: list[Tensor], scores: list[Tensor]) -> list[Tensor] | None:
+    def keep_excess(self, step: int, zero: list[Tensor], scores, counts: list[int] | None = None) -> list[Tensor] | None:
         """Where the zeros `zero` exceed the ramp's cap: masks of the zeroed entries of largest score
         that keep their value this step (None when nothing exceeds). Entries already zero before
-        must score lowest (the caller gives them -1 or 0), so they are never picked."""
-        keep = [torch.zeros_like(z) for z in zero]
-        any_kept = False
+        must score lowest (the caller gives them -1 or 0), so they are never picked. `scores`: a
+        list, or a callable returning it (called only when some group exceeds); `counts`: the
+        number of True in each `zero`, where the caller has it."""
+        counts = counts if counts is not None else [int(z.sum()) for z in zero]
+        keep = None
         for group in self._groups():
             allowed = count_for(self.schedule(step), sum(self.sizes[k] for k in group))
-            excess = sum(int(zero[k].sum()) for k in group) - allowed
+            excess = sum(counts[k] for k in group) - allowed
             if excess > 0:
+                scores = scores() if callable(scores) else scores
+                keep = keep or [torch.zeros_like(z) for z in zero]
                 chosen = select([torch.where(zero[k], scores[k], -1.0) for k in group], excess, largest=True)
                 for k, c in zip(group, chosen):
                     keep[k] = c
-                any_kept = True
-        return keep if any_kept else None
+        return keep
 
     def top_up(self, active: list[Tensor], norms: list[Tensor], fraction: float | None = None) -> list[Tensor]:
         """Masks of the active blocks of smallest norm to prune so every group reaches `fraction`

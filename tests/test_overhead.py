@@ -17,7 +17,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("grid", [(3, 5, 2, 2), (4, 3, 1, 1), (2, 6, 3, 4), (5, 2, 2, 1)])  # (m1, n1, bo, bi)
+@pytest.mark.parametrize("grid", [(3, 5, 2, 2), (4, 3, 1, 1), (2, 6, 3, 4), (5, 2, 2, 1), (5, 4, 1, 2)])  # (m1, n1, bo, bi)
 @pytest.mark.parametrize("to_blocks", [True, False])
 def test_word_reorder_moves_the_same_bits_as_the_strided_copy(dtype, grid, to_blocks):
     m1, n1, bo, bi = grid
@@ -120,3 +120,59 @@ def test_the_kron_step_is_bit_identical_to_the_per_layer_one(options):
     for step, (a, b) in enumerate(zip(fast, oracle)):
         assert all(torch.equal(u, v) for u, v in zip(a, b)), f"step {step}"
     assert not fast[-1][-2].all()  # it pruned something: the prox, cap and top-up all ran
+
+
+# --------------------------------------------------------------------------------------------
+# W of small blocks without the GEMM
+# --------------------------------------------------------------------------------------------
+
+
+def weight_and_grads(C, B, x, gy):
+    C, B, x = (t.detach().requires_grad_() for t in (C, B, x))
+    W = kernels._build_weight(C, B)
+    y = nn.functional.linear(x, W)
+    return [W, y, *torch.autograd.grad(y, (C, B, x), gy)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 150, 392, 2, 2), (2, 6, 5, 2, 2), (1, 4, 3, 1, 1), (2, 3, 8, 2, 1),
+                                   (3, 5, 4, 1, 2), (4, 6, 5, 2, 2), (1, 7, 3, 2, 2)])  # (r, m1, n1, bo, bi)
+def test_small_blocks_give_the_gemm_paths_bits(shape, dtype, monkeypatch):
+    """W, the layer's output and the gradients of C = S*A, B and x, bit for bit, with and without the GEMM."""
+    r, m1, n1, bo, bi = shape
+    g = torch.Generator().manual_seed(1)
+    C, B = torch.randn(r, m1, n1, generator=g, dtype=dtype), torch.randn(r, bo, bi, generator=g, dtype=dtype)
+    C[:, ::2, 1::3] = 0.0  # pruned blocks
+    C[:, 1::2, ::3] = -0.0
+    x, gy = torch.randn(7, n1 * bi, generator=g, dtype=dtype), torch.randn(7, m1 * bo, generator=g, dtype=dtype)
+    kernels._product_sum_agrees.cache_clear()
+    fast = weight_and_grads(C, B, x, gy)
+    monkeypatch.setattr(kernels, "_PRODUCT_SUM", False)
+    gemm = weight_and_grads(C, B, x, gy)
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(fast, gemm))
+
+
+def test_small_blocks_skip_the_gemm_where_used():
+    """The MLP's 784->300 layer at 2x2, rank 2 (the benchmark's case) is built without the GEMM."""
+    C, B = torch.randn(2, 150, 392), torch.randn(2, 2, 2)
+    assert kernels._product_sum_start(C, B) is not None
+    assert kernels._product_sum_start(C, torch.randn(2, 2, 16)) is None  # wide blocks: the GEMM
+
+
+def test_a_product_sum_that_differs_from_the_gemm_is_not_used(monkeypatch):
+    original = kernels._product_sum
+    monkeypatch.setattr(kernels, "_product_sum", lambda C, B, zero_start: torch.nextafter(
+        original(C, B, zero_start), torch.tensor(float("inf"))))  # one ulp off
+    kernels._product_sum_agrees.cache_clear()
+    C, B = torch.randn(2, 6, 5), torch.randn(2, 2, 2)
+    assert kernels._product_sum_start(C, B) is None
+    M = torch.mm(C.reshape(2, 30).t(), B.reshape(2, 4))
+    assert torch.equal(kernels._build_weight(C, B), kernels._strided_reorder(M, (6, 5, 2, 2), False).view(12, 10))
+    kernels._product_sum_agrees.cache_clear()
+
+
+def test_small_blocks_gradcheck():
+    C = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(2, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert kernels._product_sum_start(C, B) is not None
+    assert torch.autograd.gradcheck(kernels._build_weight, (C, B))

@@ -161,9 +161,15 @@ class KronMethod(Method):
         self._mask_grads()
         self._pin_scale()
 
-    def _mask_grads(self) -> None:
-        """S's gradient is zero on pruned blocks, so no optimizer (momentum, Adam) moves them."""
-        for layer, mask in zip(self.layers, self.masks):
+    def _mask_grads(self, zeros: list[int] | None = None) -> None:
+        """S's gradient is zero on pruned blocks, so no optimizer (momentum, Adam) moves them. A layer
+        with no pruned block gets no hook (times 1 changes no bit), the others their mask in S's
+        dtype, which the prox reuses (a bool mask is converted at every multiply). `zeros`: the
+        pruned blocks per layer, where the caller has counted them."""
+        if zeros is None:
+            zeros = [m.numel() - int(m.count_nonzero()) for m in self.masks]
+        self._live = [m.to(layer.S.dtype) if z else None for layer, m, z in zip(self.layers, self.masks, zeros)]
+        for layer, mask in zip(self.layers, self._live):
             mask_grad(layer.S, mask)
 
     def factor_lr(self, model: nn.Module, optimizer_cls: type | None) -> float:
@@ -244,23 +250,28 @@ class KronMethod(Method):
         runs every step. With a target, the zeros are capped at the ramp (methods/steering.py)."""
         Ss = [layer.S for layer in self.layers]
         if self.steering is not None:  # the scores are built only when an order statistic is taken
-            self.steering.track(step, lambda: [S.abs() * m for S, m in zip(Ss, self.masks)], steps)
-        torch._foreach_mul_(Ss, self.masks)
+            self.steering.track(step, lambda: [S.abs() if m is None else S.abs() * m for S, m in zip(Ss, self._live)],
+                                steps)
+        pruned = [(S, m) for S, m in zip(Ss, self._live) if m is not None]  # times 1 elsewhere: no change
+        if pruned:
+            torch._foreach_mul_([S for S, _ in pruned], [m for _, m in pruned])
         new = [soft_threshold(S, s * lam) for S, s, lam in zip(Ss, steps, self.lams)]
+        masks, zeros = [n != 0 for n in new], None
         if self.steering is not None:
-            zero = [n == 0 for n in new]
-            counts = [int(z.sum()) for z in zero]
-            self.steering.update(step, counts)
-            keep = self.steering.keep_excess(step, zero, lambda: [S.abs() for S in Ss], counts)
+            zeros = [m.numel() - int(m.count_nonzero()) for m in masks]
+            self.steering.update(step, zeros)
+            keep = self.steering.keep_excess(step, lambda: [~m for m in masks], lambda: [S.abs() for S in Ss], zeros)
             if keep is not None:  # the newly zeroed entries of largest |S| keep their value this step
                 new = [torch.where(k, S, n) for k, S, n in zip(keep, Ss, new)]
+                masks, zeros = [n != 0 for n in new], None
             if self.steering.mode == "prune":  # the smallest |S| up to the ramp
-                drop = self.steering.floor(step, [n != 0 for n in new], [n.abs() for n in new])
+                drop = self.steering.floor(step, masks, [n.abs() for n in new])
                 if drop is not None:
                     new = [n.masked_fill(d, 0.0) for n, d in zip(new, drop)]
+                    masks, zeros = [n != 0 for n in new], None
         torch._foreach_copy_(Ss, new)
-        self.masks = [n != 0 for n in new]
-        self._mask_grads()
+        self.masks = masks
+        self._mask_grads(zeros)
 
     @torch.no_grad()
     def _top_up(self) -> None:

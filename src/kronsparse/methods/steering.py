@@ -148,18 +148,19 @@ class TargetSteering:
             return None
         return self.top_up(active, scores, self.schedule(step))
 
-    def keep_excess(self, step: int, zero: list[Tensor], scores, counts: list[int] | None = None) -> list[Tensor] | None:
+    def keep_excess(self, step: int, zero, scores, counts: list[int] | None = None) -> list[Tensor] | None:
         """Where the zeros `zero` exceed the ramp's cap: masks of the zeroed entries of largest score
         that keep their value this step (None when nothing exceeds). Entries already zero before
-        must score lowest (the caller gives them -1 or 0), so they are never picked. `scores`: a
-        list, or a callable returning it (called only when some group exceeds); `counts`: the
-        number of True in each `zero`, where the caller has it."""
+        must score lowest (the caller gives them -1 or 0), so they are never picked. `zero` and
+        `scores`: lists, or callables returning them (called only when some group exceeds, which
+        then needs `counts`: the number of True in each of `zero`)."""
         counts = counts if counts is not None else [int(z.sum()) for z in zero]
         keep = None
         for group in self._groups():
             allowed = count_for(self.schedule(step), sum(self.sizes[k] for k in group))
             excess = sum(counts[k] for k in group) - allowed
             if excess > 0:
+                zero = zero() if callable(zero) else zero
                 scores = scores() if callable(scores) else scores
                 keep = keep or [torch.zeros_like(z) for z in zero]
                 chosen = select([torch.where(zero[k], scores[k], -1.0) for k in group], excess, largest=True)

@@ -139,6 +139,7 @@ def weight_and_grads(C, B, x, gy):
                                    (3, 5, 4, 1, 2), (4, 6, 5, 2, 2), (1, 7, 3, 2, 2)])  # (r, m1, n1, bo, bi)
 def test_small_blocks_give_the_gemm_paths_bits(shape, dtype, monkeypatch):
     """W, the layer's output and the gradients of C = S*A, B and x, bit for bit, with and without the GEMM."""
+    monkeypatch.setattr(kernels, "_PRODUCT_SUM_MIN", 0)  # small shapes too: quick to check
     r, m1, n1, bo, bi = shape
     g = torch.Generator().manual_seed(1)
     C, B = torch.randn(r, m1, n1, generator=g, dtype=dtype), torch.randn(r, bo, bi, generator=g, dtype=dtype)
@@ -147,9 +148,23 @@ def test_small_blocks_give_the_gemm_paths_bits(shape, dtype, monkeypatch):
     x, gy = torch.randn(7, n1 * bi, generator=g, dtype=dtype), torch.randn(7, m1 * bo, generator=g, dtype=dtype)
     kernels._product_sum_agrees.cache_clear()
     fast = weight_and_grads(C, B, x, gy)
+    if (dtype, shape) == (torch.float32, (2, 150, 392, 2, 2)):
+        assert kernels._product_sum_start(C, B) is not None  # the case this is for did skip the GEMM
     monkeypatch.setattr(kernels, "_PRODUCT_SUM", False)
     gemm = weight_and_grads(C, B, x, gy)
     assert all(torch.equal(bits(a), bits(b)) for a, b in zip(fast, gemm))
+
+
+def test_the_word_reordering_in_a_layer_gives_the_strided_copys_bits(monkeypatch):
+    """W of the MLP's first layer at 2x2 (235,200 entries: the word path) and every gradient, bit for bit."""
+    monkeypatch.setattr(kernels, "_PRODUCT_SUM", False)
+    g = torch.Generator().manual_seed(2)
+    C, B = torch.randn(2, 150, 392, generator=g), torch.randn(2, 2, 2, generator=g)
+    x, gy = torch.randn(5, 784, generator=g), torch.randn(5, 300, generator=g)
+    words = weight_and_grads(C, B, x, gy)
+    monkeypatch.setattr(kernels, "_WORD_REORDER", False)
+    strided = weight_and_grads(C, B, x, gy)
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(words, strided))
 
 
 def test_small_blocks_skip_the_gemm_where_used():
@@ -157,9 +172,11 @@ def test_small_blocks_skip_the_gemm_where_used():
     C, B = torch.randn(2, 150, 392), torch.randn(2, 2, 2)
     assert kernels._product_sum_start(C, B) is not None
     assert kernels._product_sum_start(C, torch.randn(2, 2, 16)) is None  # wide blocks: the GEMM
+    assert kernels._product_sum_start(C[:, :10], B) is None  # few entries: the GEMM (less Python)
 
 
 def test_a_product_sum_that_differs_from_the_gemm_is_not_used(monkeypatch):
+    monkeypatch.setattr(kernels, "_PRODUCT_SUM_MIN", 0)
     original = kernels._product_sum
     monkeypatch.setattr(kernels, "_product_sum", lambda C, B, zero_start: torch.nextafter(
         original(C, B, zero_start), torch.tensor(float("inf"))))  # one ulp off
@@ -171,7 +188,8 @@ def test_a_product_sum_that_differs_from_the_gemm_is_not_used(monkeypatch):
     kernels._product_sum_agrees.cache_clear()
 
 
-def test_small_blocks_gradcheck():
+def test_small_blocks_gradcheck(monkeypatch):
+    monkeypatch.setattr(kernels, "_PRODUCT_SUM_MIN", 0)
     C = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     B = torch.randn(2, 2, 2, dtype=torch.float64, requires_grad=True)
     assert kernels._product_sum_start(C, B) is not None

@@ -51,6 +51,7 @@ def _build_weight(C: Tensor, B: Tensor) -> Tensor:
 # and the broadcast sum is used only where they agree (`_product_sum_start`); backward is the
 # GEMM's own (the same two GEMMs autograd runs for it), so the gradients are unchanged too.
 _PRODUCT_SUM_MAX = 4  # bo*bi up to this; above it the BLAS's GEMM is fast (and fused, so it differs)
+_PRODUCT_SUM_MIN = 1 << 16  # W's entries from this many: below, the Python Function costs more than it saves
 _PRODUCT_SUM = True
 
 
@@ -100,7 +101,8 @@ def _product_sum_agrees(shape: tuple[int, int, int, int, int], dtype: torch.dtyp
 def _product_sum_start(C: Tensor, B: Tensor) -> bool | None:
     """The zero_start for `_ProductSum` where it gives the GEMM's bits for these factors, else None."""
     r, bo, bi = B.shape
-    if (bo * bi > _PRODUCT_SUM_MAX or not _PRODUCT_SUM or C.device.type != "cpu" or C.dtype != B.dtype
+    if (bo * bi > _PRODUCT_SUM_MAX or C[0].numel() * bo * bi < _PRODUCT_SUM_MIN or not _PRODUCT_SUM
+            or C.device.type != "cpu" or C.dtype != B.dtype
             or C.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu")
             or torch.compiler.is_compiling()):
         return None
@@ -137,9 +139,11 @@ class _ProductSum(torch.autograd.Function):
 # 0.55 ms faster, 7.5%), where a gather with a gather as its backward is used.
 _GATHER_MAX = 1 << 16
 _GATHER_RUN, _GATHER_MAX_SHORT_RUNS = 2, 1 << 20
-# Before both: where a run of bi elements is 1, 2, 4 or 8 bytes, it moves as one integer word
-# (`_word_transpose`): W of the MLP's 784->300 layer at 2x2 (float32) in 47 us against the gather's
-# 80 us and the strided copy's 780 us (1 thread, the 2-core VM of docs/performance.md, each alone)
+# Above _GATHER_MAX, before both: where a run of bi elements is 1, 2, 4 or 8 bytes, it moves as one
+# integer word (`_word_transpose`): W of the MLP's 784->300 layer at 2x2 (float32) in 47 us against
+# the gather's 80 us and the strided copy's 780 us (1 thread, the 2-core VM of docs/performance.md,
+# each alone). Below it the gather stays: its autograd is C++, and a Python Function's overhead
+# (tens of us a call) would cost more than the copy saves.
 _WORD_REORDER = True
 
 
@@ -215,11 +219,11 @@ def _strided_reorder(t: Tensor, grid: tuple[int, int, int, int], to_blocks: bool
 def _reorder(t: Tensor, grid: tuple[int, int, int, int], to_blocks: bool) -> Tensor:
     """Flat (m1, bo, n1, bi) <-> (m1, n1, bo, bi) order (W's rows-major order vs block-major order)."""
     m1, n1, bo, bi = grid
+    if t.numel() <= _GATHER_MAX:
+        return t.reshape(-1).index_select(0, _reorder_index(grid, to_blocks, t.device))
     word = _word_dtype(t, bi) if _WORD_REORDER else None
     if word is not None:
         return _WordReorder.apply(t, grid, to_blocks, word)
-    if t.numel() <= _GATHER_MAX:
-        return t.reshape(-1).index_select(0, _reorder_index(grid, to_blocks, t.device))
     if bi <= _GATHER_RUN and t.numel() <= _GATHER_MAX_SHORT_RUNS:
         return _GatherReorder.apply(t, grid, to_blocks)
     return _strided_reorder(t, grid, to_blocks)

@@ -8,6 +8,7 @@ from torch import nn
 from kronsparse import kernels
 from kronsparse.functional import soft_threshold
 from kronsparse.layers import KronLinear
+from kronsparse.methods import steering
 from kronsparse.methods.kron import KronMethod, KronOptions
 
 
@@ -194,3 +195,54 @@ def test_small_blocks_gradcheck(monkeypatch):
     B = torch.randn(2, 2, 2, dtype=torch.float64, requires_grad=True)
     assert kernels._product_sum_start(C, B) is not None
     assert torch.autograd.gradcheck(kernels._build_weight, (C, B))
+
+
+# --------------------------------------------------------------------------------------------
+# The "track" steering's order statistic
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kth_smallest_is_torch_kthvalue(dtype):
+    """Against torch.kthvalue (what the steering called before), on scores as the steering sees them:
+    many exact zeros (pruned blocks), ties, an inf and a NaN, every k of a small set and spread k of a large one."""
+    g = torch.Generator().manual_seed(3)
+    small = torch.tensor([0.5, 0.0, 0.25, 0.5, float("inf"), 0.0, float("nan"), 1e-30, 3.0], dtype=dtype)
+    large = torch.rand(58800, generator=g, dtype=torch.float64).to(dtype) / 10
+    large[torch.rand(58800, generator=g) < 0.4] = 0.0
+    large[::97] = torch.round(large[::97] * 100) / 100  # ties
+    for values, ks in ((small, range(1, 10)), (large, [1, 2, 23520, 23521, 23522, 30000, 58799, 58800])):
+        for k in ks:
+            expected = torch.kthvalue(values.float(), k).values
+            got = steering.kth_smallest(values, k)
+            assert (got != got and expected != expected) or got == float(expected), k
+
+
+def topk_select(scores, k, largest):
+    """The oracle: steering.select as it was, torch.topk over all scores."""
+    flat = torch.cat([s.flatten() for s in scores])
+    chosen = torch.zeros_like(flat, dtype=torch.bool)
+    if k > 0:
+        chosen[torch.topk(flat, k, largest=largest).indices] = True
+    return [part.view_as(s) for part, s in zip(chosen.split([s.numel() for s in scores]), scores)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("largest", [True, False])
+def test_select_picks_what_topk_picks(dtype, largest):
+    """The cap's and the top-up's choice: every k, on scores with the -1 / inf of the entries that may
+    not be picked, exact zeros, ties inside and across the k-th (where by value cannot decide it
+    defers to topk) and one NaN."""
+    g = torch.Generator().manual_seed(4)
+    a = torch.rand(150, 392, generator=g, dtype=torch.float64).to(dtype)
+    a[torch.rand(150, 392, generator=g) < 0.5] = -1.0 if largest else float("inf")
+    b = torch.round(torch.rand(50, 150, generator=g, dtype=torch.float64) * 20).to(dtype) / 20  # many ties
+    c = torch.tensor([[0.0, 0.0, 0.3], [0.3, float("nan"), 1.0]], dtype=dtype)
+    decided = 0
+    for scores in ([a], [a, b], [b], [c]):
+        n = sum(s.numel() for s in scores)
+        for k in sorted({k for k in (0, 1, 2, 5, 777, n // 3, n // 2, n - 1, n) if k <= n}):
+            got, expected = steering.select(scores, k, largest), topk_select(scores, k, largest)
+            assert all(torch.equal(u, v) for u, v in zip(got, expected)), (len(scores), k)
+            decided += k > 0 and steering.by_value(torch.cat([s.flatten() for s in scores]), k, largest) is not None
+    assert decided > 5  # the fast path did decide most of them

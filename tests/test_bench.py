@@ -43,13 +43,15 @@ def test_whole_model_step_runs_the_method_and_writes_json(tmp_path):
 
 
 def test_whole_model_step_at_a_later_phase(tmp_path):
-    """--at times the steps of mid-training (the ramp), where the steering selects every step."""
+    """--at times the steps of mid-training (the ramp), where the steering selects every step; --clock
+    thread their CPU time."""
     bench = load_bench(BENCH.with_name("bench_model_step.py"))
     out = tmp_path / "model-step.json"
-    bench.main(["--models", "linear", "--blocks", "2x2", "--repeats", "2", "--warmup", "1", "--at", "0.3", "--out", str(out)])
+    bench.main(["--models", "linear", "--blocks", "2x2", "--repeats", "2", "--warmup", "1", "--at", "0.3", "--clock", "thread",
+                "--threads", "1", "--out", str(out)])
     data = json.loads(out.read_text())
-    assert data["meta"]["at"] == data["rows"][0]["at"] == 0.3
-    assert "from 30% of training on" in out.with_suffix(".md").read_text()
+    assert data["meta"]["at"] == data["rows"][0]["at"] == 0.3 and data["meta"]["clock"] == "thread"
+    assert "from 30% of training on, thread CPU time" in out.with_suffix(".md").read_text()
     run = bench.make_run("kron", "linear", (2, 2), 2, 64, "cpu", bench.load_data(bench.TrainConfig(), torch.device("cpu")))
     bench.start_at(run, 0.3)
     assert run.step == run.sparsifier.steps > 0 and run.method.steering.schedule(run.sparsifier.steps) > 0  # ramping

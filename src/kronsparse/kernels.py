@@ -240,9 +240,9 @@ class _KronLinearFn(torch.autograd.Function):
 
 
 def _input_rows(x: Tensor, in_features: int) -> Tensor:
-    """x as (N, in) rows, without a copy when it is row-major or transposed (features-major, as the
-    output of a factored layer is when its rows fit one chunk): the copy would be saved for backward
-    beside the tensor it copies, activation memory that dense nn.Linear does not spend."""
+    """x as (N, in) rows, without a copy when it is row-major or transposed (features-major, e.g. a
+    `.t()` or `.mT` the caller made): the copy would be saved for backward beside the tensor it copies,
+    activation memory that dense nn.Linear does not spend."""
     x2 = x.reshape(-1, in_features)
     return x2 if x2.is_contiguous() or x2.t().is_contiguous() else x2.contiguous()
 

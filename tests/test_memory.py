@@ -53,6 +53,19 @@ def test_chunked_paths_equal_the_reference(monkeypatch, path, case, bias, lead):
         assert leaves[0].grad.is_contiguous()
 
 
+@pytest.mark.parametrize("path", ["input_first", "factors_first"])
+@pytest.mark.parametrize("rows", [None, 3])  # None: the rows fit one chunk; 3: many chunks
+def test_output_is_row_major(monkeypatch, path, rows):
+    """A transposed output sends the attention after a q/k/v projection from SDPA's flash kernel to
+    the math one (T×T score matrices held): y must be row-major however the rows were chunked."""
+    if rows is not None:
+        monkeypatch.setattr(kernels, "chunk_rows", lambda *a: rows)
+    layer = KronLinear(32, 16, (4, 4), rank=2, path=path)
+    for bias in (layer.bias, None):
+        y = F.kron_linear(torch.randn(2, 7, 32, requires_grad=True), layer.S, layer.A, layer.B, bias, path=path)
+        assert y.is_contiguous() and y.shape == (2, 7, 16)
+
+
 def measure(layer, x0, gy):
     def fb():
         layer(x0).backward(gy)
@@ -68,6 +81,7 @@ LAYERS = [  # (in, out, block, rank, rows): large blocks, a rectangular one, the
     (512, 512, (16, 16), 2, 1536),
     (256, 512, (8, 4), 3, 300),
     (784, 300, (2, 16), 2, 64),
+    (1024, 1024, (16, 16), 2, 128),  # one chunk
 ]
 
 

@@ -200,7 +200,7 @@ def train_peak_bytes(in_features: int, out_features: int, block_shape, rank: int
     elif path == "factors_first":  # backward's chunk holds xᵀ or gxᵀ (in) with T or gT; forward's yᵀ
         factors = (3 if r > 1 else 2) * r * m1 * n1 + r * m1 * bo * bi + (r * bo * bi if r > 1 else 0)
         chunk = rows * (i + r * m1 * bi)
-        forward = N * o + (2 if r > 1 else 1) * r * m1 * n1 + (rows * (o + r * m1 * bi) if rows < N else 0)
+        forward = N * o + (2 if r > 1 else 1) * r * m1 * n1 + rows * (o + r * m1 * bi)  # y, C, a chunk's yᵀ and T
         return bytes_per_element * max(act + factors + chunk, forward)
     else:
         raise ValueError(f"unknown path {path!r}")

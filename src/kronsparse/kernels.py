@@ -240,8 +240,9 @@ def _reorder(t: Tensor, grid: tuple[int, int, int, int], to_blocks: bool) -> Ten
 # gyᵀ) never exceed half of a dense weight, however large the batch: peak training memory stays
 # below dense nn.Linear's (which holds a weight-sized gradient). Outputs are written in place: y
 # and gx are row-major (N, features) tensors that the GEMMs write into through strided views (BLAS
-# takes a leading dimension, so no transposed copy is made); with a single chunk y is returned as
-# the transposed view of yᵀ, which costs nothing.
+# takes a leading dimension, so no transposed copy is made). y is row-major even when the rows fit
+# one chunk (one copy of yᵀ): returned as yᵀ's transposed view, it made the attention after a q/k/v
+# projection leave SDPA's flash kernel for the math one, which holds the T×T score matrices.
 
 
 def _rows_q_i(C: Tensor) -> Tensor:
@@ -283,9 +284,9 @@ def _factors_first_t(xc: Tensor, Cp: Tensor, n1: int) -> tuple[Tensor, Tensor]:
 
 
 def _forward(x2: Tensor, C: Tensor, B: Tensor, bias: Tensor | None, path: str, rows: int) -> Tensor:
-    """y (N, out) of either factored path, chunk by chunk; bias added in place. Never a view:
-    autograd forbids in-place changes (an inplace ReLU after the layer) on a view made inside a
-    custom Function, so a transposed view is returned detached (the same memory, no copy)."""
+    """y (N, out), row-major, of either factored path, chunk by chunk; bias added in place. Never a
+    view: autograd forbids in-place changes (an inplace ReLU after the layer) on a view made inside a
+    custom Function."""
     r, m1, n1 = C.shape
     _, bo, bi = B.shape
     N, out = x2.shape[0], m1 * bo
@@ -300,22 +301,15 @@ def _forward(x2: Tensor, C: Tensor, B: Tensor, bias: Tensor | None, path: str, r
             T = _factors_first_t(xc, _rows_p_i(C), n1)[1].view(m1, r * bi, e - s)
             yt = torch.bmm(_cols_i_c(B).unsqueeze(0).expand(m1, -1, -1), T).view(out, e - s)
             del T
-        if len(chunks) == 1:  # one chunk: yᵀ computed, y returned as its transposed view
-            return _add_bias_(yt, bias).t().detach()
         if y is None:  # yt's dtype: under autocast the GEMMs run in bf16
             y = yt.new_empty(N, out)
         y[s:e].t().copy_(yt)
         del yt
-    return y if bias is None else _add_bias_(y.t(), bias).t().detach()
-
-
-def _add_bias_(yt: Tensor, bias: Tensor | None) -> Tensor:
-    """yᵀ + bias[:, None], in place where the dtypes allow (no second activation-sized tensor)."""
     if bias is None:
-        return yt
-    if bias.dtype != yt.dtype:  # e.g. a bf16 yᵀ under autocast with an fp32 bias: promote as `+` does
-        return yt + bias.unsqueeze(1)
-    return yt.add_(bias.unsqueeze(1))
+        return y
+    if bias.dtype != y.dtype:  # e.g. a bf16 y under autocast with an fp32 bias: promote as `+` does
+        return y + bias
+    return y.add_(bias)  # in place: no second activation-sized tensor
 
 
 def _bmm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
@@ -397,9 +391,9 @@ class _KronLinearFn(torch.autograd.Function):
 
 
 def _input_rows(x: Tensor, in_features: int) -> Tensor:
-    """x as (N, in) rows, without a copy when it is row-major or transposed (features-major, as the
-    output of a factored layer is when its rows fit one chunk): the copy would be saved for backward
-    beside the tensor it copies, activation memory that dense nn.Linear does not spend."""
+    """x as (N, in) rows, without a copy when it is row-major or transposed (features-major, e.g. a
+    `.t()` or `.mT` the caller made): the copy would be saved for backward beside the tensor it copies,
+    activation memory that dense nn.Linear does not spend."""
     x2 = x.reshape(-1, in_features)
     return x2 if x2.is_contiguous() or x2.t().is_contiguous() else x2.contiguous()
 

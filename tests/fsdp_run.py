@@ -1,0 +1,133 @@
+"""Train a small MLP with a method's Sparsifier under FSDP2 on two gloo processes (tests/test_fsdp.py).
+
+    python tests/fsdp_run.py OUT_DIR METHOD [METHOD ...]
+
+Spawns two ranks. For each method each rank builds the model, the Sparsifier, `fully_shard` on every
+Linear and on the model, and the optimizer, trains STEPS steps on its half of every global batch and
+finalizes; at step RESUME_AT the run is saved with torch.distributed.checkpoint, and a fresh model,
+Sparsifier and optimizer resume from it to the end. Rank 0 writes OUT_DIR/METHOD.pt: the losses
+and final dense weights of both runs. `train` and `build` serve the one-process reference too.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kronsparse import Sparsifier
+from kronsparse.model_tree import layer_weight
+from kronsparse.sharding import gathered
+
+STEPS, RESUME_AT, BATCH = 40, 22, 16
+BLOCK, TARGET = (4, 4), 0.5
+OPTIONS = {"kron": {"rank": 2}, "rigl": {}, "block-magnitude": {}, "group-lasso": {}, "elastic-group-lasso": {}}
+
+
+def model() -> nn.Module:
+    """Row-sharded over two ranks, the first layer's 24 rows split at a block row (12 = 3 blocks of 4),
+    the second's 12 and the third's 4 inside one (rows 6 and 2): blocks spanning both ranks."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 12), nn.ReLU(), nn.Linear(12, 4)).double()
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(STEPS, BATCH, 16, generator=g, dtype=torch.float64)
+    return x, torch.tanh(x @ torch.randn(16, 4, generator=g, dtype=torch.float64))
+
+
+def build(method: str, shard: bool = False):
+    net = model()
+    sp = Sparsifier(net, method, block_shape=BLOCK, target_sparsity=TARGET, total_steps=STEPS, **OPTIONS[method])
+    if shard:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in net:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer)
+        fully_shard(net)
+    return net, sp, sp.optimizer(torch.optim.AdamW, lr=1e-2, weight_decay=0.01)
+
+
+def train(net, sp, opt, steps: range, rank: int = 0, world: int = 1, on_step=None) -> list[float]:
+    """The global batch split over the ranks; the loss returned is the global batch's."""
+    xs, ys = data()
+    part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    losses = []
+    for t in steps:
+        loss = (net(xs[t, part]) - ys[t, part]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sp.step(opt)
+        loss = loss.detach()
+        if world > 1:
+            dist.all_reduce(loss)
+            loss /= world
+        losses.append(float(loss))
+        if on_step is not None:
+            on_step(t)
+    if steps.stop == STEPS:
+        sp.finalize(opt)
+    return losses
+
+
+@torch.no_grad()
+def final_weights(sp) -> dict[str, torch.Tensor]:
+    """Every sparsified layer's dense weight, whole (gathered on every rank)."""
+    layers = sp.sparsified_layers()
+    with gathered(layers.values(), write_back=False):
+        return {name: layer_weight(layer).detach().clone() for name, layer in layers.items()}
+
+
+def run(method: str, out: Path, rank: int, world: int) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    ckpt = str(out / f"{method}-ckpt")
+
+    def save(t: int) -> None:
+        if t == RESUME_AT - 1:
+            model_state, optim_state = get_state_dict(net, opt)
+            state = io.BytesIO()
+            torch.save(sp.state_dict(), state)
+            dcp.save({"model": model_state, "optim": optim_state, "sparsifier": state}, checkpoint_id=ckpt)
+
+    net, sp, opt = build(method, shard=True)
+    losses = train(net, sp, opt, range(STEPS), rank, world, on_step=save)
+    result = {"losses": losses, "weights": final_weights(sp), "block_sparsity": sp.block_sparsity(),
+              "layer_sparsity": sp.layer_sparsity()}
+    net, sp, opt = build(method, shard=True)
+    model_state, optim_state = get_state_dict(net, opt)
+    state = {"model": model_state, "optim": optim_state, "sparsifier": io.BytesIO()}
+    dcp.load(state, checkpoint_id=ckpt)
+    state["sparsifier"].seek(0)
+    sp.load_state_dict(torch.load(state["sparsifier"], weights_only=False), opt)
+    set_state_dict(net, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    result["resumed_losses"] = train(net, sp, opt, range(RESUME_AT, STEPS), rank, world)
+    result["resumed_weights"] = final_weights(sp)
+    return result
+
+
+def worker(rank: int, world: int, out: Path, methods: list[str]) -> None:
+    torch.set_num_threads(1)  # a file rendezvous: no port to pick that another process could take first
+    dist.init_process_group("gloo", init_method="file://" + str(out / "rendezvous"), rank=rank, world_size=world)
+    try:
+        for method in methods:
+            result = run(method, out, rank, world)
+            if rank == 0:
+                torch.save(result, out / f"{method}.pt")
+    finally:
+        dist.barrier()  # without it one rank may tear gloo down under the other (SIGABRT)
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(2, Path(sys.argv[1]).resolve(), sys.argv[2:]), nprocs=2)

@@ -1,0 +1,88 @@
+"""The Sparsifier under FSDP2 (`fully_shard`) on two gloo processes trains as one process does.
+
+tests/fsdp_run.py trains a 3-layer MLP (float64, blocks 4x4, target 0.5) sharded over two ranks, the
+second and third layers' block rows split between them, and saves and resumes it mid-sparsifying
+with torch.distributed.checkpoint. The oracle is the same training in this process on the whole
+global batch: the same losses, the same zero blocks, the target reached over the whole layers (a
+per-rank count gives about half of it), no block zero on one rank only, and the resumed run ends
+where the uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from kronsparse.blocks import block_view
+from kronsparse.methods.steering import count_for
+
+if not (dist.is_available() and dist.is_gloo_available()):
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+import fsdp_run as run  # noqa: E402  (tests/ is on the path, as for architectures.py)
+
+METHODS = ["kron", "block-magnitude", "group-lasso", "elastic-group-lasso", "rigl"]
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> dict[str, dict]:
+    """Every method's results on two ranks, in one pair of processes (~20 s)."""
+    out = tmp_path_factory.mktemp("fsdp")
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("fsdp_run.py")), str(out), *METHODS],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {m: torch.load(out / f"{m}.pt", weights_only=False) for m in METHODS}
+
+
+@pytest.fixture(scope="module")
+def single() -> dict[str, dict]:
+    """The same training in one process, on the whole global batch."""
+    results = {}
+    for method in METHODS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the 4-row head warns nothing; keep the output quiet anyway
+            net, sp, opt = run.build(method)
+        results[method] = {"losses": run.train(net, sp, opt, range(run.STEPS)), "weights": run.final_weights(sp)}
+    return results
+
+
+def zeros_per_block(W: torch.Tensor) -> torch.Tensor:
+    return block_view(W, run.BLOCK).eq(0).flatten(2).sum(-1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_sharded_training_matches_one_process(method, sharded, single):
+    got, want = sharded[method], single[method]
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=1e-9, atol=0)
+    for name, W in want["weights"].items():  # the same zeros in every block: a block zero on one rank only shows
+        assert torch.equal(zeros_per_block(got["weights"][name]), zeros_per_block(W)), f"{method}: layer {name}'s zeros"
+        torch.testing.assert_close(got["weights"][name], W, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_sharded_blocks_are_whole_and_the_target_is_global(method, sharded):
+    got = sharded[method]
+    for name, W in got["weights"].items():
+        zeros = zeros_per_block(W)
+        if method != "rigl":  # RigL grows blocks at exactly zero, and entries fed by a dead ReLU stay so (one process too)
+            assert set(zeros.unique().tolist()) <= {0, 16}, f"{method}: a block of layer {name} is partly zero"
+        zero = int((zeros == 16).sum())
+        assert zero == count_for(run.TARGET, zeros.numel()), f"{method}: layer {name}"
+        assert got["layer_sparsity"][name] == zero / zeros.numel()  # the Sparsifier's own count, on the sharded model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_a_dcp_checkpoint_resumes_to_the_same_end(method, sharded):
+    got = sharded[method]
+    assert got["resumed_losses"] == got["losses"][run.RESUME_AT:]
+    for name, W in got["weights"].items():
+        assert torch.equal(got["resumed_weights"][name], W), f"{method}: layer {name}"

@@ -80,6 +80,25 @@ def train(net, sp, opt, steps: range, rank: int = 0, world: int = 1, on_step=Non
     return losses
 
 
+def masked_grads(net, sp) -> tuple[int, int]:
+    """One more backward after finalize: (gradient entries the masks must hold at zero, how many are
+    not zero); under FSDP2 the masks act on the reduced gradient chunks (sharding.sharded_grad_hook)."""
+    xs, ys = data()
+    net.zero_grad()
+    (net(xs[0]) - ys[0]).pow(2).mean().backward()
+    held = moved = 0
+    for k, layer in enumerate(sp.sparsified_layers().values()):
+        for p in layer.parameters():
+            mask = getattr(getattr(p, "_kronsparse_grad_fn", None), "mask", None)
+            if sp.method.name == "rigl" and p.dim() > 1:  # its hook masks the entries of its pruned blocks
+                mask = ~sp.method.pruned[k]
+            if mask is not None and p.grad is not None:
+                grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                held += int((~mask.bool()).sum())
+                moved += int((grad[~mask.bool()] != 0).sum())
+    return held, moved
+
+
 @torch.no_grad()
 def final_weights(sp) -> dict[str, torch.Tensor]:
     """Every sparsified layer's dense weight, whole (gathered on every rank)."""
@@ -104,7 +123,8 @@ def run(method: str, out: Path, rank: int, world: int) -> dict:
     net, sp, opt = build(method, shard=True)
     losses = train(net, sp, opt, range(STEPS), rank, world, on_step=save)
     result = {"losses": losses, "weights": final_weights(sp), "block_sparsity": sp.block_sparsity(),
-              "layer_sparsity": sp.layer_sparsity()}
+              "layer_sparsity": sp.layer_sparsity(), "summary": str(sp.summary()), "topup_share": sp.topup_share(),
+              "masked_grads": masked_grads(net, sp)}
     net, sp, opt = build(method, shard=True)
     model_state, optim_state = get_state_dict(net, opt)
     state = {"model": model_state, "optim": optim_state, "sparsifier": io.BytesIO()}
@@ -117,10 +137,39 @@ def run(method: str, out: Path, rank: int, world: int) -> dict:
     return result
 
 
+def refusals() -> dict[str, str]:
+    """What a sharded model cannot do, each a one-line ValueError."""
+    from torch.distributed.fsdp import fully_shard
+
+    said = {}
+
+    def attempt(what, fn):
+        try:
+            fn()
+        except ValueError as error:
+            said[what] = str(error)
+
+    net = fully_shard(model())
+    attempt("sparsifier after fully_shard", lambda: Sparsifier(net, "group-lasso", block_shape=BLOCK, target_sparsity=TARGET,
+                                                                   total_steps=STEPS))
+    for method in ("select", "iterative-pruning"):
+        net = model()
+        sp = Sparsifier(net, method, block_shape=BLOCK, target_sparsity=TARGET, total_steps=STEPS,
+                        **({"candidates": [BLOCK, (2, 2)]} if method == "select" else {}))
+        fully_shard(net)
+        attempt(method, lambda: sp.step(torch.optim.SGD(net.parameters(), lr=0.1)))
+    net, sp, opt = build("kron", shard=True)
+    attempt("squash", sp.squash)
+    return said
+
+
 def worker(rank: int, world: int, out: Path, methods: list[str]) -> None:
     torch.set_num_threads(1)  # a file rendezvous: no port to pick that another process could take first
     dist.init_process_group("gloo", init_method="file://" + str(out / "rendezvous"), rank=rank, world_size=world)
     try:
+        said = refusals()
+        if rank == 0:
+            torch.save(said, out / "refusals.pt")
         for method in methods:
             result = run(method, out, rank, world)
             if rank == 0:

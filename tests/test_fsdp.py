@@ -37,7 +37,7 @@ def sharded(tmp_path_factory) -> dict[str, dict]:
     done = subprocess.run([sys.executable, str(Path(__file__).with_name("fsdp_run.py")), str(out), *METHODS],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {m: torch.load(out / f"{m}.pt", weights_only=False) for m in METHODS}
+    return {m: torch.load(out / f"{m}.pt", weights_only=False) for m in [*METHODS, "refusals"]}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,8 @@ def single() -> dict[str, dict]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the 4-row head warns nothing; keep the output quiet anyway
             net, sp, opt = run.build(method)
-        results[method] = {"losses": run.train(net, sp, opt, range(run.STEPS)), "weights": run.final_weights(sp)}
+        results[method] = {"losses": run.train(net, sp, opt, range(run.STEPS)), "weights": run.final_weights(sp),
+                           "summary": str(sp.summary()), "topup_share": sp.topup_share()}
     return results
 
 
@@ -64,6 +65,8 @@ def test_sharded_training_matches_one_process(method, sharded, single):
     for name, W in want["weights"].items():  # the same zeros in every block: a block zero on one rank only shows
         assert torch.equal(zeros_per_block(got["weights"][name]), zeros_per_block(W)), f"{method}: layer {name}'s zeros"
         torch.testing.assert_close(got["weights"][name], W, rtol=1e-9, atol=1e-12)
+    assert got["summary"] == want["summary"]
+    assert got["topup_share"] == want["topup_share"]
 
 
 @pytest.mark.slow
@@ -86,3 +89,20 @@ def test_a_dcp_checkpoint_resumes_to_the_same_end(method, sharded):
     assert got["resumed_losses"] == got["losses"][run.RESUME_AT:]
     for name, W in got["weights"].items():
         assert torch.equal(got["resumed_weights"][name], W), f"{method}: layer {name}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_masked_gradients_stay_zero_on_the_sharded_parameters(method, sharded):
+    held, moved = sharded[method]["masked_grads"]
+    assert moved == 0
+    assert held > 0 or method == "block-magnitude"  # its mask multiplies the weight in the forward instead
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what, says", [("sparsifier after fully_shard", "build the Sparsifier first"),
+                                        ("select", "does not run on a sharded"),
+                                        ("iterative-pruning", "does not run on a sharded"),
+                                        ("squash", "unsharded model")])
+def test_what_a_sharded_model_cannot_do_is_refused_in_one_line(what, says, sharded):
+    assert says in sharded["refusals"][what]

@@ -18,6 +18,7 @@ torch.distributed, or with no process group, everything here is a no-op.
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
@@ -49,6 +50,15 @@ def sharded_of(param: Tensor) -> Tensor:
 def local_part(param: Tensor, full: Tensor) -> Tensor:
     """The chunk of `full` (shaped like sharded `param`) that this rank holds, by param's placements."""
     return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+
+
+def fsdp_wrapped(cls: type) -> type | None:
+    """The class that fully_shard wrapped, for the class it makes on the fly (FSDP<cls>, bases
+    (FSDPModule, cls)); None for any other class."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing was wrapped
+    if fsdp is not None and len(cls.__bases__) == 2 and cls.__bases__[0] is fsdp.FSDPModule:
+        return cls.__bases__[1]
+    return None
 
 
 def any_sharded(modules: Iterable[nn.Module]) -> bool:

@@ -134,7 +134,22 @@ def run(method: str, out: Path, rank: int, world: int) -> dict:
     set_state_dict(net, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     result["resumed_losses"] = train(net, sp, opt, range(RESUME_AT, STEPS), rank, world)
     result["resumed_weights"] = final_weights(sp)
+    result["squashed"] = squashed(method, net, sp)
     return result
+
+
+def squashed(method: str, net, sp) -> dict[str, torch.Tensor]:
+    """The plain model out of a sharded run: its full state dict and the Sparsifier's state loaded
+    into an unsharded model with its own Sparsifier, which squashes it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True))
+    plain, plain_sp, _ = build(method)
+    plain_sp.load_state_dict(sp.state_dict())
+    plain.load_state_dict(full)
+    plain_sp.squash()
+    assert all(type(m) in (nn.Sequential, nn.Linear, nn.ReLU) for m in plain.modules()), plain  # plain modules only
+    return {name: plain.get_submodule(name).weight.detach().clone() for name in sp.layers}
 
 
 def refusals() -> dict[str, str]:

@@ -106,3 +106,11 @@ def test_masked_gradients_stay_zero_on_the_sharded_parameters(method, sharded):
                                         ("squash", "unsharded model")])
 def test_what_a_sharded_model_cannot_do_is_refused_in_one_line(what, says, sharded):
     assert says in sharded["refusals"][what]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_a_sharded_run_squashes_through_an_unsharded_model(method, sharded):
+    got = sharded[method]
+    for name, W in got["weights"].items():
+        assert torch.equal(got["squashed"][name], W), f"{method}: layer {name}"

@@ -229,6 +229,7 @@ class Sparsifier:
         self._refuse_sharded("squash")
         if not self.method.finalized:
             self.finalize()
+        self.method.squash()  # block-magnitude finalized on a sharded model still holds its parametrization
         squash_(self.model, self.originals)
         for p in self.model.parameters():
             if getattr(p, "_kronsparse_hooked", False):

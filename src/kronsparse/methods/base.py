@@ -219,6 +219,10 @@ class Method:
         """Exact zero blocks everywhere; masks frozen from here on."""
         self.finalized = True
 
+    def squash(self) -> None:
+        """Leave plain weights (Sparsifier.squash calls it after finalize): a method that keeps its
+        masks as parametrizations removes them here."""
+
     @torch.no_grad()
     def freeze_zeros(self) -> None:
         """Record every layer's zero weights as frozen (dense-weight methods, at finalize)."""

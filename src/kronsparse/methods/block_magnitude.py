@@ -14,7 +14,8 @@ so pruned blocks get no gradient, and `finalize` calls `squash_mask()`, which le
 
 Under FSDP2 (sharding.py) the parametrization stays to the end: removing it would take the weight
 out of FSDP's hands. `finalize` then folds the mask into `parametrizations.weight.original` (exact
-zero blocks there too) and keeps it frozen; `Sparsifier.squash` needs an unsharded model anyway.
+zero blocks there too) and keeps it frozen. An unsharded model that loads this state (and the full
+weights) loses the parametrization at `Sparsifier.squash`.
 
 The sparsity is per layer (WeightNormSparsifier has no global level, so scope "global" is refused). The masks are saved by this
 method's state_dict, not the model's (see BlockMask).

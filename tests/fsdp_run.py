@@ -26,14 +26,18 @@ from kronsparse.sharding import gathered
 
 STEPS, RESUME_AT, BATCH = 40, 22, 16
 BLOCK, TARGET = (4, 4), 0.5
-OPTIONS = {"kron": {"rank": 2}, "rigl": {}, "block-magnitude": {}, "group-lasso": {}, "elastic-group-lasso": {}}
+# kron's factored path (layers this small would take "materialize", a plain F.linear)
+OPTIONS = {"kron": {"rank": 2, "path": "input_first"}, "rigl": {}, "block-magnitude": {}, "group-lasso": {},
+           "elastic-group-lasso": {}}
 
 
 def model() -> nn.Module:
     """Row-sharded over two ranks, the first layer's 24 rows split at a block row (12 = 3 blocks of 4),
-    the second's 12 and the third's 4 inside one (rows 6 and 2): blocks spanning both ranks."""
+    the second's 12 and the third's 4 inside one (rows 6 and 2): blocks spanning both ranks. The
+    in-place ReLUs act on the layers' outputs, which FSDP2 hooks for the backward."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 12), nn.ReLU(), nn.Linear(12, 4)).double()
+    return nn.Sequential(nn.Linear(16, 24), nn.ReLU(inplace=True), nn.Linear(24, 12), nn.ReLU(inplace=True),
+                         nn.Linear(12, 4)).double()
 
 
 def data() -> tuple[torch.Tensor, torch.Tensor]:

@@ -230,19 +230,31 @@ class _KronLinearFn(torch.autograd.Function):
     """y = x Wᵀ + b with W = sum_i kron(S*A_i, B_i) by a factored path, saving only the inputs."""
 
     @staticmethod
-    def forward(ctx, x2, S, A, B, bias, path, rows):  # x2: (N, in), row-major or transposed
+    def forward(ctx, x2, S, A, B, bias, path, rows, shape):  # x2: (N, in), row-major or transposed
         ctx.path, ctx.rows = path, rows
         ctx.save_for_backward(x2, S, A, B)
-        return _forward(x2, S * A, B, bias, path, rows)
+        return _not_a_view(_forward(x2, S * A, B, bias, path, rows).reshape(shape))
 
     @staticmethod
     def backward(ctx, gy):
         x2, S, A, B = ctx.saved_tensors
-        gy = gy.to(x2.dtype)  # under autocast gy may be bf16 while the saved input is fp32
+        gy = gy.reshape(-1, gy.shape[-1]).to(x2.dtype)  # under autocast gy may be bf16 while the saved input is fp32
         need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
         gbias = gy.sum(0) if need_b else None
         gx, gC, gB = _BACKWARD[ctx.path](x2, S * A, B, gy, need_x, ctx.rows)
-        return gx, (gC * A).sum(0), gC * S, gB, gbias, None, None
+        return gx, (gC * A).sum(0), gC * S, gB, gbias, None, None, None
+
+
+def _not_a_view(y: Tensor) -> Tensor:
+    """y's data as a tensor of its own, not a view (no copy). FSDP2 hooks a module's outputs to
+    all-gather its parameters for the backward; an in-place op on an output that is a view (a
+    ReLU(inplace=True) after the layer) drops that hook, and the backward then read freed
+    parameters (a segfault, torch 2.13 on CPU). nn.Linear returns no view either. Under
+    torch.compile, which cannot trace `set_`, y as it is."""
+    if torch.compiler.is_compiling():
+        return y
+    return torch.empty(0, dtype=y.dtype, device=y.device).set_(y.untyped_storage(), y.storage_offset(), y.shape,
+                                                                y.stride())
 
 
 def _input_rows(x: Tensor, in_features: int) -> Tensor:
@@ -271,5 +283,4 @@ def _kron_linear(x: Tensor, S: Tensor, A: Tensor, B: Tensor, bias: Tensor | None
         return torch.nn.functional.linear(x, _build_weight(S * A, B), bias)
     x2 = _input_rows(x, in_features)
     rows = chunk_rows(in_features, m1 * bo, (bo, bi), r, path)
-    y = _KronLinearFn.apply(x2, S, A, B, bias, path, rows)
-    return y.reshape(*x.shape[:-1], m1 * bo)
+    return _KronLinearFn.apply(x2, S, A, B, bias, path, rows, (*x.shape[:-1], m1 * bo))

@@ -1,6 +1,6 @@
 """Train a small MLP with a method's Sparsifier under FSDP2 on two gloo processes (tests/test_fsdp.py).
 
-    python tests/fsdp_run.py OUT_DIR METHOD [METHOD ...]
+    python tests/fsdp_run.py OUT_DIR METHOD [METHOD ...]   (gpt2-METHOD: a GPT-2 block, no resume)
 
 Spawns two ranks. For each method each rank builds the model, the Sparsifier, `fully_shard` on every
 Linear and on the model, and the optimizer, trains STEPS steps on its half of every global batch and
@@ -156,6 +156,48 @@ def squashed(method: str, net, sp) -> dict[str, torch.Tensor]:
     return {name: plain.get_submodule(name).weight.detach().clone() for name in sp.layers}
 
 
+GPT_STEPS = 12
+
+
+def gpt2(method: str = "group-lasso", shard: bool = False):
+    """A one-block GPT-2: its Conv1D weights are stored (in, out), tiled as stored in (bi, bo) blocks,
+    and sharded over their 24 input rows (block rows of 8 split between the ranks); the head tied to
+    the embedding stays dense."""
+    import transformers
+
+    torch.manual_seed(0)
+    net = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=24, n_layer=1,
+                                                               n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                               attn_pdrop=0.0)).double()  # no dropout: no RNG
+    sp = Sparsifier(net, method, block_shape=(4, 8), target_sparsity=TARGET, total_steps=GPT_STEPS)
+    if shard:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(net.transformer.h[0])
+        fully_shard(net)
+    return net, sp, sp.optimizer(torch.optim.AdamW, lr=1e-2)
+
+
+def train_gpt(net, sp, opt, rank: int = 0, world: int = 1) -> dict:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (GPT_STEPS, 4, 16), generator=g)
+    losses = []
+    for batch in ids:
+        mine = batch[rank * 4 // world:(rank + 1) * 4 // world]
+        loss = net(input_ids=mine, labels=mine).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sp.step(opt)
+        loss = loss.detach()
+        if world > 1:
+            dist.all_reduce(loss)
+            loss /= world
+        losses.append(float(loss))
+    sp.finalize(opt)
+    return {"losses": losses, "weights": final_weights(sp), "layer_sparsity": sp.layer_sparsity()}
+
+
 def refusals() -> dict[str, str]:
     """What a sharded model cannot do, each a one-line ValueError."""
     from torch.distributed.fsdp import fully_shard
@@ -190,7 +232,10 @@ def worker(rank: int, world: int, out: Path, methods: list[str]) -> None:
         if rank == 0:
             torch.save(said, out / "refusals.pt")
         for method in methods:
-            result = run(method, out, rank, world)
+            if method.startswith("gpt2-"):  # e.g. gpt2-group-lasso
+                result = train_gpt(*gpt2(method[5:], shard=True), rank, world)
+            else:
+                result = run(method, out, rank, world)
             if rank == 0:
                 torch.save(result, out / f"{method}.pt")
     finally:

@@ -28,16 +28,21 @@ if not (dist.is_available() and dist.is_gloo_available()):
 import fsdp_run as run  # noqa: E402  (tests/ is on the path, as for architectures.py)
 
 METHODS = ["kron", "block-magnitude", "group-lasso", "elastic-group-lasso", "rigl"]
+try:
+    import transformers  # noqa: F401
+    GPT = ["gpt2-group-lasso"]  # a dense-weight method on Conv1D weights, stored (in, out)
+except ImportError:
+    GPT = []
 
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> dict[str, dict]:
     """Every method's results on two ranks, in one pair of processes (~20 s)."""
     out = tmp_path_factory.mktemp("fsdp")
-    done = subprocess.run([sys.executable, str(Path(__file__).with_name("fsdp_run.py")), str(out), *METHODS],
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("fsdp_run.py")), str(out), *METHODS, *GPT],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {m: torch.load(out / f"{m}.pt", weights_only=False) for m in [*METHODS, "refusals"]}
+    return {m: torch.load(out / f"{m}.pt", weights_only=False) for m in [*METHODS, *GPT, "refusals"]}
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +58,8 @@ def single() -> dict[str, dict]:
     return results
 
 
-def zeros_per_block(W: torch.Tensor) -> torch.Tensor:
-    return block_view(W, run.BLOCK).eq(0).flatten(2).sum(-1)
+def zeros_per_block(W: torch.Tensor, block=run.BLOCK) -> torch.Tensor:
+    return block_view(W, block).eq(0).flatten(2).sum(-1)
 
 
 @pytest.mark.slow
@@ -114,3 +119,17 @@ def test_a_sharded_run_squashes_through_an_unsharded_model(method, sharded):
     got = sharded[method]
     for name, W in got["weights"].items():
         assert torch.equal(got["squashed"][name], W), f"{method}: layer {name}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", GPT or [pytest.param("gpt2-group-lasso", marks=pytest.mark.skip("no transformers"))])
+def test_a_sharded_gpt2_trains_as_one_process(method, sharded):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' notices about a tiny config
+        want = run.train_gpt(*run.gpt2(method[5:]))
+    got = sharded[method]  # transformers computes the loss in float32: to 1e-6
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=1e-6, atol=0)
+    assert got["layer_sparsity"] == want["layer_sparsity"] == dict.fromkeys(want["layer_sparsity"], run.TARGET)
+    for name, W in want["weights"].items():
+        assert torch.equal(zeros_per_block(got["weights"][name], (4, 8)), zeros_per_block(W, (4, 8))), name  # (out, in)
+        torch.testing.assert_close(got["weights"][name], W, rtol=1e-6, atol=1e-9)

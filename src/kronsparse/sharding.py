@@ -12,7 +12,8 @@ sparsified layers' parameters per step: S, A, B for kron (small), the weights fo
 methods (what FSDP gathers for the forward anyway).
 
 A copy knows the sharded parameter it stands for (`sharded_of`), so code that looks a parameter up
-in the optimizer (its lr, its state) or hooks its gradient reaches the real one. Without
+in the optimizer (its lr, its state) or hooks its gradient reaches the real one, and it carries the
+marks kronsparse set on that one (`_kronsparse*` attributes: a Conv1D weight's orientation). Without
 torch.distributed, or with no process group, everything here is a no-op.
 """
 
@@ -80,8 +81,9 @@ def gathered(modules: Iterable[nn.Module], write_back: bool = True) -> Iterator[
             for name, p in list(owner._parameters.items()):
                 if is_sharded(p):
                     if id(p) not in copies:
-                        copies[id(p)] = nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
-                        setattr(copies[id(p)], STANDS_FOR, p)
+                        copies[id(p)] = copy = nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
+                        vars(copy).update({k: v for k, v in vars(p).items() if k.startswith("_kronsparse")})
+                        setattr(copy, STANDS_FOR, p)
                     owner._parameters[name] = copies[id(p)]  # as FSDP itself swaps in unsharded parameters
                     swapped.append((owner, name, p))
     try:

@@ -76,7 +76,7 @@ class Sparsifier:
         self.squashed = False
         if cls.trains_factors:
             guard_save_pretrained(model)
-        self._record_grad_hooks()
+        self._record_marks()
         self._warn_capped_rank()
         if layers is None:  # the layers chosen for the user: say when they leave most weights dense
             self._warn_coverage()
@@ -117,7 +117,7 @@ class Sparsifier:
         weights and Kronecker factors A, B; never on S, biases or norms. With `lr` (and the
         optimizer's class) every group carries its lr: Kronecker factors train at `factor_lr` x lr
         (8x under Adam-type optimizers, see KronOptions). `optimizer()` does all of this."""
-        self._carry_grad_hooks()
+        self._carry_marks()
         return self.method.param_groups(self.model, weight_decay, lr, optimizer_cls)
 
     def optimizer(self, optimizer_cls: type, lr: float, weight_decay: float | None = None,
@@ -249,7 +249,7 @@ class Sparsifier:
             if self.method.name in UNSHARDABLE:
                 raise ValueError(f"method {self.method.name!r} does not run on a sharded (fully_shard) model: it "
                                  f"{UNSHARDABLE[self.method.name]}")
-            self._carry_grad_hooks()
+            self._carry_marks()
         return gathered(self.layers.values(), write_back)
 
     def _refuse_sharded(self, what: str) -> None:
@@ -257,17 +257,23 @@ class Sparsifier:
             raise ValueError(f"cannot {what} a sharded (fully_shard) model: load its full state dict into an "
                              "unsharded model with its own Sparsifier first (docs/your-model.md, FSDP2)")
 
-    def _record_grad_hooks(self) -> None:
-        """The gradient hooks the method has set so far: fully_shard replaces every parameter by a new
-        sharded one, and `_carry_grad_hooks` puts them on those."""
-        self._grad_fns = {(name, pn): p._kronsparse_grad_fn for name, layer in self.layers.items()
-                          for pn, p in layer.named_parameters() if getattr(p, "_kronsparse_hooked", False)}
+    def _record_marks(self) -> None:
+        """What the method has put on its layers' parameters so far (a gradient hook, a Conv1D
+        weight's orientation): fully_shard replaces every parameter by a new sharded one, and
+        `_carry_marks` puts them on those."""
+        self._marks = {(name, pn): marks for name, layer in self.layers.items() for pn, p in layer.named_parameters()
+                       if (marks := {k: v for k, v in vars(p).items() if k.startswith(MARK)})}
 
-    def _carry_grad_hooks(self) -> None:
-        for (name, pn), fn in self._grad_fns.items():
+    def _carry_marks(self) -> None:
+        for (name, pn), marks in self._marks.items():
             p = self.layers[name].get_parameter(pn)
-            if is_sharded(p) and not getattr(p, "_kronsparse_hooked", False):
-                set_grad_hook(p, fn)
+            if not is_sharded(p):
+                continue
+            for key, value in marks.items():
+                if key not in HOOK_MARKS and not hasattr(p, key):
+                    setattr(p, key, value)
+            if marks.get("_kronsparse_hooked") and not getattr(p, "_kronsparse_hooked", False):
+                set_grad_hook(p, marks["_kronsparse_grad_fn"])
 
     def state_dict(self) -> dict:
         """Everything of the Sparsifier's to resume mid-run (the model and optimizer have their own)."""
@@ -282,7 +288,7 @@ class Sparsifier:
         self._check_state(state)
         with self._gathered():
             self.method.load_state_dict(state["method"])
-        self._record_grad_hooks()
+        self._record_marks()
         self.steps = state["steps"]
         if self.method.structure_changed() and optimizer is not None:
             drop_missing_params(optimizer, self.model)
@@ -303,6 +309,8 @@ class Sparsifier:
             raise ValueError(f"the state is at step {state['steps']}, outside this Sparsifier's 0..{self.total_steps}")
 
 
+MARK = "_kronsparse"  # the attributes kronsparse sets on a parameter
+HOOK_MARKS = ("_kronsparse_hooked", "_kronsparse_grad_fn")  # set by set_grad_hook, which also registers the hook
 UNSHARDABLE = {"select": "removes parameters while it selects, and FSDP2 holds a fixed set",
                "iterative-pruning": "re-registers the weights (torch.nn.utils.prune), which FSDP2 holds"}
 

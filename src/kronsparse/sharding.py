@@ -19,6 +19,7 @@ torch.distributed, or with no process group, everything here is a no-op.
 
 from __future__ import annotations
 
+import math
 import sys
 from contextlib import contextmanager
 from typing import Iterable, Iterator
@@ -27,9 +28,9 @@ import torch
 from torch import Tensor, nn
 
 try:
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 except ImportError:  # a torch built without distributed: nothing is ever sharded
-    DTensor, distribute_tensor = (), None
+    DTensor, Shard, distribute_tensor = (), None, None
 
 STANDS_FOR = "_kronsparse_stands_for"  # on a full copy: the sharded parameter it stands for
 
@@ -74,18 +75,16 @@ def gathered(modules: Iterable[nn.Module], write_back: bool = True) -> Iterator[
     if not distributed():
         yield
         return
+    swapped = [(owner, name, p) for module in modules for owner in module.modules()
+               for name, p in owner._parameters.items() if is_sharded(p)]
+    params = list({id(p): p for _, _, p in swapped}.values())
     copies: dict[int, nn.Parameter] = {}
-    swapped = []
-    for module in modules:
-        for owner in module.modules():
-            for name, p in list(owner._parameters.items()):
-                if is_sharded(p):
-                    if id(p) not in copies:
-                        copies[id(p)] = copy = nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
-                        vars(copy).update({k: v for k, v in vars(p).items() if k.startswith("_kronsparse")})
-                        setattr(copy, STANDS_FOR, p)
-                    owner._parameters[name] = copies[id(p)]  # as FSDP itself swaps in unsharded parameters
-                    swapped.append((owner, name, p))
+    for p, full in zip(params, full_tensors(params)):
+        copies[id(p)] = copy = nn.Parameter(full, requires_grad=p.requires_grad)
+        vars(copy).update({k: v for k, v in vars(p).items() if k.startswith("_kronsparse")})
+        setattr(copy, STANDS_FOR, p)
+    for owner, name, p in swapped:
+        owner._parameters[name] = copies[id(p)]  # as FSDP itself swaps in unsharded parameters
     try:
         yield
     finally:
@@ -96,6 +95,46 @@ def gathered(modules: Iterable[nn.Module], write_back: bool = True) -> Iterator[
                     p.to_local().copy_(local_part(p, owner._parameters[name].detach()))
                 done.add(id(p))
             owner._parameters[name] = p
+
+
+@torch.no_grad()
+def full_tensors(params: list[Tensor]) -> list[Tensor]:
+    """The whole tensors of sharded `params`, the same on every rank. Those sharded by rows over a
+    1-D mesh (FSDP2's default) come in one all-gather per mesh and dtype, as FSDP gathers them (one
+    `full_tensor` each cost about 1 ms of latency apiece on CPU gloo); any other placement one by one."""
+    fulls: list[Tensor | None] = [None] * len(params)
+    batches: dict[tuple, list[int]] = {}
+    for k, p in enumerate(params):
+        if p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),):
+            batches.setdefault((id(p.device_mesh), p.dtype, p.device), []).append(k)
+        else:
+            fulls[k] = p.full_tensor()
+    for ks in batches.values():
+        for k, full in zip(ks, _gather_rows([params[k] for k in ks])):
+            fulls[k] = full
+    return fulls
+
+
+def _gather_rows(params: list[Tensor]) -> list[Tensor]:
+    """Row-sharded params of one mesh and dtype, whole. Rank r holds rows [r*c, (r+1)*c) of a
+    tensor of n rows, c = ceil(n / world) (torch.chunk's split, FSDP2's and DTensor's)."""
+    mesh = params[0].device_mesh
+    world = mesh.size()
+    chunk = [-(-p.shape[0] // world) for p in params]
+    width = [math.prod(p.shape[1:]) for p in params]  # entries per row
+    local = []
+    for p, c, w in zip(params, chunk, width):
+        mine = p.to_local().reshape(-1)
+        local += [mine, mine.new_zeros(c * w - mine.numel())]  # padded to c rows
+    flat = torch.cat(local)
+    pieces = [torch.empty_like(flat) for _ in range(world)]
+    torch.distributed.all_gather(pieces, flat, group=mesh.get_group())
+    fulls, offset = [], 0
+    for p, c, w in zip(params, chunk, width):
+        rows = [max(0, min(c, p.shape[0] - r * c)) for r in range(world)]
+        fulls.append(torch.cat([pieces[r][offset:offset + n * w] for r, n in enumerate(rows)]).view(p.shape))
+        offset += c * w
+    return fulls
 
 
 @torch.no_grad()

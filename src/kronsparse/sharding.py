@@ -98,6 +98,16 @@ def gathered(modules: Iterable[nn.Module], write_back: bool = True) -> Iterator[
 
 
 @torch.no_grad()
+def zero_where_(param: Tensor, where: Tensor) -> None:
+    """param[where] = 0 in place, `where` shaped like the whole param; a sharded param zeroes its own
+    chunk (no gathering: the frozen masks of a finalized method are applied so)."""
+    if is_sharded(param):
+        param.to_local().masked_fill_(local_part(param, where), 0)
+    else:
+        param.masked_fill_(where, 0)
+
+
+@torch.no_grad()
 def full_tensors(params: list[Tensor]) -> list[Tensor]:
     """The whole tensors of sharded `params`, the same on every rank. Those sharded by rows over a
     1-D mesh (FSDP2's default) come in one all-gather per mesh and dtype, as FSDP gathers them (one

@@ -19,6 +19,7 @@ swap those layers in place when the Sparsifier is built, so build it before the 
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -131,7 +132,7 @@ class Sparsifier:
         """Call after every optimizer.step(): proximal maps, masks, mask updates. When the method
         removed parameters (select), they leave the optimizer's groups and state here."""
         self._refuse_squashed("step")
-        with self._gathered():
+        with self._gathered(needed=not self.method.finalized):  # frozen masks apply to each rank's chunk
             self.method.step(optimizer, self.steps)
         if self.method.structure_changed():
             drop_missing_params(optimizer, self.model)
@@ -243,14 +244,15 @@ class Sparsifier:
 
     # -- FSDP2 (sharding.py): the method's work runs on full copies of the sharded parameters -----
 
-    def _gathered(self, write_back: bool = True):
-        """The sparsified layers' sharded parameters as full copies while the method works on them."""
+    def _gathered(self, write_back: bool = True, needed: bool = True):
+        """The sparsified layers' sharded parameters as full copies while the method works on them
+        (not `needed`: they stay sharded)."""
         if any_sharded(self.layers.values()):
             if self.method.name in UNSHARDABLE:
                 raise ValueError(f"method {self.method.name!r} does not run on a sharded (fully_shard) model: it "
                                  f"{UNSHARDABLE[self.method.name]}")
             self._carry_marks()
-        return gathered(self.layers.values(), write_back)
+        return gathered(self.layers.values(), write_back) if needed else nullcontext()
 
     def _refuse_sharded(self, what: str) -> None:
         if any_sharded(self.layers.values()):

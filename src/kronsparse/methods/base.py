@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..blocks import matrix_view
 from ..model_tree import find_layers, is_conv1d
-from ..sharding import is_sharded, local_part, sharded_grad_hook, sharded_of
+from ..sharding import is_sharded, local_part, sharded_grad_hook, sharded_of, zero_where_
 from .steering import check_steering
 
 SCOPES = ("layer", "global")
@@ -233,7 +233,7 @@ class Method:
     def apply_frozen(self) -> None:
         """Frozen zeros stay zero: weights re-zeroed, their gradients masked."""
         for layer, keep in zip(self.layers, getattr(self, "frozen", [])):
-            layer.weight.masked_fill_(~keep, 0)
+            zero_where_(layer.weight, ~keep)
             mask_grad(layer.weight, keep)
 
     def summary(self) -> dict:

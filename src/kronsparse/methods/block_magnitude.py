@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.ao.pruning import FakeSparsity, WeightNormSparsifier
 
-from ..sharding import STANDS_FOR
+from ..sharding import STANDS_FOR, zero_where_
 from .base import Method
 from .schedules import CubicSchedule
 from .steering import count_for
@@ -127,7 +127,7 @@ class BlockMagnitudeMethod(Method):
         if self.squashed:
             return super().apply_frozen()
         for layer, keep in zip(self.layers, getattr(self, "frozen", [])):  # the mask zeroes the gradient
-            layer.parametrizations.weight.original.masked_fill_(~keep, 0)
+            zero_where_(layer.parametrizations.weight.original, ~keep)
 
     @torch.no_grad()
     def freeze_zeros(self) -> None:

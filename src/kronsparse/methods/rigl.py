@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import block_norms, expand_block_mask
-from ..sharding import is_sharded, local_part, sharded_of
+from ..sharding import is_sharded, local_part, sharded_of, zero_where_
 from .base import Method, set_grad_hook
 from .schedules import CosineDecay, Every
 from .steering import count_for, select
@@ -124,7 +124,7 @@ class RigLMethod(Method):
 
     def _apply_masks(self) -> None:
         for layer, pruned in zip(self.layers, self.pruned):
-            layer.weight.masked_fill_(pruned, 0)
+            zero_where_(layer.weight, pruned)
 
     @torch.no_grad()
     def step(self, optimizer, step: int, lr: float | None = None) -> None:

@@ -3,10 +3,12 @@
     python tests/fsdp_run.py OUT_DIR METHOD [METHOD ...]   (gpt2-METHOD: a GPT-2 block, no resume)
 
 Spawns two ranks. For each method each rank builds the model, the Sparsifier, `fully_shard` on every
-Linear and on the model, and the optimizer, trains STEPS steps on its half of every global batch and
-finalizes; at step RESUME_AT the run is saved with torch.distributed.checkpoint, and a fresh model,
-Sparsifier and optimizer resume from it to the end. Rank 0 writes OUT_DIR/METHOD.pt: the losses
-and final dense weights of both runs. `train` and `build` serve the one-process reference too.
+Linear and on the model, and the optimizer, and trains STEPS steps on its half of every global batch,
+finalizing at FINALIZE_AT; at step RESUME_AT the run is saved with torch.distributed.checkpoint, and
+a fresh model, Sparsifier and optimizer resume from it to the end. Rank 0 writes OUT_DIR/METHOD.pt:
+the losses and final dense weights of both runs, the Sparsifier's counts, a backward's masked
+gradients and the plain model squashed from the run; OUT_DIR/refusals.pt holds what a sharded
+model refuses. `build`, `train`, `gpt2` and `train_gpt` serve the one-process reference too.
 """
 
 from __future__ import annotations

@@ -223,6 +223,11 @@ def refusals() -> dict[str, str]:
                         **({"candidates": [BLOCK, (2, 2)]} if method == "select" else {}))
         fully_shard(net)
         attempt(method, lambda: sp.step(torch.optim.SGD(net.parameters(), lr=0.1)))
+    net = model()
+    sp = Sparsifier(net, "kron", block_shape=BLOCK, target_sparsity=TARGET, total_steps=STEPS)
+    early = sp.optimizer(torch.optim.AdamW, lr=1e-2)
+    fully_shard(net)
+    attempt("optimizer before fully_shard", lambda: sp.step(early))
     net, sp, opt = build("kron", shard=True)
     attempt("squash", sp.squash)
     return said

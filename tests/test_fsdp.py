@@ -108,6 +108,7 @@ def test_masked_gradients_stay_zero_on_the_sharded_parameters(method, sharded):
 @pytest.mark.parametrize("what, says", [("sparsifier after fully_shard", "build the Sparsifier first"),
                                         ("select", "does not run on a sharded"),
                                         ("iterative-pruning", "does not run on a sharded"),
+                                        ("optimizer before fully_shard", "and after fully_shard"),
                                         ("squash", "unsharded model")])
 def test_what_a_sharded_model_cannot_do_is_refused_in_one_line(what, says, sharded):
     assert says in sharded["refusals"][what]

@@ -94,7 +94,8 @@ def learning_rates(optimizer: torch.optim.Optimizer | None, params: list[Tensor]
     params = [sharded_of(p) for p in params]  # under FSDP2 the optimizer holds the sharded ones
     if any(id(p) not in group_lr for p in params):
         raise ValueError("a sparsified layer's parameter is not in the optimizer: build the optimizer after the "
-                         "Sparsifier (it swaps layers), e.g. torch.optim.AdamW(sp.param_groups(), lr=...)")
+                         "Sparsifier (it swaps layers), e.g. torch.optim.AdamW(sp.param_groups(), lr=...)"
+                         + (", and after fully_shard (it replaces every parameter)" if any(map(is_sharded, params)) else ""))
     return [group_lr[id(p)] for p in params]
 
 

@@ -8,8 +8,11 @@ work on full parameters: `gathered(layers)` swaps every sharded parameter of the
 copy (all-gathered, identical on every rank), the method's code runs unchanged on the copies, and
 each rank writes its own chunk back. Every rank computes the same thing from the same tensors, so a
 block is zero on all ranks or on none and every count is global. The cost is one all-gather of the
-sparsified layers' parameters per step: S, A, B for kron (small), the weights for the dense-weight
-methods (what FSDP gathers for the forward anyway).
+sparsified layers' parameters per step (`full_tensors`), all layers at once: S, A, B for kron
+(small), but the whole weights of the sparsified layers for the dense-weight methods, held on every
+rank while the method works (computing their block norms from the local rows, summed over the
+ranks, would avoid that; not done). Once a method is finalized its steps only apply frozen masks,
+which every rank does on its own chunk (`zero_where_`), gathering nothing.
 
 A copy knows the sharded parameter it stands for (`sharded_of`), so code that looks a parameter up
 in the optimizer (its lr, its state) or hooks its gradient reaches the real one, and it carries the

@@ -77,7 +77,7 @@ def matrix_view(W: Tensor, block_shape) -> tuple[Tensor, tuple[int, int]]:
     bo, bi = block_shape
     if W.dim() == 2:
         return W, (bo, bi)
-    return W.flatten(1), (bo, bi * W[0, 0].numel())
+    return W.flatten(1), (bo, bi * math.prod(W.shape[2:]))
 
 
 def block_view(W: Tensor, block_shape) -> Tensor:

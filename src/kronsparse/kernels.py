@@ -283,10 +283,13 @@ def _factors_first_t(xc: Tensor, Cp: Tensor, n1: int) -> tuple[Tensor, Tensor]:
     return Xt, torch.mm(Cp, Xt)
 
 
-def _forward(x2: Tensor, C: Tensor, B: Tensor, bias: Tensor | None, path: str, rows: int) -> Tensor:
-    """y (N, out), row-major, of either factored path, chunk by chunk; bias added in place. Never a
-    view: autograd forbids in-place changes (an inplace ReLU after the layer) on a view made inside a
-    custom Function."""
+def _forward(x2: Tensor, C: Tensor, B: Tensor, bias: Tensor | None, path: str, rows: int,
+             shape: tuple[int, ...]) -> Tensor:
+    """y, row-major and shaped `shape` (the input's leading dimensions, out), of either factored
+    path, chunk by chunk; bias added in place. y is allocated in its final shape, so the Function
+    returns a tensor of its own, never a view: autograd forbids in-place changes (an inplace ReLU
+    after the layer) on a view made inside a custom Function, and under FSDP2 an in-place op on an
+    output view dropped the hook that gathers the parameters for the backward (a segfault)."""
     r, m1, n1 = C.shape
     _, bo, bi = B.shape
     N, out = x2.shape[0], m1 * bo
@@ -302,8 +305,8 @@ def _forward(x2: Tensor, C: Tensor, B: Tensor, bias: Tensor | None, path: str, r
             yt = torch.bmm(_cols_i_c(B).unsqueeze(0).expand(m1, -1, -1), T).view(out, e - s)
             del T
         if y is None:  # yt's dtype: under autocast the GEMMs run in bf16
-            y = yt.new_empty(N, out)
-        y[s:e].t().copy_(yt)
+            y = yt.new_empty(shape)
+        y.view(N, out)[s:e].t().copy_(yt)
         del yt
     if bias is None:
         return y
@@ -375,19 +378,19 @@ class _KronLinearFn(torch.autograd.Function):
     """y = x Wᵀ + b with W = sum_i kron(S*A_i, B_i) by a factored path, saving only the inputs."""
 
     @staticmethod
-    def forward(ctx, x2, S, A, B, bias, path, rows):  # x2: (N, in), row-major or transposed
+    def forward(ctx, x2, S, A, B, bias, path, rows, shape):  # x2: (N, in), row-major or transposed
         ctx.path, ctx.rows = path, rows
         ctx.save_for_backward(x2, S, A, B)
-        return _forward(x2, S * A, B, bias, path, rows)
+        return _forward(x2, S * A, B, bias, path, rows, shape)
 
     @staticmethod
     def backward(ctx, gy):
         x2, S, A, B = ctx.saved_tensors
-        gy = gy.to(x2.dtype)  # under autocast gy may be bf16 while the saved input is fp32
+        gy = gy.reshape(-1, gy.shape[-1]).to(x2.dtype)  # under autocast gy may be bf16 while the saved input is fp32
         need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
         gbias = gy.sum(0) if need_b else None
         gx, gC, gB = _BACKWARD[ctx.path](x2, S * A, B, gy, need_x, ctx.rows)
-        return gx, (gC * A).sum(0), gC * S, gB, gbias, None, None
+        return gx, (gC * A).sum(0), gC * S, gB, gbias, None, None, None
 
 
 def _input_rows(x: Tensor, in_features: int) -> Tensor:
@@ -416,5 +419,4 @@ def _kron_linear(x: Tensor, S: Tensor, A: Tensor, B: Tensor, bias: Tensor | None
         return torch.nn.functional.linear(x, _build_weight(S * A, B), bias)
     x2 = _input_rows(x, in_features)
     rows = chunk_rows(in_features, m1 * bo, (bo, bi), r, path)
-    y = _KronLinearFn.apply(x2, S, A, B, bias, path, rows)
-    return y.reshape(*x.shape[:-1], m1 * bo)
+    return _KronLinearFn.apply(x2, S, A, B, bias, path, rows, (*x.shape[:-1], m1 * bo))

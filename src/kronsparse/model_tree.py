@@ -16,16 +16,24 @@ from torch.nn.utils import parametrize
 
 from .blocks import check_block_shape, tiles
 from .layers import KRON_LAYERS, KronSelectLinear
+from .sharding import fsdp_wrapped
 
 LayerFilter = Callable[[str, nn.Module], bool]
 SPARSIFIABLE = (nn.Linear, nn.Conv2d)  # exact types: subclasses (MultiheadAttention's out_proj) are read as .weight
 
 
 def plain_type(module: nn.Module) -> type:
-    """The module's class, seen through torch.nn.utils.parametrize, which subclasses it on the fly
-    (block-magnitude's masks make an nn.Linear a ParametrizedLinear while it sparsifies)."""
-    cls = type(module)
-    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
+    """The module's class, seen through the classes that torch.nn.utils.parametrize and FSDP2's
+    fully_shard make on the fly, in either order (block-magnitude's masks make an nn.Linear a
+    ParametrizedLinear while it sparsifies; fully_shard makes it an FSDPLinear)."""
+    cls, parametrized = type(module), parametrize.is_parametrized(module)
+    while True:
+        if fsdp_wrapped(cls) is not None:
+            cls = fsdp_wrapped(cls)
+        elif parametrized:
+            cls, parametrized = cls.__bases__[0], False
+        else:
+            return cls
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -19,6 +19,7 @@ swap those layers in place when the Sparsifier is built, so build it before the 
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ from .layers import KRON_LAYERS
 from .methods import get_method
 from .methods.base import set_grad_hook
 from .model_tree import LayerFilter, find_layers, layer_weight, replace_module, tied_weights
+from .sharding import any_sharded, gathered, is_sharded
 from .squash import guard_save_pretrained, squash_
 
 
@@ -63,6 +65,9 @@ class Sparsifier:
         self.model = model
         found = find_layers(model, self.options.block_shape, layers, getattr(self.options, "candidates", None),
                             kinds=cls.layer_kinds)
+        if any_sharded(found.values()):
+            raise ValueError("the model is already sharded (fully_shard): build the Sparsifier first, then call "
+                             "fully_shard, then build the optimizer (docs/your-model.md, FSDP2)")
         if cls.trains_factors:
             refuse_tied(model, found)
         self.originals = {name: type(m) for name, m in found.items()}  # what squash() puts back
@@ -72,6 +77,7 @@ class Sparsifier:
         self.squashed = False
         if cls.trains_factors:
             guard_save_pretrained(model)
+        self._record_marks()
         self._warn_capped_rank()
         if layers is None:  # the layers chosen for the user: say when they leave most weights dense
             self._warn_coverage()
@@ -112,6 +118,7 @@ class Sparsifier:
         weights and Kronecker factors A, B; never on S, biases or norms. With `lr` (and the
         optimizer's class) every group carries its lr: Kronecker factors train at `factor_lr` x lr
         (8x under Adam-type optimizers, see KronOptions). `optimizer()` does all of this."""
+        self._carry_marks()
         return self.method.param_groups(self.model, weight_decay, lr, optimizer_cls)
 
     def optimizer(self, optimizer_cls: type, lr: float, weight_decay: float | None = None,
@@ -125,7 +132,8 @@ class Sparsifier:
         """Call after every optimizer.step(): proximal maps, masks, mask updates. When the method
         removed parameters (select), they leave the optimizer's groups and state here."""
         self._refuse_squashed("step")
-        self.method.step(optimizer, self.steps)
+        with self._gathered(needed=not self.method.finalized):  # frozen masks apply to each rank's chunk
+            self.method.step(optimizer, self.steps)
         if self.method.structure_changed():
             drop_missing_params(optimizer, self.model)
         self.steps += 1
@@ -135,7 +143,8 @@ class Sparsifier:
         """Exact zero blocks everywhere, at the target (topped up if the run ended early); masks
         frozen: later `step` calls keep the zero blocks zero."""
         self._refuse_squashed("finalize")
-        self.method.finalize(optimizer)
+        with self._gathered():
+            self.method.finalize(optimizer)
         if optimizer is not None and self.method.structure_changed():
             drop_missing_params(optimizer, self.model)
         share = self.topup_share()
@@ -167,13 +176,14 @@ class Sparsifier:
     @torch.no_grad()
     def _counts(self, kind: str) -> dict[str, tuple[int, int]]:
         counts = {}
-        for name, layer in self.sparsified_layers().items():
-            W = layer_weight(layer)
-            if kind == "weight":
-                counts[name] = (int((W == 0).sum()), W.numel())
-            else:
-                mask = block_mask_of(*matrix_view(W, self.block_shape))
-                counts[name] = (int((~mask).sum()), mask.numel())
+        with self._gathered(write_back=False):
+            for name, layer in self.sparsified_layers().items():
+                W = layer_weight(layer)
+                if kind == "weight":
+                    counts[name] = (int((W == 0).sum()), W.numel())
+                else:
+                    mask = block_mask_of(*matrix_view(W, self.block_shape))
+                    counts[name] = (int((~mask).sum()), mask.numel())
         return counts
 
     def layer_sparsity(self, kind: str = "block") -> dict[str, float]:
@@ -195,9 +205,10 @@ class Sparsifier:
         """Every layer of the model that holds weights: sparsified (its block grid and zero blocks
         now) or dense (and why), the weights covered; `print(sp.summary())` shows it as a table and
         `sp.summary()["key"]` reads the method's own numbers (e.g. "final_lambda")."""
-        return summarize(self.model, self.sparsified_layers(), self.block_shape, self.method.name,
-                         self.method.layer_kinds, getattr(self.options, "candidates", None), self.method.summary(),
-                         self._counts("block"), self.originals, self.method.layer_stats())
+        with self._gathered(write_back=False):
+            return summarize(self.model, self.sparsified_layers(), self.block_shape, self.method.name,
+                             self.method.layer_kinds, getattr(self.options, "candidates", None),
+                             self.method.summary(), self._counts("block"), self.originals, self.method.layer_stats())
 
     def export(self, path, fmt: str = "dense"):
         """The model as one safetensors file (kronsparse.export): "dense", "bsr" (the sparsified layers
@@ -205,6 +216,7 @@ class Sparsifier:
         kronsparse.inference (replace_layers_, load_layers) or, "dense", with model.load_state_dict."""
         from .export import export_model
 
+        self._refuse_sharded("export")
         return export_model(self.model, path, fmt, "custom", {n: self.block_shape for n in self.layers})
 
     @torch.no_grad()
@@ -215,8 +227,10 @@ class Sparsifier:
         as its own architecture. The Sparsifier is done afterwards. Returns the model."""
         if self.squashed:
             return self.model
+        self._refuse_sharded("squash")
         if not self.method.finalized:
             self.finalize()
+        self.method.squash()  # block-magnitude finalized on a sharded model still holds its parametrization
         squash_(self.model, self.originals)
         for p in self.model.parameters():
             if getattr(p, "_kronsparse_hooked", False):
@@ -227,6 +241,41 @@ class Sparsifier:
     def _refuse_squashed(self, what: str) -> None:
         if self.squashed:
             raise ValueError(f"the Sparsifier has squashed its model into plain layers: it cannot {what} any more")
+
+    # -- FSDP2 (sharding.py): the method's work runs on full copies of the sharded parameters -----
+
+    def _gathered(self, write_back: bool = True, needed: bool = True):
+        """The sparsified layers' sharded parameters as full copies while the method works on them
+        (not `needed`: they stay sharded)."""
+        if any_sharded(self.layers.values()):
+            if self.method.name in UNSHARDABLE:
+                raise ValueError(f"method {self.method.name!r} does not run on a sharded (fully_shard) model: it "
+                                 f"{UNSHARDABLE[self.method.name]}")
+            self._carry_marks()
+        return gathered(self.layers.values(), write_back) if needed else nullcontext()
+
+    def _refuse_sharded(self, what: str) -> None:
+        if any_sharded(self.layers.values()):
+            raise ValueError(f"cannot {what} a sharded (fully_shard) model: load its full state dict into an "
+                             "unsharded model with its own Sparsifier first (docs/your-model.md, FSDP2)")
+
+    def _record_marks(self) -> None:
+        """What the method has put on its layers' parameters so far (a gradient hook, a Conv1D
+        weight's orientation): fully_shard replaces every parameter by a new sharded one, and
+        `_carry_marks` puts them on those."""
+        self._marks = {(name, pn): marks for name, layer in self.layers.items() for pn, p in layer.named_parameters()
+                       if (marks := {k: v for k, v in vars(p).items() if k.startswith(MARK)})}
+
+    def _carry_marks(self) -> None:
+        for (name, pn), marks in self._marks.items():
+            p = self.layers[name].get_parameter(pn)
+            if not is_sharded(p):
+                continue
+            for key, value in marks.items():
+                if key not in HOOK_MARKS and not hasattr(p, key):
+                    setattr(p, key, value)
+            if marks.get("_kronsparse_hooked") and not getattr(p, "_kronsparse_hooked", False):
+                set_grad_hook(p, marks["_kronsparse_grad_fn"])
 
     def state_dict(self) -> dict:
         """Everything of the Sparsifier's to resume mid-run (the model and optimizer have their own)."""
@@ -239,7 +288,9 @@ class Sparsifier:
         (before loading its state_dict). A state of another method, another model's layers or no
         Sparsifier at all is refused (ValueError)."""
         self._check_state(state)
-        self.method.load_state_dict(state["method"])
+        with self._gathered():
+            self.method.load_state_dict(state["method"])
+        self._record_marks()
         self.steps = state["steps"]
         if self.method.structure_changed() and optimizer is not None:
             drop_missing_params(optimizer, self.model)
@@ -258,6 +309,12 @@ class Sparsifier:
                              f"Sparsifier's ({len(self.layers)}: {', '.join(list(self.layers)[:3])}, ...): another model")
         if not 0 <= state["steps"] <= self.total_steps:
             raise ValueError(f"the state is at step {state['steps']}, outside this Sparsifier's 0..{self.total_steps}")
+
+
+MARK = "_kronsparse"  # the attributes kronsparse sets on a parameter
+HOOK_MARKS = ("_kronsparse_hooked", "_kronsparse_grad_fn")  # set by set_grad_hook, which also registers the hook
+UNSHARDABLE = {"select": "removes parameters while it selects, and FSDP2 holds a fixed set",
+               "iterative-pruning": "re-registers the weights (torch.nn.utils.prune), which FSDP2 holds"}
 
 
 def refuse_tied(model: nn.Module, layers: dict[str, nn.Module]) -> None:

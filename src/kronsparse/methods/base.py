@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..blocks import matrix_view
 from ..model_tree import find_layers, is_conv1d
+from ..sharding import is_sharded, local_part, sharded_grad_hook, sharded_of, zero_where_
 from .steering import check_steering
 
 SCOPES = ("layer", "global")
@@ -90,9 +91,11 @@ def learning_rates(optimizer: torch.optim.Optimizer | None, params: list[Tensor]
     if optimizer is None:
         raise ValueError("learning_rates needs an optimizer or an lr")
     group_lr = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    params = [sharded_of(p) for p in params]  # under FSDP2 the optimizer holds the sharded ones
     if any(id(p) not in group_lr for p in params):
         raise ValueError("a sparsified layer's parameter is not in the optimizer: build the optimizer after the "
-                         "Sparsifier (it swaps layers), e.g. torch.optim.AdamW(sp.param_groups(), lr=...)")
+                         "Sparsifier (it swaps layers), e.g. torch.optim.AdamW(sp.param_groups(), lr=...)"
+                         + (", and after fully_shard (it replaces every parameter)" if any(map(is_sharded, params)) else ""))
     return [group_lr[id(p)] for p in params]
 
 
@@ -113,17 +116,40 @@ def with_lr(groups: list[dict], lr: float | None) -> list[dict]:
 
 def set_grad_hook(param: Tensor, fn=None) -> None:
     """From now on param's gradient passes through fn(grad) -> grad (None: unchanged). One hook per
-    parameter, whose function lives on the parameter: a later method on the same model replaces it."""
+    parameter, whose function lives on the parameter: a later method on the same model replaces it.
+    A parameter sharded by FSDP2 (or a full copy standing for one, see sharding.py) gets its hook
+    where FSDP2 calls it, after the gradient's reduce-scatter."""
+    param = sharded_of(param)
     if not getattr(param, "_kronsparse_hooked", False):
-        param.register_hook(lambda grad: grad if param._kronsparse_grad_fn is None else param._kronsparse_grad_fn(grad))
+        if is_sharded(param):
+            param.register_post_accumulate_grad_hook(sharded_grad_hook)
+        else:
+            param.register_hook(lambda grad: grad if param._kronsparse_grad_fn is None else param._kronsparse_grad_fn(grad))
         param._kronsparse_hooked = True
     param._kronsparse_grad_fn = fn
+
+
+class GradMask:
+    """grad -> grad * mask (mask shaped like the parameter): the hook that keeps pruned entries still.
+    On a sharded parameter it multiplies the local gradient chunk by the mask's chunk (kept)."""
+
+    def __init__(self, mask: Tensor) -> None:
+        self.mask = mask
+        self._local: Tensor | None = None
+
+    def __call__(self, grad: Tensor) -> Tensor:
+        return grad * self.mask
+
+    def local(self, param: Tensor) -> Tensor:
+        if self._local is None:
+            self._local = local_part(param, self.mask)
+        return self._local
 
 
 def mask_grad(param: Tensor, mask: Tensor | None) -> None:
     """From now on param's gradient is zero where `mask` (shaped like param) is False, so no
     optimizer (momentum, Adam's moments) moves a pruned entry."""
-    set_grad_hook(param, None if mask is None else lambda grad: grad * mask)
+    set_grad_hook(param, None if mask is None else GradMask(mask))
 
 
 class Method:
@@ -194,6 +220,10 @@ class Method:
         """Exact zero blocks everywhere; masks frozen from here on."""
         self.finalized = True
 
+    def squash(self) -> None:
+        """Leave plain weights (Sparsifier.squash calls it after finalize): a method that keeps its
+        masks as parametrizations removes them here."""
+
     @torch.no_grad()
     def freeze_zeros(self) -> None:
         """Record every layer's zero weights as frozen (dense-weight methods, at finalize)."""
@@ -204,7 +234,7 @@ class Method:
     def apply_frozen(self) -> None:
         """Frozen zeros stay zero: weights re-zeroed, their gradients masked."""
         for layer, keep in zip(self.layers, getattr(self, "frozen", [])):
-            layer.weight.masked_fill_(~keep, 0)
+            zero_where_(layer.weight, ~keep)
             mask_grad(layer.weight, keep)
 
     def summary(self) -> dict:

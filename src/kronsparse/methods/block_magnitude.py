@@ -12,6 +12,11 @@ at the phase's last step; then the mask is frozen. The weight is parametrised as
 so pruned blocks get no gradient, and `finalize` calls `squash_mask()`, which leaves a plain
 `weight` with exact zero blocks (same Parameter object, so the optimizer is unaffected), kept zero.
 
+Under FSDP2 (sharding.py) the parametrization stays to the end: removing it would take the weight
+out of FSDP's hands. `finalize` then folds the mask into `parametrizations.weight.original` (exact
+zero blocks there too) and keeps it frozen. An unsharded model that loads this state (and the full
+weights) loses the parametrization at `Sparsifier.squash`.
+
 The sparsity is per layer (WeightNormSparsifier has no global level, so scope "global" is refused). The masks are saved by this
 method's state_dict, not the model's (see BlockMask).
 """
@@ -22,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.ao.pruning import FakeSparsity, WeightNormSparsifier
 
+from ..sharding import STANDS_FOR, zero_where_
 from .base import Method
 from .schedules import CubicSchedule
 from .steering import count_for
@@ -102,9 +108,33 @@ class BlockMagnitudeMethod(Method):
         self.finalized = True
 
     def squash(self) -> None:
-        if not self.squashed:
-            self.sparsifier.squash_mask()
-            self.squashed = True
+        if self.squashed:
+            return
+        if self._sharded():  # fold the mask into the weight, keep the parametrization (module doc)
+            for layer, mask in zip(self.layers, self._masks()):
+                layer.parametrizations.weight.original.mul_(mask)
+            return
+        self.sparsifier.squash_mask()
+        self.squashed = True
+
+    def _sharded(self) -> bool:
+        """True inside the Sparsifier's gathering of FSDP2-sharded weights (full copies stand in for them)."""
+        return any(hasattr(l.parametrizations.weight.original, STANDS_FOR) for l in self.layers
+                   if hasattr(l, "parametrizations"))
+
+    @torch.no_grad()
+    def apply_frozen(self) -> None:
+        if self.squashed:
+            return super().apply_frozen()
+        for layer, keep in zip(self.layers, getattr(self, "frozen", [])):  # the mask zeroes the gradient
+            zero_where_(layer.parametrizations.weight.original, ~keep)
+
+    @torch.no_grad()
+    def freeze_zeros(self) -> None:
+        if self.squashed:
+            return super().freeze_zeros()
+        self.frozen = [l.parametrizations.weight.original != 0 for l in self.layers]
+        self.apply_frozen()
 
     def summary(self) -> dict:
         return {"final_level": self.sparsifier.groups[0]["sparsity_level"] if self.sparsifier.groups else 0.0}
@@ -123,3 +153,4 @@ class BlockMagnitudeMethod(Method):
             return
         for mask, saved in zip(self._masks(), state["masks"]):
             mask.data = saved.clone()
+        super().load_state_dict(state)  # finalized with the parametrization kept: the sharded case

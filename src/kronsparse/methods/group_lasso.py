@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import block_mask_of, block_norms, expand_block_mask, group_lasso_penalty, group_shrink
+from ..sharding import zero_where_
 from .base import Method, learning_rates, mask_grad
 from .schedules import CubicSchedule
 from .steering import TargetSteering
@@ -137,10 +138,10 @@ class GroupLassoMethod(Method):
     @torch.no_grad()  # also called from load_state_dict, outside the no_grad of step and finalize
     def _apply_masks(self) -> None:
         for layer, mask in zip(self.layers, self.masks):
-            W, bs = self.grid(layer.weight)
-            zero = ~expand_block_mask(mask, bs)
-            W.masked_fill_(zero, 0)
-            mask_grad(layer.weight, (~zero).view_as(layer.weight))
+            bs = self.grid(layer.weight)[1]
+            zero = ~expand_block_mask(mask, bs)  # (out, in) or a conv's matrix view: as the weight's
+            zero_where_(layer.weight, zero.view(layer.weight.shape))
+            mask_grad(layer.weight, (~zero).view(layer.weight.shape))
 
     def summary(self) -> dict:
         lams = self.lams()

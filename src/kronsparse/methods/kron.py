@@ -47,6 +47,7 @@ from ..blocks import matrix_view
 from ..functional import block_norms, soft_threshold
 from ..layers import INITS, KRON_LAYERS, KronConv2d, KronLinear, kron_like
 from ..model_tree import as_linear, depth
+from ..sharding import zero_where_
 from .base import ADAPTIVE_OPTIMIZERS, Method, MethodOptions, learning_rates, mask_grad, with_lr
 from .schedules import DelayedCubic
 from .steering import TargetSteering
@@ -243,7 +244,7 @@ class KronMethod(Method):
     @torch.no_grad()
     def _apply_masks(self) -> None:
         for layer, mask in zip(self.layers, self.masks):
-            layer.S.masked_fill_(~mask, 0.0)
+            zero_where_(layer.S, ~mask)
 
     def _prox(self, steps: list, step: int) -> None:
         """S <- soft_threshold(S * mask, step * lambda_l); zero blocks join the mask. Few kernels: it

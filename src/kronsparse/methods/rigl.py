@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import block_norms, expand_block_mask
+from ..sharding import is_sharded, local_part, sharded_of, zero_where_
 from .base import Method, set_grad_hook
 from .schedules import CosineDecay, Every
 from .steering import count_for, select
@@ -42,10 +43,15 @@ def update_block_mask(mask: Tensor, drop: Tensor, grow: Tensor) -> Tensor:
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, entries: Tensor) -> None:
-    """Zero every per-entry state tensor (momentum buffer, Adam moments) of `param` at `entries`."""
+    """Zero every per-entry state tensor (momentum buffer, Adam moments) of `param` at `entries`
+    (under FSDP2: of the sharded parameter, each rank its chunk)."""
+    param = sharded_of(param)
     for value in optimizer.state.get(param, {}).values():
         if torch.is_tensor(value) and value.shape == param.shape:
-            value.masked_fill_(entries, 0)
+            if is_sharded(value):
+                value.to_local().masked_fill_(local_part(value, entries), 0)
+            else:
+                value.masked_fill_(entries, 0)
 
 
 def layer_zero_counts(total_zeros: int, sizes: list[int]) -> list[int]:
@@ -118,7 +124,7 @@ class RigLMethod(Method):
 
     def _apply_masks(self) -> None:
         for layer, pruned in zip(self.layers, self.pruned):
-            layer.weight.masked_fill_(pruned, 0)
+            zero_where_(layer.weight, pruned)
 
     @torch.no_grad()
     def step(self, optimizer, step: int, lr: float | None = None) -> None:

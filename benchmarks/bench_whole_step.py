@@ -195,14 +195,18 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.2), sharex=True)
     settings = sorted({(r["variant"], r["tokens"]) for r in rows if r["variant"] != "dense"})
-    for (variant, tokens) in settings:
+    blocks = sorted({v.split()[1] for v, _ in settings if v.startswith("kron ")})
+    for (variant, tokens) in settings:  # one colour per block shape, one line style per rank
         pts = sorted((r["width"], r["time_ratio"], r["memory_ratio"]) for r in rows
                      if r["variant"] == variant and r["tokens"] == tokens)
         widths = [p[0] for p in pts]
+        words = variant.split()
+        style = ({"color": f"C{1 + blocks.index(words[1])}", "ls": {"r1": ":", "r2": "-", "r4": "--"}.get(words[2], "-.")}
+                 if words[0] == "kron" else {"color": "C0", "ls": "-"})
         for ax, k in zip(axes, (1, 2)):
-            ax.plot(widths, [p[k] for p in pts], marker="o", label=f"{variant}, {tokens} tokens")
+            ax.plot(widths, [p[k] for p in pts], marker="o", ms=4, label=f"{variant}, {tokens} tokens", **style)
     for ax, title in zip(axes, ("step time / dense's", "peak memory / dense's")):
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xscale("log", base=2)
@@ -210,9 +214,9 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("hidden width (MLP 4x)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(0.83, 0.5))
     fig.suptitle("Whole AdamW training step of a Llama-shaped decoder: the method against dense")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.83, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -229,7 +233,11 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
+    p.add_argument("--replot", type=Path, default=None, metavar="JSON", help="only redraw the plot of a result file")
     args = p.parse_args(argv)
+    if args.replot:
+        plot(json.loads(args.replot.read_text())["rows"], args.replot.with_suffix(".png"))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [row for width in map(int, args.widths.split(",")) for tokens in map(int, args.tokens.split(","))

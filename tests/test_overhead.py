@@ -246,3 +246,13 @@ def test_select_picks_what_topk_picks(dtype, largest):
             assert all(torch.equal(u, v) for u, v in zip(got, expected)), (len(scores), k)
             decided += k > 0 and steering.by_value(torch.cat([s.flatten() for s in scores]), k, largest) is not None
     assert decided > 5  # the fast path did decide most of them
+
+
+def test_the_fast_paths_step_aside_under_torch_compile():
+    """Traced tensors have no data pointer (the word view) and the product sum's one-time check runs
+    tensors: under torch.compile the layer takes the GEMM and the gather, in one graph."""
+    layer = KronLinear(784, 300, (2, 2), 2, path="materialize")
+    x = torch.randn(4, 784)
+    y = layer(x)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), y)

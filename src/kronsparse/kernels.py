@@ -221,7 +221,7 @@ def _reorder(t: Tensor, grid: tuple[int, int, int, int], to_blocks: bool) -> Ten
     m1, n1, bo, bi = grid
     if t.numel() <= _GATHER_MAX:
         return t.reshape(-1).index_select(0, _reorder_index(grid, to_blocks, t.device))
-    word = _word_dtype(t, bi) if _WORD_REORDER else None
+    word = _word_dtype(t, bi) if _WORD_REORDER and not torch.compiler.is_compiling() else None  # traced: no data_ptr
     if word is not None:
         return _WordReorder.apply(t, grid, to_blocks, word)
     if bi <= _GATHER_RUN and t.numel() <= _GATHER_MAX_SHORT_RUNS:

@@ -256,3 +256,16 @@ def test_the_fast_paths_step_aside_under_torch_compile():
     y = layer(x)
     compiled = torch.compile(layer, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), y)
+
+
+def test_double_backward_through_the_fast_paths(monkeypatch):
+    """A gradient penalty (create_graph) differentiates the word reordering and the product sum again."""
+    monkeypatch.setattr(kernels, "_GATHER_MAX", 0)
+    monkeypatch.setattr(kernels, "_PRODUCT_SUM_MIN", 0)
+    C = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(2, 2, 1, dtype=torch.float64, requires_grad=True)  # bi = 1 in float64: int64 words
+    assert kernels._product_sum_start(C, B) is not None
+    assert torch.autograd.gradgradcheck(kernels._build_weight, (C, B))
+    t = torch.randn(24, dtype=torch.float64, requires_grad=True)
+    word = kernels._word_dtype(t, 1)
+    assert torch.autograd.gradgradcheck(lambda x: kernels._WordReorder.apply(x, (3, 4, 2, 1), True, word), (t,))

@@ -206,7 +206,8 @@ class _WordReorder(torch.autograd.Function):
         g = g.contiguous()
         if _word_dtype(g, ctx.grid[3]) is None:  # an unaligned gradient: the strided copy
             return _strided_reorder(g, ctx.grid, not ctx.to_blocks).view(ctx.shape), None, None, None
-        return _word_transpose(g, ctx.grid, not ctx.to_blocks, ctx.word).view(ctx.shape), None, None, None
+        # through apply, not _word_transpose: so a double backward (create_graph) differentiates it too
+        return _WordReorder.apply(g, ctx.grid, not ctx.to_blocks, ctx.word).view(ctx.shape), None, None, None
 
 
 def _strided_reorder(t: Tensor, grid: tuple[int, int, int, int], to_blocks: bool) -> Tensor:

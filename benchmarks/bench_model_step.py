@@ -22,6 +22,7 @@ import json
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -46,6 +47,13 @@ def make_run(method: str, model: str, block, rank: int, batch: int, device: str,
     return Run(cfg, ds, torch.device(device))
 
 
+def start_at(run: Run, fraction: float) -> None:
+    """Put the run at `fraction` of its training (the loop's and the method's step counters), so the
+    timed steps are those of that phase: 0 is before the ramp (no order statistic taken), 0.3 is
+    mid-ramp, where the "track" steering selects thresholds and caps every layer at every step."""
+    run.step = run.sparsifier.steps = int(fraction * run.total_steps)
+
+
 def train_step(run: Run, batches):
     """One `Run.train_step` per call, on the next of the fixed batches."""
     cycle = itertools.cycle(batches)
@@ -62,8 +70,16 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--at", type=float, default=0.0,
+                   help="time the steps from this fraction of training on (0: the first steps, before the ramp; "
+                        "0.3: mid-ramp, the steering's order statistics every step)")
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                   help="wall time, or the CPU time of the (one) thread: on a machine other jobs share, the time the "
+                        "scheduler gives them is left out (the caches they share are not)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
     args = p.parse_args(argv)
+    if args.clock == "thread" and (args.device != "cpu" or args.threads != 1):
+        p.error("--clock thread measures one CPU thread: use it with --device cpu --threads 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     ds = load_data(TrainConfig(standardize=True), torch.device(args.device))
@@ -73,11 +89,14 @@ def main(argv=None) -> None:
     for model in args.models.split(","):
         for block in [parse_block(b) for b in args.blocks.split(",")]:
             runs = {m: make_run(m, model, block, args.rank, args.batch, args.device, ds) for m in ("dense", "kron")}
+            for run in runs.values():
+                start_at(run, args.at)
             steps = {name: train_step(run, batches) for name, run in runs.items()}
-            times = time_round_robin(steps, args.repeats, args.warmup, args.device)
+            times = time_round_robin(steps, args.repeats, args.warmup, args.device,
+                                     time.thread_time if args.clock == "thread" else time.perf_counter)
             med = {k: statistics.median(v) for k, v in times.items()}
             paths = training_costs(runs["kron"].model, args.batch)["train_paths"]
-            rows.append({"model": model, "block_shape": list(block), "rank": args.rank, "batch": args.batch,
+            rows.append({"model": model, "block_shape": list(block), "rank": args.rank, "batch": args.batch, "at": args.at,
                          "dense_ms": med["dense"], "kron_ms": med["kron"], "kron_over_dense": med["kron"] / med["dense"],
                          "kron_paths": paths, "scale_pin": runs["kron"].method.pin,
                          "times_ms": {k: [round(t, 4) for t in v] for k, v in times.items()}})
@@ -87,7 +106,7 @@ def main(argv=None) -> None:
             "device": args.device, "threads": torch.get_num_threads(),
             "machine": (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
                         else platform.processor() or platform.machine()), "repeats": args.repeats,
-            "warmup": args.warmup, "command": " ".join(sys.argv)}
+            "warmup": args.warmup, "at": args.at, "clock": args.clock, "command": " ".join(sys.argv)}
     out = args.out or RESULTS / f"model-step-{args.device.split(':')[0]}-{dt.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
@@ -98,7 +117,8 @@ def main(argv=None) -> None:
                      f"{r['dense_ms']:.3f} ms | {r['kron_ms']:.3f} ms | {r['kron_over_dense']:.2f}x | "
                      f"{', '.join(r['kron_paths'])} |")
     print("\n" + "\n".join(table))
-    out.with_suffix(".md").write_text(f"# Whole-model training step, {meta['machine']} ({args.device}), torch "
+    phase = (f", from {args.at:.0%} of training on" if args.at else "") + (", thread CPU time" if args.clock == "thread" else "")
+    out.with_suffix(".md").write_text(f"# Whole-model training step{phase}, {meta['machine']} ({args.device}), torch "
                                       f"{meta['torch']}, {meta['threads']} threads, {meta['date']}\n\nCommand: "
                                       f"`{meta['command']}`\n\n" + "\n".join(table) + "\n")
     print(f"\nwrote {out} and its .md")

@@ -158,17 +158,18 @@ def make_step(module, opt, after_step, x, gy, mode: str):
     return step
 
 
-def time_round_robin(steps: dict, repeats: int, warmup: int, device) -> dict[str, list[float]]:
-    """Run every step once per round, `warmup + repeats` rounds; milliseconds after warm-up."""
+def time_round_robin(steps: dict, repeats: int, warmup: int, device, clock=time.perf_counter) -> dict[str, list[float]]:
+    """Run every step once per round, `warmup + repeats` rounds; milliseconds after warm-up (by
+    `clock`: wall time, or time.thread_time for the CPU time of a one-thread CPU run)."""
     times = {k: [] for k in steps}
     for rnd in range(warmup + repeats):
         for name, step in steps.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             step()
             sync(device)
             if rnd >= warmup:
-                times[name].append((time.perf_counter() - t0) * 1e3)
+                times[name].append((clock() - t0) * 1e3)
     return times
 
 

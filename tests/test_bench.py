@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_step.py"
 
 
@@ -38,3 +40,18 @@ def test_whole_model_step_runs_the_method_and_writes_json(tmp_path):
     assert row["model"] == "linear" and row["block_shape"] == [2, 16] and row["scale_pin"] == "decay"
     assert len(row["times_ms"]["kron"]) == len(row["times_ms"]["dense"]) == 3
     assert row["kron_over_dense"] == row["kron_ms"] / row["dense_ms"] > 0
+
+
+def test_whole_model_step_at_a_later_phase(tmp_path):
+    """--at times the steps of mid-training (the ramp), where the steering selects every step; --clock
+    thread their CPU time."""
+    bench = load_bench(BENCH.with_name("bench_model_step.py"))
+    out = tmp_path / "model-step.json"
+    bench.main(["--models", "linear", "--blocks", "2x2", "--repeats", "2", "--warmup", "1", "--at", "0.3", "--clock", "thread",
+                "--threads", "1", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["meta"]["at"] == data["rows"][0]["at"] == 0.3 and data["meta"]["clock"] == "thread"
+    assert "from 30% of training on, thread CPU time" in out.with_suffix(".md").read_text()
+    run = bench.make_run("kron", "linear", (2, 2), 2, 64, "cpu", bench.load_data(bench.TrainConfig(), torch.device("cpu")))
+    bench.start_at(run, 0.3)
+    assert run.step == run.sparsifier.steps > 0 and run.method.steering.schedule(run.sparsifier.steps) > 0  # ramping

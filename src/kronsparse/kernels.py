@@ -27,11 +27,110 @@ PATHS = ("auto", "input_first", "factors_first", "materialize")
 
 
 def _build_weight(C: Tensor, B: Tensor) -> Tensor:
-    """W from C = S*A: one rank-r GEMM into (m1, n1, bo, bi) block-major order, then one reordering."""
+    """W from C = S*A: one rank-r GEMM into (m1, n1, bo, bi) block-major order, then one reordering
+    (small blocks on CPU: the same sums without the GEMM, `_ProductSum`)."""
     r, m1, n1 = C.shape
     _, bo, bi = B.shape
+    zero_start = _product_sum_start(C, B)
+    if zero_start is not None:
+        return _ProductSum.apply(C, B, zero_start)
     M = torch.mm(C.reshape(r, m1 * n1).t(), B.reshape(r, bo * bi))  # (m1*n1, bo*bi)
     return _reorder(M, (m1, n1, bo, bi), to_blocks=False).view(m1 * bo, n1 * bi)
+
+
+# --------------------------------------------------------------------------------------------
+# W of small blocks without the GEMM
+# --------------------------------------------------------------------------------------------
+#
+# With bo*bi <= 4 the GEMM above is a tall, 4-wide product with r terms per entry, which the CPU
+# BLAS does slowly (MLP 784->300 at 2x2, rank 2: 275 us for 235,200 entries) and, measured, as a
+# plain sum of rounded products. The same products summed by r broadcast multiplies over the long
+# (m1, n1) axis take a quarter of that, but they must give the same bits as the GEMM, or training
+# would move (every committed result was trained with the GEMM). So the first use of each shape,
+# dtype and device compares both, bit for bit, on random factors with zero blocks of either sign,
+# and the broadcast sum is used only where they agree (`_product_sum_start`); backward is the
+# GEMM's own (the same two GEMMs autograd runs for it), so the gradients are unchanged too.
+_PRODUCT_SUM_MAX = 4  # bo*bi up to this; above it the BLAS's GEMM is fast (and fused, so it differs)
+_PRODUCT_SUM_MIN = 1 << 16  # W's entries from this many: below, the Python Function costs more than it saves
+_PRODUCT_SUM = True
+
+
+def _product_sum(C: Tensor, B: Tensor, zero_start: bool) -> Tensor:
+    """sum_i C[i] (x) B[i] as W (m1*bo, n1*bi): the products in (bo, bi, m1, n1) order (each B[i, a, c]
+    times the contiguous C[i]), summed in order i = 0, 1, ... (from +0.0 if `zero_start`: the sign a
+    zero sum takes), then moved to W's order."""
+    r, m1, n1 = C.shape
+    _, bo, bi = B.shape
+    acc = B[0].reshape(bo, bi, 1, 1) * C[0]
+    for i in range(1, r):
+        acc.add_(B[i].reshape(bo, bi, 1, 1) * C[i])
+    if zero_start:
+        acc.add_(0.0)
+    return acc.permute(2, 0, 3, 1).reshape(m1 * bo, n1 * bi)
+
+
+def _gemm_weight(C: Tensor, B: Tensor) -> Tensor:
+    r, m1, n1 = C.shape
+    _, bo, bi = B.shape
+    M = torch.mm(C.reshape(r, m1 * n1).t(), B.reshape(r, bo * bi))
+    return _strided_reorder(M, (m1, n1, bo, bi), to_blocks=False).view(m1 * bo, n1 * bi)
+
+
+def _bits(t: Tensor) -> Tensor:
+    return t.contiguous().view(_WORDS[t.element_size()])
+
+
+@memoised(maxsize=64)
+def _product_sum_agrees(shape: tuple[int, int, int, int, int], dtype: torch.dtype, device: torch.device) -> bool | None:
+    """None if `_product_sum` never gives the GEMM's bits at this shape (r, m1, n1, bo, bi), else the
+    zero_start that does, checked on random factors with zeros of both signs in whole blocks."""
+    r, m1, n1, bo, bi = shape
+    g = torch.Generator().manual_seed(0)
+    C = torch.randn(r, m1, n1, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+    B = torch.randn(r, bo, bi, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+    C[:, ::3] = 0.0  # pruned blocks: +0 and -0 products, and sums of them
+    C[:, 1::6] = -0.0
+    B[0, 0, 0] = -B[0, 0, 0].abs()
+    reference = _bits(_gemm_weight(C, B))
+    for zero_start in (False, True):
+        if torch.equal(_bits(_product_sum(C, B, zero_start)), reference):
+            return zero_start
+    return None
+
+
+def _product_sum_start(C: Tensor, B: Tensor) -> bool | None:
+    """The zero_start for `_ProductSum` where it gives the GEMM's bits for these factors, else None."""
+    r, bo, bi = B.shape
+    if (bo * bi > _PRODUCT_SUM_MAX or C[0].numel() * bo * bi < _PRODUCT_SUM_MIN or not _PRODUCT_SUM
+            or C.device.type != "cpu" or C.dtype != B.dtype
+            or C.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu")
+            or torch.compiler.is_compiling()):
+        return None
+    return _product_sum_agrees((r, *C.shape[1:], bo, bi), C.dtype, C.device)
+
+
+class _ProductSum(torch.autograd.Function):
+    """W = `_product_sum(C, B)`; backward exactly as autograd's for the GEMM and reordering it replaces."""
+
+    @staticmethod
+    def forward(ctx, C, B, zero_start):
+        ctx.save_for_backward(C, B)
+        return _product_sum(C, B, zero_start)
+
+    @staticmethod
+    def backward(ctx, gW):
+        C, B = ctx.saved_tensors
+        r, m1, n1 = C.shape
+        _, bo, bi = B.shape
+        gM = _reorder(gW.contiguous(), (m1, n1, bo, bi), to_blocks=True).view(m1 * n1, bo * bi)
+        mat1, mat2 = C.reshape(r, m1 * n1).t(), B.reshape(r, bo * bi)  # what the GEMM multiplied
+        gC = gB = None
+        if ctx.needs_input_grad[0]:  # mat1 is column-major: autograd's mm backward takes this form
+            gC = torch.mm(mat2, gM.t()).view(r, m1, n1)
+        if ctx.needs_input_grad[1]:
+            column_major = mat2.stride(0) == 1 and mat2.stride(1) == mat2.size(0)
+            gB = (torch.mm(gM.t(), mat1).t() if column_major else torch.mm(mat1.t(), gM)).reshape(r, bo, bi)
+        return gC, gB, None
 
 
 # Below this many elements the block reordering is a gather with a cached index: a strided copy
@@ -40,6 +139,12 @@ def _build_weight(C: Tensor, B: Tensor) -> Tensor:
 # 0.55 ms faster, 7.5%), where a gather with a gather as its backward is used.
 _GATHER_MAX = 1 << 16
 _GATHER_RUN, _GATHER_MAX_SHORT_RUNS = 2, 1 << 20
+# Above _GATHER_MAX, before both: where a run of bi elements is 1, 2, 4 or 8 bytes, it moves as one
+# integer word (`_word_transpose`): W of the MLP's 784->300 layer at 2x2 (float32) in 47 us against
+# the gather's 80 us and the strided copy's 780 us (1 thread, the 2-core VM of docs/performance.md,
+# each alone). Below it the gather stays: its autograd is C++, and a Python Function's overhead
+# (tens of us a call) would cost more than the copy saves.
+_WORD_REORDER = True
 
 
 @memoised(maxsize=64)
@@ -66,16 +171,63 @@ class _GatherReorder(torch.autograd.Function):
         return gt.view(ctx.shape), None, None
 
 
+# A run of bi elements of this many bytes moves as one machine word (bi = 2 in float32: an int64)
+_WORDS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _word_dtype(t: Tensor, bi: int) -> torch.dtype | None:
+    """The integer dtype one run of bi elements of t fits exactly, if t can be viewed so (None if not)."""
+    word = _WORDS.get(bi * t.element_size())
+    if word is None or t.is_complex() or not t.is_contiguous() or t.data_ptr() % (bi * t.element_size()):
+        return None
+    return word
+
+
+def _word_transpose(t: Tensor, grid: tuple[int, int, int, int], to_blocks: bool, word: torch.dtype) -> Tensor:
+    """`_reorder` with each run of bi elements viewed as one integer word: a plain transpose of
+    (m1, n1, bo) <-> (m1, bo, n1) words, exact (only bits move) and vectorised, where the gather or a
+    strided copy moves bi (often 2) elements at a time."""
+    m1, n1, bo, bi = grid
+    words = t.reshape(-1).view(word)
+    moved = (words.view(m1, bo, n1) if to_blocks else words.view(m1, n1, bo)).transpose(1, 2).contiguous()
+    return moved.reshape(-1).view(t.dtype)  # flat first: a size-1 last dim may keep a stride other than 1
+
+
+class _WordReorder(torch.autograd.Function):
+    """`_word_transpose` whose backward is the inverse transpose (an integer view is not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, t, grid, to_blocks, word):
+        ctx.grid, ctx.to_blocks, ctx.word, ctx.shape = grid, to_blocks, word, t.shape
+        return _word_transpose(t, grid, to_blocks, word)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        if _word_dtype(g, ctx.grid[3]) is None:  # an unaligned gradient: the strided copy
+            return _strided_reorder(g, ctx.grid, not ctx.to_blocks).view(ctx.shape), None, None, None
+        # through apply, not _word_transpose: so a double backward (create_graph) differentiates it too
+        return _WordReorder.apply(g, ctx.grid, not ctx.to_blocks, ctx.word).view(ctx.shape), None, None, None
+
+
+def _strided_reorder(t: Tensor, grid: tuple[int, int, int, int], to_blocks: bool) -> Tensor:
+    m1, n1, bo, bi = grid
+    if to_blocks:
+        return t.reshape(m1, bo, n1, bi).transpose(1, 2).reshape(-1)
+    return t.reshape(m1, n1, bo, bi).transpose(1, 2).reshape(-1)
+
+
 def _reorder(t: Tensor, grid: tuple[int, int, int, int], to_blocks: bool) -> Tensor:
     """Flat (m1, bo, n1, bi) <-> (m1, n1, bo, bi) order (W's rows-major order vs block-major order)."""
     m1, n1, bo, bi = grid
     if t.numel() <= _GATHER_MAX:
         return t.reshape(-1).index_select(0, _reorder_index(grid, to_blocks, t.device))
+    word = _word_dtype(t, bi) if _WORD_REORDER and not torch.compiler.is_compiling() else None  # traced: no data_ptr
+    if word is not None:
+        return _WordReorder.apply(t, grid, to_blocks, word)
     if bi <= _GATHER_RUN and t.numel() <= _GATHER_MAX_SHORT_RUNS:
         return _GatherReorder.apply(t, grid, to_blocks)
-    if to_blocks:
-        return t.reshape(m1, bo, n1, bi).transpose(1, 2).reshape(-1)
-    return t.reshape(m1, n1, bo, bi).transpose(1, 2).reshape(-1)
+    return _strided_reorder(t, grid, to_blocks)
 
 
 # --------------------------------------------------------------------------------------------

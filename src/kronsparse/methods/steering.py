@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -47,12 +48,41 @@ def count_for(fraction: float, total: int) -> int:
     return math.ceil(fraction * total - 1e-9)
 
 
+def kth_smallest(values: Tensor, k: int) -> float:
+    """The k-th smallest entry of `values` (k from 1), torch.kthvalue's value: by numpy's introselect on
+    a CPU copy, 15x faster than torch.kthvalue on 58,800 entries (700 against 40 us, torch 2.13, one
+    thread): the "track" steering takes one per layer and step along the ramp. The k-th smallest is
+    one number whichever algorithm finds it (NaN counts as largest in both)."""
+    flat = values.detach().reshape(-1).float().cpu().numpy()
+    return float(np.partition(flat, k - 1)[k - 1])
+
+
+def by_value(flat: Tensor, k: int, largest: bool) -> Tensor | None:
+    """The k largest (smallest) entries of a 1-d `flat` as a bool mask, where their values alone decide
+    them: none of the entries equal to the k-th is left out (else None, and topk's order among the
+    tied decides). From numpy's introselect and two comparisons: 10x faster than torch.topk with a
+    large k on 58,800 entries (the "track" steering caps the zeros of every layer at every step)."""
+    values = flat.detach().cpu().numpy()
+    if k > values.size or np.isnan(values).any():
+        return None
+    at = values.size - k if largest else k - 1
+    kth = float(np.partition(values, at)[at])
+    beyond = flat > kth if largest else flat < kth
+    tied = flat == kth
+    return beyond | tied if int(beyond.sum()) + int(tied.sum()) == k else None
+
+
 def select(scores: list[Tensor], k: int, largest: bool) -> list[Tensor]:
-    """Bool masks shaped like `scores` marking the k entries of largest (or smallest) score across all."""
+    """Bool masks shaped like `scores` marking the k entries of largest (or smallest) score across all
+    (as torch.topk picks them; by value where that decides, `by_value`)."""
     flat = torch.cat([s.flatten() for s in scores])
     chosen = torch.zeros_like(flat, dtype=torch.bool)
     if k > 0:
-        chosen[torch.topk(flat, k, largest=largest).indices] = True
+        exact = by_value(flat, k, largest) if flat.dtype in (torch.float32, torch.float64) else None
+        if exact is not None:
+            chosen = exact
+        else:
+            chosen[torch.topk(flat, k, largest=largest).indices] = True
     return [part.view_as(s) for part, s in zip(chosen.split([s.numel() for s in scores]), scores)]
 
 
@@ -120,18 +150,22 @@ class TargetSteering:
 
     def track(self, step: int, scores: list[Tensor], units: list[float]) -> None:
         """"track", every `track_every` steps: lambda per layer from the order statistics of `scores`
-        (what the prox shrinks, 0 where already zero). `units[k]`: how far layer k's scores drop per
+        (what the prox shrinks, 0 where already zero; or a callable returning them, called only when
+        an order statistic is taken). `units[k]`: how far layer k's scores drop per
         unit of lambda in one step (lr for kron's |S|, lr * sqrt(bo*bi) for group lasso's norms).
         The threshold is the k-th smallest score over `interval`, k the ramp's count `interval`
         steps ahead: what brings that block to zero by then if the gradient does not hold it up
         (the multiplier `gains` makes up for what it does)."""
         if self.mode != "track" or step % self.track_every:
             return
-        need = [s.detach() / self.interval for s in scores]
+        need = None
         for group in self._groups():
-            flat = torch.cat([need[k].flatten() for k in group])
-            k = min(count_for(self.schedule(step + self.interval), flat.numel()), flat.numel())
-            threshold = float(torch.kthvalue(flat.float().cpu(), k).values) if k > 0 else 0.0
+            total = sum(self.sizes[k] for k in group)
+            k = min(count_for(self.schedule(step + self.interval), total), total)
+            threshold = 0.0
+            if k > 0:  # before the ramp (k = 0) the scores are not needed: not even built
+                need = need or [s.detach() / self.interval for s in (scores() if callable(scores) else scores)]
+                threshold = kth_smallest(torch.cat([need[j].flatten() for j in group]), k)
             for j in group:  # falls at most by track_fall per step: a sudden drop let SGD's momentum revive
                 # most of a group lasso layer's zero blocks at once (38% -> 3% in 3 steps, a one-layer toy)
                 lam = self.gains[j] * threshold / units[j] if units[j] > 0 else 0.0
@@ -144,21 +178,25 @@ class TargetSteering:
             return None
         return self.top_up(active, scores, self.schedule(step))
 
-    def keep_excess(self, step: int, zero: list[Tensor], scores: list[Tensor]) -> list[Tensor] | None:
+    def keep_excess(self, step: int, zero, scores, counts: list[int] | None = None) -> list[Tensor] | None:
         """Where the zeros `zero` exceed the ramp's cap: masks of the zeroed entries of largest score
         that keep their value this step (None when nothing exceeds). Entries already zero before
-        must score lowest (the caller gives them -1 or 0), so they are never picked."""
-        keep = [torch.zeros_like(z) for z in zero]
-        any_kept = False
+        must score lowest (the caller gives them -1 or 0), so they are never picked. `zero` and
+        `scores`: lists, or callables returning them (called only when some group exceeds, which
+        then needs `counts`: the number of True in each of `zero`)."""
+        counts = counts if counts is not None else [int(z.sum()) for z in zero]
+        keep = None
         for group in self._groups():
             allowed = count_for(self.schedule(step), sum(self.sizes[k] for k in group))
-            excess = sum(int(zero[k].sum()) for k in group) - allowed
+            excess = sum(counts[k] for k in group) - allowed
             if excess > 0:
+                zero = zero() if callable(zero) else zero
+                scores = scores() if callable(scores) else scores
+                keep = keep or [torch.zeros_like(z) for z in zero]
                 chosen = select([torch.where(zero[k], scores[k], -1.0) for k in group], excess, largest=True)
                 for k, c in zip(group, chosen):
                     keep[k] = c
-                any_kept = True
-        return keep if any_kept else None
+        return keep
 
     def top_up(self, active: list[Tensor], norms: list[Tensor], fraction: float | None = None) -> list[Tensor]:
         """Masks of the active blocks of smallest norm to prune so every group reaches `fraction`

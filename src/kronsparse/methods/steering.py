@@ -78,7 +78,8 @@ def select(scores: list[Tensor], k: int, largest: bool) -> list[Tensor]:
     flat = torch.cat([s.flatten() for s in scores])
     chosen = torch.zeros_like(flat, dtype=torch.bool)
     if k > 0:
-        exact = by_value(flat, k, largest) if flat.dtype in (torch.float32, torch.float64) else None
+        cpu_float = flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64)
+        exact = by_value(flat, k, largest) if cpu_float else None  # on a GPU topk is fast and copies nothing
         if exact is not None:
             chosen = exact
         else:

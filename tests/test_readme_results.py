@@ -478,3 +478,30 @@ def test_the_language_model_track_rerun_is_its_files():
     assert f"from {old[('group-lasso', '4x4')]['test bpb']} to {bpb[('group-lasso', '4x4')]}" in flat
     topups = [float(r["zero blocks from top-up %"]) for r in new.values() if r["zero blocks from top-up %"]]
     assert f"at most {max(topups):.1f}% of any method's zero blocks" in flat
+
+
+def test_the_readme_steering_ablation_table_is_its_files():
+    """Each cell of the README's steering table is a mean ± std (or bpb) of the committed file it names."""
+    text = section("Methods", "README.md").split("**Which steering?**")[1].split("\n\n", 2)[1]
+    (table,) = tables(text)
+    ablation = rows_by(tables((ROOT / "results/steering-ablation/table.md").read_text())[0], ("variant",))
+
+    def acc(name, key=("method", "block", "rank"), row=("kron", "4x4", "4"), col="accuracy %"):
+        return rows_by(tables((ROOT / f"results/{name}/table.md").read_text())[0], key)[row][col]
+
+    def bpb(name):
+        rows = rows_by(tables((ROOT / f"results/{name}/table.md").read_text())[0], ("method", "block"))
+        return " / ".join(rows[("kron", b)]["test bpb"] for b in ("8x8", "16x16"))
+
+    def steer(prefix, mode):
+        return ablation[(f"{prefix}-kron-steer-{mode}",)]["accuracy % (mean ± std over seeds)"]
+
+    expected = [
+        [steer("mnist", m) for m in ("track", "legacy", "prune")],
+        [steer("sgd-mlp", m) for m in ("track", "legacy", "prune")],
+        [acc("fashion-vit-3seeds"), acc("vit-variants", ("variant",), ("kron-lr8",), "accuracy % (mean ± std over seeds)"),
+         ablation[("kron-steer-prune",)]["accuracy % (mean ± std over seeds)"]],
+        [acc("fashion-vit-full"), acc("fashion-vit-full-legacy"), "—"],
+        [bpb("pycode-gpt-full"), bpb("pycode-gpt-full-legacy"), "—"],
+    ]
+    assert [row[1:] for row in table[1:]] == expected

@@ -71,6 +71,8 @@ DDP_SCRIPT = textwrap.dedent('''
             torch.save({k: v.detach() for k, v in net.module.state_dict().items()}, out)
         dist.barrier()  # without it one rank could tear gloo down under the other: SIGABRT in 3 of 12 runs, 0 of 16 with it
         dist.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(0)  # no interpreter teardown, where gloo objects still alive can abort (as in tests/fsdp_run.py)
 
     if __name__ == "__main__":
         mp.spawn(worker, args=(2, sys.argv[1]), nprocs=2)

@@ -66,22 +66,26 @@ def build(method: str, shard: bool = False):
     return net, sp, sp.optimizer(torch.optim.AdamW, lr=1e-2, weight_decay=0.01)
 
 
+def step(sp, opt, loss, world: int) -> float:
+    """One training step on this rank's loss; returns the global batch's loss (the mean over ranks)."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sp.step(opt)
+    loss = loss.detach()
+    if world > 1:
+        dist.all_reduce(loss)
+        loss /= world
+    return float(loss)
+
+
 def train(net, sp, opt, steps: range, rank: int = 0, world: int = 1, on_step=None) -> list[float]:
     """The global batch split over the ranks; the loss returned is the global batch's."""
     xs, ys = data()
     part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     losses = []
     for t in steps:
-        loss = (net(xs[t, part]) - ys[t, part]).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sp.step(opt)
-        loss = loss.detach()
-        if world > 1:
-            dist.all_reduce(loss)
-            loss /= world
-        losses.append(float(loss))
+        losses.append(step(sp, opt, (net(xs[t, part]) - ys[t, part]).pow(2).mean(), world))
         if on_step is not None:
             on_step(t)
         if t == FINALIZE_AT:
@@ -189,16 +193,7 @@ def train_gpt(net, sp, opt, rank: int = 0, world: int = 1) -> dict:
     losses = []
     for batch in ids:
         mine = batch[rank * 4 // world:(rank + 1) * 4 // world]
-        loss = net(input_ids=mine, labels=mine).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sp.step(opt)
-        loss = loss.detach()
-        if world > 1:
-            dist.all_reduce(loss)
-            loss /= world
-        losses.append(float(loss))
+        losses.append(step(sp, opt, net(input_ids=mine, labels=mine).loss, world))
     sp.finalize(opt)
     return {"losses": losses, "weights": final_weights(sp), "layer_sparsity": sp.layer_sparsity()}
 

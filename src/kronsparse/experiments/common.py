@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,26 @@ class Experiment:
     def write_report(self, specs: list[Spec], out: Path) -> None:
         """table.md, table.csv and report.md in `out` (the command prints report.md), from the runs."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class FunctionsExperiment(Experiment):
+    """An experiment given by the three functions of its module (the ViT's and the GPT's)."""
+
+    name: str
+    make_base: Callable[[bool, dict], TrainConfig]  # (quick, overrides)
+    make_plan: Callable[[list[int], TrainConfig], list[Spec]]  # (seeds, base): one seed when quick
+    report: Callable[[list[Spec], Path], None]
+    fresh_process: bool = False
+
+    def base_config(self, quick: bool, overrides: dict) -> TrainConfig:
+        return self.make_base(quick, overrides)
+
+    def plan(self, seeds: list[int], quick: bool, base: TrainConfig) -> list[Spec]:
+        return self.make_plan(seeds, base)
+
+    def write_report(self, specs: list[Spec], out: Path) -> None:
+        self.report(specs, out)
 
 
 def memory_file(out: Path, name: str) -> Path:

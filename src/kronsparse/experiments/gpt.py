@@ -21,7 +21,7 @@ from ..blocks import block_name
 from ..training.config import TrainConfig
 from ..training.metrics import training_costs
 from ..training.models import build_model, dense_factory, kron_factory, model_options
-from .common import Experiment, Spec
+from .common import FunctionsExperiment, Spec
 
 BLOCKS = ((4, 4), (8, 8), (16, 16))
 TARGET = 0.5
@@ -102,20 +102,11 @@ def plan(seeds: list[int], base: TrainConfig) -> list[Spec]:
     return specs
 
 
-class PycodeGPT(Experiment):
-    name = "pycode-gpt"
-    fresh_process = True  # each run's peak memory its own
+def write_report(specs: list[Spec], out: Path) -> None:
+    from .gpt_report import write_report  # matplotlib, safetensors: only when a report is written
 
-    def base_config(self, quick: bool, overrides: dict) -> TrainConfig:
-        return base_config(quick, overrides)
-
-    def plan(self, seeds: list[int], quick: bool, base: TrainConfig) -> list[Spec]:
-        return plan(seeds, base)
-
-    def write_report(self, specs: list[Spec], out: Path) -> None:
-        from .gpt_report import write_report  # matplotlib, safetensors: only when a report is written
-
-        write_report(specs, out)
+    write_report(specs, out)
 
 
-EXPERIMENTS = {PycodeGPT.name: PycodeGPT()}
+# fresh_process: each run's peak memory its own
+EXPERIMENTS = {"pycode-gpt": FunctionsExperiment("pycode-gpt", base_config, plan, write_report, fresh_process=True)}

@@ -38,7 +38,7 @@ from ..training.models import build_model
 from ..training.train import layer_factory
 from ..training.vit import VIT_MODELS, ViT
 from . import plots
-from .common import Experiment, Spec, holds, markdown_table, mean_std, memory_file, table_csv
+from .common import FunctionsExperiment, Spec, holds, markdown_table, mean_std, memory_file, table_csv
 from .common import command_of as train_command
 from .common import load_runs as load_metrics
 
@@ -54,21 +54,6 @@ QUICK = {"epochs": 3, "n_train": 20_000}  # one seed; under 15 minutes with --jo
 FULL = {"epochs": 10}  # all 60,000 training images
 
 
-class FashionViT(Experiment):
-    name = "fashion-vit"
-    fresh_process = True
-
-    def base_config(self, quick: bool, overrides: dict) -> TrainConfig:
-        return base_config(quick, overrides)
-
-    def plan(self, seeds: list[int], quick: bool, base: TrainConfig) -> list[Spec]:
-        return plan(seeds, base)
-
-    def write_report(self, specs: list[Spec], out: Path) -> None:
-        write_report(specs, out)
-
-
-EXPERIMENTS = {FashionViT.name: FashionViT()}
 
 
 def plan(seeds: list[int], base: TrainConfig) -> list[Spec]:
@@ -365,3 +350,7 @@ def write_report(specs: list[Spec], out: Path) -> None:
 def deit_tiny(factory) -> ViT:
     """The paper's ViT-tiny shape (DeiT-tiny): 3x224x224 inputs, 100 classes (CIFAR-100)."""
     return ViT(VIT_MODELS["vit-tiny"], factory, channels=3, side=224, num_classes=100)
+
+
+# fresh_process: each run's peak memory its own
+EXPERIMENTS = {"fashion-vit": FunctionsExperiment("fashion-vit", base_config, plan, write_report, fresh_process=True)}

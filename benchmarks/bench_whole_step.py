@@ -139,7 +139,9 @@ def parse_block(text: str) -> tuple[int, int]:
 
 
 def run_case(width: int, tokens: int, args) -> list[dict]:
-    names = {"dense": ("dense", None, 1), "block-magnitude": ("block-magnitude", (16, 16), 1)}
+    names = {"dense": ("dense", None, 1)}
+    if not args.no_block_magnitude:
+        names["block-magnitude"] = ("block-magnitude", (16, 16), 1)
     for block in map(parse_block, args.blocks.split(",")):
         for rank in map(int, args.ranks.split(",")):
             names[f"kron {setting_name(block, rank)}"] = ("kron", block, rank)
@@ -198,7 +200,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.2), sharex=True)
     settings = sorted({(r["variant"], r["tokens"]) for r in rows if r["variant"] != "dense"})
     blocks = sorted({v.split()[1] for v, _ in settings if v.startswith("kron ")})
-    for (variant, tokens) in settings:  # one colour per block shape, one line style per rank
+    token_counts = sorted({t for _, t in settings})
+    for (variant, tokens) in settings:  # one colour per block shape, one line style per rank, one marker per token count
         pts = sorted((r["width"], r["time_ratio"], r["memory_ratio"]) for r in rows
                      if r["variant"] == variant and r["tokens"] == tokens)
         widths = [p[0] for p in pts]
@@ -206,7 +209,8 @@ def plot(rows: list[dict], path: Path) -> None:
         style = ({"color": f"C{1 + blocks.index(words[1])}", "ls": {"r1": ":", "r2": "-", "r4": "--"}.get(words[2], "-.")}
                  if words[0] == "kron" else {"color": "C0", "ls": "-"})
         for ax, k in zip(axes, (1, 2)):
-            ax.plot(widths, [p[k] for p in pts], marker="o", ms=4, label=f"{variant}, {tokens} tokens", **style)
+            ax.plot(widths, [p[k] for p in pts], marker="os^D"[token_counts.index(tokens) % 4], ms=4,
+                    label=f"{variant}, {tokens} tokens", **style)
     for ax, title in zip(axes, ("step time / dense's", "peak memory / dense's")):
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xscale("log", base=2)
@@ -228,6 +232,8 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--blocks", default="8x8,16x16,32x32")
     p.add_argument("--ranks", default="1,2,4")
+    p.add_argument("--no-block-magnitude", action="store_true",
+                   help="leave block magnitude pruning (a dense step with masks) out: the long token counts' time")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")

@@ -84,12 +84,14 @@ class SparsitySummary:
 
 def model_weights(model: nn.Module) -> int:
     """Parameters of two or more dims (matrices, kernels, embeddings), each Parameter once; a
-    Kronecker layer counts its dense weight's size."""
+    Kronecker layer counts its dense weight's size, once: a KronSelectLinear's candidate terms
+    (KronLinears inside it, summed into one W) are not counted again."""
     seen, total = set(), 0
-    for name, m in model.named_modules():
-        if hasattr(m, "dense_weight") and hasattr(m, "S"):
+    for name, m in model.named_modules():  # outer modules first
+        params = [id(p) for p in m.parameters()]
+        if hasattr(m, "dense_weight") and not all(i in seen for i in params):
             total += layer_weight_numel(m)
-            seen.update(id(p) for p in m.parameters())
+            seen.update(params)
     for p in model.parameters():
         if id(p) not in seen and p.dim() >= 2:
             seen.add(id(p))

@@ -6,7 +6,9 @@ the page shows; these tests read both and compare, so a table edited by hand, or
 without updating its page, fails here.
 """
 
+import csv
 import json
+import os
 import re
 from pathlib import Path
 
@@ -431,19 +433,63 @@ def test_the_language_model_full_table_verdicts_and_samples_are_its_report():
     assert finished is None or f"Partial: {finished.group(1)} of the plan's {finished.group(2)} runs" in report
 
 
+def test_the_language_model_steering_table_and_prose_are_its_files():
+    text = section("Which steering on the full GPT")
+    folder = ROOT / "results/pycode-gpt-steering"
+    (table,) = tables((folder / "table.md").read_text(encoding="utf-8"))
+    assert tables(text)[0] == table
+    rows = rows_by(table, ("block", "steering"))
+    full = table_file_rows(ROOT / "results/pycode-gpt-full/table.md")
+    for block in ("8x8", "16x16"):  # the track rows are the reproduction's own
+        assert rows[(block, "track (default)")]["test bpb"] == full[("kron", block)]["test bpb"]
+    for name in os.listdir(folder):  # every run of the table is there, with the settings it claims
+        if (folder / name).is_dir():
+            c = json.loads((folder / name / "config.json").read_text())
+            assert name == f"kron-{c['block_shape'][0]}x{c['block_shape'][1]}-r{c['rank']}-{c['steering']}-s{c['seed']}"
+            assert (c["model"], c["dataset"], c["width"], c["layers"], c["n_train"]) == ("gpt", "pycode", 128, 4, 16000)
+
+    def mean(block, mode, column="test bpb"):
+        return float(rows[(block, mode)][column].split(" ±")[0])
+
+    def std(block, mode):
+        return float(rows[(block, mode)]["test bpb"].split("± ")[1])
+
+    flat = " ".join(text.split())
+    t16, l16, p16 = (mean("16x16", m) for m in ("track (default)", "legacy", "prune"))
+    assert f"costs kron {t16 - l16:.3f} bpb against `legacy` and {t16 - p16:.3f} against `prune`" in flat
+    assert f"({std('16x16', 'track (default)'):.3f}), several of the others' ({std('16x16', 'legacy'):.3f}, " \
+           f"{std('16x16', 'prune'):.3f})" in flat
+    eights = [mean("8x8", m) for m in ("track (default)", "legacy", "prune")]
+    assert f"within {max(eights) - min(eights):.3f} of each other" in flat
+    assert min(eights) == mean("8x8", "legacy") and min(t16, l16, p16) == l16
+    gaps = [mean(b, "legacy") - float(full[("block-magnitude", b)]["test bpb"].split(" ±")[0]) for b in ("8x8", "16x16")]
+    assert f"stays {gaps[0]:.3f} bpb behind at 8x8 and {gaps[1]:.3f} at 16x16" in flat
+
+
 def test_the_language_model_cost_and_saving_prose_follows_from_the_full_table():
-    text = section("What the method costs, and what it saves")
+    """Every number of the prose from the table: shown values as the table shows them, differences of
+    means from table.csv's unrounded means (as the report computes them)."""
+    text = " ".join(section("What the method costs, and what it saves").split())
     rows = table_file_rows(ROOT / "results/pycode-gpt-full/table.md")
+    exact = {(r["method"], r["block"]): float(r["test_bpb"])
+             for r in csv.DictReader((ROOT / "results/pycode-gpt-full/table.csv").open())}
     num = lambda row, col: float(row[col].replace(",", "").split(" ±")[0])  # noqa: E731
     dense, small = rows[("dense", "")], rows[("dense w92", "")]
     for block in ("8x8", "16x16"):
-        k, bm = rows[("kron", block)], rows[("block-magnitude", block)]
+        k = rows[("kron", block)]
         params = num(dense, "train params") / num(k, "train params")
         flops = num(k, "train FLOPs/token (flop_counter)") / num(dense, "train FLOPs/token (flop_counter)")
         assert f"{params:.2f}x fewer parameters" in text and f"{flops:.3f}x" in text
-        assert f"{num(k, 'test bpb') - num(dense, 'test bpb'):.3f} bpb against dense" in text
-        assert f"{num(k, 'test bpb') - num(bm, 'test bpb'):.3f} bpb against block magnitude" in text
-    assert f"reaches {small['test bpb']}" in text or f"({small['test bpb']})" in text
+        assert f"{exact[('kron', block)] - exact[('dense', '')]:.3f} bpb against dense" in text
+        assert f"{exact[('kron', block)] - exact[('block-magnitude', block)]:.3f} bpb against block magnitude" in text
+    assert f"reaches {num(small, 'test bpb'):.3f}" in text
+    k4 = exact[("kron", "4x4")]
+    assert (f"kron reaches {k4:.3f} bpb, {k4 - exact[('dense', '')]:.3f} above dense ({num(dense, 'test bpb'):.3f}), "
+            f"{exact[('block-magnitude', '4x4')] - k4:.3f} below block magnitude pruning at 4x4 "
+            f"({exact[('block-magnitude', '4x4')]:.3f}) and {exact[('rigl', '4x4')] - k4:.3f} below block RigL "
+            f"({exact[('rigl', '4x4')]:.3f})") in text
+    sparse = [v for (m, _), v in exact.items() if not m.startswith("dense")]
+    assert min(sparse) == k4 and "the most accurate of the sparse rows" in text
 
 
 def test_the_readme_language_model_prose_follows_from_its_table():
@@ -451,7 +497,7 @@ def test_the_readme_language_model_prose_follows_from_its_table():
     rows = rows_by(tables((ROOT / "results/pycode-gpt-full/table.md").read_text())[0], ("method", "block"))
 
     def num(method, block, column):
-        return float(rows[(method, block)][column].replace(",", ""))
+        return float(rows[(method, block)][column].replace(",", "").split(" ±")[0])
 
     params, flops = "train params", "train FLOPs/token (flop_counter)"
     fewer = sorted(num("dense", "", params) / num("kron", b, params) for b in ("8x8", "16x16"))
@@ -489,9 +535,10 @@ def test_the_readme_steering_ablation_table_is_its_files():
     def acc(name, key=("method", "block", "rank"), row=("kron", "4x4", "4"), col="accuracy %"):
         return rows_by(tables((ROOT / f"results/{name}/table.md").read_text())[0], key)[row][col]
 
-    def bpb(name):
-        rows = rows_by(tables((ROOT / f"results/{name}/table.md").read_text())[0], ("method", "block"))
-        return " / ".join(rows[("kron", b)]["test bpb"] for b in ("8x8", "16x16"))
+    steering = rows_by(tables((ROOT / "results/pycode-gpt-steering/table.md").read_text())[0], ("block", "steering"))
+
+    def bpb(mode):
+        return " / ".join(steering[(b, mode)]["test bpb"] for b in ("8x8", "16x16"))
 
     def steer(prefix, mode):
         return ablation[(f"{prefix}-kron-steer-{mode}",)]["accuracy % (mean ± std over seeds)"]
@@ -502,6 +549,6 @@ def test_the_readme_steering_ablation_table_is_its_files():
         [acc("fashion-vit-3seeds"), acc("vit-variants", ("variant",), ("kron-lr8",), "accuracy % (mean ± std over seeds)"),
          ablation[("kron-steer-prune",)]["accuracy % (mean ± std over seeds)"]],
         [acc("fashion-vit-full"), acc("fashion-vit-full-legacy"), "—"],
-        [bpb("pycode-gpt-full"), bpb("pycode-gpt-full-legacy"), "—"],
+        [bpb("track (default)"), bpb("legacy"), bpb("prune")],
     ]
     assert [row[1:] for row in table[1:]] == expected

@@ -552,3 +552,20 @@ def test_the_readme_steering_ablation_table_is_its_files():
         [bpb("track (default)"), bpb("legacy"), bpb("prune")],
     ]
     assert [row[1:] for row in table[1:]] == expected
+
+
+def test_the_overhead_floor_prose_is_its_file():
+    """The 1.3x target's budget and the kernels whose bits are fixed: every number from the benchmark's file."""
+    text = " ".join(section("Training speed (CPU)").split())
+    r = json.loads((ROOT / "benchmarks/results/overhead-floor-cpu-2026-12-07.json").read_text())
+    dense, kron = r["phases_ms"]["dense"], r["phases_ms"]["kron"]
+    assert f"against dense's {r['step_ms']['dense']:.3f} ms, kron spends" in text
+    assert (f"{kron['forward'] - dense['forward']:.3f} ms more in forward, {kron['backward'] - dense['backward']:.3f} ms "
+            f"more in backward and {kron['method'] - dense['method']:.3f} ms in its own step ({r['ratio']:.2f}x in all)") in text
+    assert f"The target leaves {r['budget_ms']:.3f} ms (0.3x dense's step)" in text
+    assert f"take {r['fixed_gemms_ms']:.3f} ms of it ({r['fixed_gemms_ms'] / r['budget_ms']:.0%})" in text
+    one_pass = r["kernels_ms"]["one pass over a W-sized tensor (copy)"]
+    assert f"at memory speed ({one_pass:.3f} ms each)" in text
+    assert f"bring the fixed part to {r['floor_ms']:.3f} ms ({r['floor_ms'] / r['budget_ms']:.0%})" in text
+    rest = r["step_ms"]["kron"] - r["step_ms"]["dense"] - r["floor_ms"]
+    assert f"leaving {r['budget_ms'] - r['floor_ms']:.2f} ms for what takes {rest:.1f} ms today" in text

@@ -569,3 +569,11 @@ def test_the_overhead_floor_prose_is_its_file():
     assert f"bring the fixed part to {r['floor_ms']:.3f} ms ({r['floor_ms'] / r['budget_ms']:.0%})" in text
     rest = r["step_ms"]["kron"] - r["step_ms"]["dense"] - r["floor_ms"]
     assert f"leaving {r['budget_ms'] - r['floor_ms']:.2f} ms for what takes {rest:.1f} ms today" in text
+
+
+def test_the_readme_language_model_sample_is_the_reports():
+    text = section("Results", "README.md").split("**A language model**")[1].split("**Speed.**")[0]
+    (shown,) = re.findall(r"~~~~\n(.*?)~~~~", text, re.S)
+    report = (ROOT / "results/pycode-gpt-full/report.md").read_text(encoding="utf-8")
+    (sample,) = re.findall(r"### kron 4x4\n\n~~~~\n(.*?)~~~~", report, re.S)
+    assert len(shown.splitlines()) >= 3 and sample.startswith(shown)

@@ -346,6 +346,10 @@ def test_the_readme_results_prose_follows_from_the_tables():
     t1, m1 = f"{alone['kron 16x16 r2']['time_ratio']:.2f}", f"{whole[(1024, 'kron 16x16 r2')]['memory_ratio']:.2f}"
     t2, m2 = (f"{whole[(2048, 'kron 16x16 r2')][k]:.2f}" for k in ("time_ratio", "memory_ratio"))
     assert f"takes {t1}x dense's time and {m1}x its peak memory, at hidden 2048 {t2}x and {m2}x" in text
+    long = {r["tokens"]: r for r in json.loads((ROOT / "benchmarks/results/whole-step-tokens-cpu-2026-12-07.json").read_text())[
+        "rows"] if r["width"] == 1024 and r["variant"] == "kron 16x16 r2"}
+    assert (f"at hidden 1024, {long[2048]['time_ratio']:.2f}x and {long[2048]['memory_ratio']:.2f}x at 2,048 tokens, "
+            f"{long[8192]['time_ratio']:.2f}x and {long[8192]['memory_ratio']:.2f}x at 8,192") in text
     rows = json.loads((ROOT / "benchmarks/results/model-step-cpu-2026-12-07.json").read_text())["rows"]
     ratios = [r["kron_ms"] / r["dense_ms"] for r in rows]
     assert f"a whole training step takes {min(ratios):.2f}x to {max(ratios):.2f}x dense's" in text
@@ -355,7 +359,7 @@ def test_the_whole_step_table_and_claims_are_the_benchmark_file():
     text = section("Whole training steps: where the method pays")
     path = re.search(r"\[JSON\]\((?:\.\./)?(benchmarks/results/whole-step-[^)]+\.json)\)", text).group(1)
     rows = {(r["width"], r["variant"]): r for r in json.loads((ROOT / path).read_text())["rows"]}
-    (table,) = tables(text)
+    table = tables(text)[0]  # the width sweep at 512 tokens (the long token counts are the next)
     assert len(table) > 10
     for width, variant, params, time_ratio, macs, memory, byte_limit, planned in table[1:]:
         r = rows[(int(width), variant)]
@@ -577,3 +581,28 @@ def test_the_readme_language_model_sample_is_the_reports():
     report = (ROOT / "results/pycode-gpt-full/report.md").read_text(encoding="utf-8")
     (sample,) = re.findall(r"### kron 4x4\n\n~~~~\n(.*?)~~~~", report, re.S)
     assert len(shown.splitlines()) >= 3 and sample.startswith(shown)
+
+
+def test_the_long_token_table_and_prose_are_the_benchmark_file():
+    text = section("Whole training steps: where the method pays")
+    flat = " ".join(text.split())
+    path = "benchmarks/results/whole-step-tokens-cpu-2026-12-07"
+    assert f"{path}.json" in flat and f"({path.replace('benchmarks', '../benchmarks')}.md)" in flat
+    rows = json.loads((ROOT / f"{path}.json").read_text())["rows"]
+    kron = {(r["width"], r["tokens"]): r for r in rows if r["variant"] == "kron 16x16 r2"}
+    (table,) = [t for t in tables(text) if t[0][:2] == ["hidden", "tokens"] and "planned / measured peak" in t[0]]
+    assert len(table) - 1 == len(kron) == 6
+    for width, tokens, params, time_ratio, macs, memory, byte_limit, planned in table[1:]:
+        r = kron[(int(width), int(tokens.replace(",", "")))]
+        assert [params, time_ratio, macs, memory, byte_limit, planned] == [
+            f"{r['train_params']:,}", f"{r['time_ratio']:.2f}", f"{r['macs_limit']:.2f}", f"{r['memory_ratio']:.2f}",
+            f"{r['bytes_limit']:.2f}", f"{r['predicted_peak_bytes'] / r['peak_bytes']:.2f}"]
+    k2, k8 = kron[(1024, 2048)], kron[(1024, 8192)]
+    assert (f"0.38x at 2,048 and {k8['time_ratio']:.2f}x at 8,192, and its peak memory 0.24x, {k2['memory_ratio']:.2f}x "
+            f"and {k8['memory_ratio']:.2f}x").replace("0.38x", f"{k2['time_ratio']:.2f}x") in flat
+    assert (f"({k8['time_ratio']:.2f}x against a multiply-add limit of {k8['macs_limit']:.2f}x, {k8['memory_ratio']:.2f}x "
+            f"against a byte limit of {k8['bytes_limit']:.2f}x)") in flat
+    assert f"at hidden 1024 and 2,048 tokens per step, in {k2['time_ratio']:.2f}x and {k2['memory_ratio']:.2f}x" in flat
+    ratios = [r["predicted_peak_bytes"] / r["peak_bytes"] for r in rows]
+    assert max(abs(v - 1) for v in ratios) <= 0.10
+    assert f"predicted peak is {min(ratios):.2f}x-{max(ratios):.2f}x the measured one" in flat

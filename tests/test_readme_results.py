@@ -406,7 +406,8 @@ def test_the_language_model_quick_table_verdicts_and_samples_are_its_report():
 
 
 def test_the_language_model_ablation_table_is_its_files():
-    (table,) = tables(section("Where the gap at 16x16 comes from (quick setting)"))
+    text = section("Where the gap at 16x16 comes from (quick setting)").split("**With the `track` steering")[0]
+    (table,) = tables(text)  # the legacy-steering runs (the track ones: the next test)
     header, rows = table[0], {r[0]: dict(zip(table[0], r)) for r in table[1:]}
     quick = table_file_rows(ROOT / "results/pycode-gpt-quick/table.md")
     for name, key in (("kron 16x16 (quick run)", ("kron", "16x16")),
@@ -606,3 +607,34 @@ def test_the_long_token_table_and_prose_are_the_benchmark_file():
     ratios = [r["predicted_peak_bytes"] / r["peak_bytes"] for r in rows]
     assert max(abs(v - 1) for v in ratios) <= 0.10
     assert f"predicted peak is {min(ratios):.2f}x-{max(ratios):.2f}x the measured one" in flat
+
+
+def test_the_language_model_rank_and_width_table_is_its_files():
+    text = section("Where the gap at 16x16 comes from (quick setting)").split("**With the `track` steering: rank and width.**")[1]
+    (table,) = tables(text)
+    rows = {r[0]: dict(zip(table[0], r)) for r in table[1:]}
+    quick = table_file_rows(ROOT / "results/pycode-gpt-quick-track/table.md")
+    for name, key in (("kron 16x16 (quick run with `track`)", ("kron", "16x16")),
+                      ("block-magnitude 16x16 (quick run)", ("block-magnitude", "16x16"))):
+        for column in ("rank", "width", "val bpb", "test bpb", "zero blocks from top-up %", "train params",
+                       "fwd MACs/token (ours)"):
+            assert rows[name][column] == quick[key][column], (name, column)
+    for name, folder in (("kron 16x16, rank 8", "kron-16x16-r8-track"), ("kron 16x16, width 256", "kron-16x16-r4-w256"),
+                         ("kron 16x16, width 256, rank 8", "kron-16x16-r8-w256"),
+                         ("block-magnitude 16x16, width 256", "block-magnitude-16x16-w256")):
+        m = json.loads((ROOT / "results/pycode-gpt-ablation" / folder / "metrics.json").read_text())
+        c = m["config"]
+        assert (c["steering"], c["n_train"], c["layers"], c["seed"]) == ("track", 4000, 2, 0)
+        kron = m["method"] == "kron"
+        assert [rows[name][k] for k in ("width", "rank", "val bpb", "test bpb", "zero blocks from top-up %", "train params",
+                                        "fwd MACs/token (ours)")] == [
+            str(c["width"]), str(m["rank"]) if kron else "", f"{m['val_bpb']:.3f}", f"{m['test_bpb']:.3f}",
+            f"{100 * m['topped_up_blocks'] / m['zero_blocks']:.1f}" if kron else "", f"{m['train_params']:,}",
+            f"{m['train_macs'] // c['context']:,}"]
+    flat = " ".join(text.split())
+    bpb = {name: float(r["test bpb"]) for name, r in rows.items()}
+    gap = lambda kron, bm: f"{bpb[kron] - bpb[bm]:.3f}"  # noqa: E731
+    assert f"(+{gap('kron 16x16, rank 8', 'block-magnitude 16x16 (quick run)')} bpb to block magnitude instead of " \
+           f"+{gap('kron 16x16 (quick run with `track`)', 'block-magnitude 16x16 (quick run)')})" in flat
+    assert f"rank 4, is {gap('kron 16x16, width 256', 'block-magnitude 16x16, width 256')} behind" in flat
+    assert f"worse than rank 4 ({gap('kron 16x16, width 256, rank 8', 'block-magnitude 16x16, width 256')} behind)" in flat

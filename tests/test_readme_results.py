@@ -316,7 +316,7 @@ def test_the_readme_headline_tables_are_rows_of_their_files(title, path):
     """Each README headline table shows some rows and columns of a committed table, cell for cell."""
     text = section("Results", "README.md").split(f"**{title}**")[1].split("\n**")[0]
     assert path.rsplit("/", 1)[0] + "/" in text  # the table links its folder
-    (shown,) = tables(text)
+    shown = tables(text)[0]  # the headline table (the GPT's quick table follows it: the next test)
     (full,) = tables((ROOT / path).read_text(encoding="utf-8"))
     key = tuple(c for c in ("method", "block (ours)", "block", "rank") if c in shown[0])
     assert set(shown[0]) <= set(full[0]) and len(shown) > 3
@@ -638,3 +638,21 @@ def test_the_language_model_rank_and_width_table_is_its_files():
            f"+{gap('kron 16x16 (quick run with `track`)', 'block-magnitude 16x16 (quick run)')})" in flat
     assert f"rank 4, is {gap('kron 16x16, width 256', 'block-magnitude 16x16, width 256')} behind" in flat
     assert f"worse than rank 4 ({gap('kron 16x16, width 256, rank 8', 'block-magnitude 16x16, width 256')} behind)" in flat
+
+
+def test_the_readme_language_model_quick_table_and_verdict_count_are_their_files():
+    text = section("Results", "README.md").split("**A language model**")[1].split("**Speed.**")[0]
+    _, shown = tables(text)
+    assert "results/pycode-gpt-quick-track/report.md" in text
+    quick = rows_by(tables((ROOT / "results/pycode-gpt-quick-track/table.md").read_text())[0], ("method", "block"))
+    assert len(shown) == 8
+    for row in rows_by(shown, ("method", "block")).values():
+        assert {c: quick[(row["method"], row["block"])][c] for c in shown[0]} == row
+    claims = report_section((ROOT / "results/pycode-gpt-full/report.md").read_text(encoding="utf-8"),
+                            "The paper's Table 3 claims on this model")
+    held = sum(c.endswith("— holds.") for c in claims)
+    failed = [c for c in claims if not c.endswith("— holds.")]
+    assert f"{held} of the paper's {len(claims)} Table 3 claims hold" in " ".join(text.split())
+    assert len(failed) == 1 and "fewer training FLOPs" in failed[0]
+    seconds = json.loads((ROOT / "results/pycode-gpt-quick-track/timing.json").read_text())["real_seconds"]
+    assert f"`--quick --jobs 2`: {round(seconds / 60)} minutes on the 2-core machine" in " ".join(text.split())

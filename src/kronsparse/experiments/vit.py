@@ -54,8 +54,6 @@ QUICK = {"epochs": 3, "n_train": 20_000}  # one seed; under 15 minutes with --jo
 FULL = {"epochs": 10}  # all 60,000 training images
 
 
-
-
 def plan(seeds: list[int], base: TrainConfig) -> list[Spec]:
     """Role "table": dense and every method at 50% of 4x4 blocks, and select over the candidates;
     role "alone": kron at each other candidate (kron 4x4 is in the table), for the selection claim."""

@@ -323,7 +323,8 @@ def write_report(specs, out: Path) -> None:
 
 
 def plots(runs: list[dict], out: Path) -> None:
-    """bpb against training FLOPs per token and against trainable parameters, one point per run."""
+    """bpb against training FLOPs per token and against trainable parameters, one point per run, one
+    label per setting (at the mean of its seeds)."""
     import matplotlib
     import matplotlib.ticker
 
@@ -332,7 +333,7 @@ def plots(runs: list[dict], out: Path) -> None:
 
     from ..atomic import atomic_write
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"wspace": 0.45})  # room for the labels
     for key, xlabel, ax in (("flops", "training FLOPs / token (flop_counter, fwd+bwd)", axes[0]),
                             ("train_params", "trainable parameters", axes[1])):
         points = sorted((m["flops"]["flop_counter_train_flops"] if key == "flops" else m["train_params"],
@@ -346,9 +347,12 @@ def plots(runs: list[dict], out: Path) -> None:
                 clusters.append([point])
         for cluster in clusters:
             floor, right = -math.inf, 1.05 * max(x for x, *_ in cluster)
-            for x, y, name, method in sorted(cluster, key=lambda p: p[1]):
+            settings: dict[str, list[float]] = {}  # one label per setting, at its runs' mean (seeds share it)
+            for x, y, name, method in cluster:
                 ax.scatter(x, y, s=18, color="C3" if method == "kron" else "C0" if method == "dense" else "0.5")
-                label_y = max(y, floor)  # labels stack upward instead of overlapping
+                settings.setdefault(name, []).append(y)
+            for name, ys in sorted(settings.items(), key=lambda item: sum(item[1]) / len(item[1])):
+                label_y = max(sum(ys) / len(ys), floor)  # labels stack upward instead of overlapping
                 floor = label_y + 0.035 * span
                 ax.text(right, label_y, name, fontsize=7, va="center")
         ax.set(xscale="log", xlabel=xlabel, ylabel="test bits per byte")

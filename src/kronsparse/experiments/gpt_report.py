@@ -332,31 +332,16 @@ def plots(runs: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     from ..atomic import atomic_write
+    from .plots import labelled_points
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"wspace": 0.45})  # room for the labels
+    colour = {"kron": "C3", "dense": "C0"}
     for key, xlabel, ax in (("flops", "training FLOPs / token (flop_counter, fwd+bwd)", axes[0]),
                             ("train_params", "trainable parameters", axes[1])):
-        points = sorted((m["flops"]["flop_counter_train_flops"] if key == "flops" else m["train_params"],
-                         m["test_bpb"], f"{label(m)} {block_of(m)}".strip(), m["method"]) for m in runs)
-        span = max(p[1] for p in points) - min(p[1] for p in points) or 1.0
-        clusters: list[list[tuple]] = []  # runs of about one x (the dense-W methods share their cost)
-        for point in points:
-            if clusters and point[0] < 1.1 * clusters[-1][0][0]:
-                clusters[-1].append(point)
-            else:
-                clusters.append([point])
-        for cluster in clusters:
-            floor, right = -math.inf, 1.05 * max(x for x, *_ in cluster)
-            settings: dict[str, list[float]] = {}  # one label per setting, at its runs' mean (seeds share it)
-            for x, y, name, method in cluster:
-                ax.scatter(x, y, s=18, color="C3" if method == "kron" else "C0" if method == "dense" else "0.5")
-                settings.setdefault(name, []).append(y)
-            for name, ys in sorted(settings.items(), key=lambda item: sum(item[1]) / len(item[1])):
-                label_y = max(sum(ys) / len(ys), floor)  # labels stack upward instead of overlapping
-                floor = label_y + 0.035 * span
-                ax.text(right, label_y, name, fontsize=7, va="center")
+        labelled_points(ax, [(m["flops"]["flop_counter_train_flops"] if key == "flops" else m["train_params"],
+                              m["test_bpb"], f"{label(m)} {block_of(m)}".strip(), colour.get(m["method"], "0.5"))
+                             for m in runs])
         ax.set(xscale="log", xlabel=xlabel, ylabel="test bits per byte")
-        ax.margins(x=0.3)  # room for the labels of the rightmost points
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor log labels overlapped
         ax.grid(alpha=0.3)
     atomic_write(out / "cost.png", lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))

@@ -167,17 +167,47 @@ def masks(runs, path: Path, out: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def labelled_points(ax, points: list[tuple[float, float, str, str]], log_x: bool = True) -> None:
+    """Scatter (x, y, name, colour) points with one label per name, at the mean y of its points, to
+    the right of its cluster of about one x (within 10%; within 0.1% of the span on a linear axis):
+    the labels of a cluster stack upward instead of overlapping (the dense-W methods share one cost)."""
+    span = (max(p[1] for p in points) - min(p[1] for p in points)) or 1.0
+    xs = [p[0] for p in points]
+    near = (lambda a, b: b < 1.1 * a) if log_x else (lambda a, b: b - a <= 1e-3 * ((max(xs) - min(xs)) or 1.0))
+    clusters: list[list[tuple]] = []
+    for point in sorted(points):
+        if clusters and near(clusters[-1][0][0], point[0]):
+            clusters[-1].append(point)
+        else:
+            clusters.append([point])
+    for cluster in clusters:
+        floor, right = -float("inf"), max(x for x, *_ in cluster)
+        names: dict[str, list[float]] = {}
+        for x, y, name, colour in cluster:
+            ax.scatter(x, y, s=18, color=colour)
+            names.setdefault(name, []).append(y)
+        for name, ys in sorted(names.items(), key=lambda item: sum(item[1]) / len(item[1])):
+            label_y = max(sum(ys) / len(ys), floor)
+            floor = label_y + 0.035 * span
+            ax.annotate(name, (right, label_y), xytext=(6, 0), textcoords="offset points", fontsize=7, va="center")
+    ax.margins(x=0.3)  # room for the labels of the rightmost points
+
+
 def vit_cost(table: list[dict], alone: list[dict], path: Path) -> None:
     """Accuracy against trainable parameters and against training FLOPs, one labelled point per row."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"wspace": 0.45})  # room for the labels
+    rows = table + [a for a in alone if a["block"] != "4x4"]
+    colours = _colours(sorted({r["method"] for r in rows}))
     for (key, label, scale), ax in zip((("train_params", "trainable parameters", "log"),
                                         ("flop_counter_train_flops", "training FLOPs / sample (fwd+bwd)", "linear")),
                                        axes):
-        for r in table + [a for a in alone if a["block"] != "4x4"]:
-            name = f"{r['method']} {r['block']}"
-            ax.scatter(r[key], 100 * r["test_accuracy"], s=20)
-            ax.annotate(name, (r[key], 100 * r["test_accuracy"]), fontsize=7)
+        labelled_points(ax, [(r[key], 100 * r["test_accuracy"], f"{r['method']} {r['block']}", colours[r["method"]])
+                             for r in rows], log_x=scale == "log")
         ax.set(xscale=scale, xlabel=label, ylabel="test accuracy %")
+        if scale == "log":  # ticks at 1, 2, 5 x 10^k as plain numbers (matplotlib's minor labels overlapped)
+            ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:,.0f}"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
     _save(fig, path)
 

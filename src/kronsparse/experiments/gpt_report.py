@@ -331,8 +331,7 @@ def plots(runs: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..atomic import atomic_write
-    from .plots import labelled_points
+    from ..training.plots import labelled_points, save
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"wspace": 0.45})  # room for the labels
     colour = {"kron": "C3", "dense": "C0"}
@@ -344,5 +343,4 @@ def plots(runs: list[dict], out: Path) -> None:
         ax.set(xscale="log", xlabel=xlabel, ylabel="test bits per byte")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor log labels overlapped
         ax.grid(alpha=0.3)
-    atomic_write(out / "cost.png", lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
-    plt.close(fig)
+    save(fig, out / "cost.png")

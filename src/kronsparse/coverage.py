@@ -87,11 +87,12 @@ def model_weights(model: nn.Module) -> int:
     Kronecker layer counts its dense weight's size, once: a KronSelectLinear's candidate terms
     (KronLinears inside it, summed into one W) are not counted again."""
     seen, total = set(), 0
-    for name, m in model.named_modules():  # outer modules first
-        params = [id(p) for p in m.parameters()]
-        if hasattr(m, "dense_weight") and not all(i in seen for i in params):
-            total += layer_weight_numel(m)
-            seen.update(params)
+    for m in model.modules():  # outer modules first: a KronSelectLinear before its candidates
+        if hasattr(m, "dense_weight"):
+            params = [id(p) for p in m.parameters()]
+            if not all(i in seen for i in params):
+                total += layer_weight_numel(m)
+                seen.update(params)
     for p in model.parameters():
         if id(p) not in seen and p.dim() >= 2:
             seen.add(id(p))

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_model_step import make_run  # noqa: E402
+from bench_train_step import time_round_robin  # noqa: E402
 
 from kronsparse import kernels  # noqa: E402
 from kronsparse.layers import KronLinear  # noqa: E402
@@ -64,17 +65,6 @@ def phases(run, xb, yb) -> dict[str, float]:
     return {p: (b - a) * 1e3 for p, a, b in zip(PHASES, marks, marks[1:])}
 
 
-def median_ms(fn, repeats: int, warmup: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.thread_time()
-        fn()
-        times.append((time.thread_time() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def fixed_kernels(layer: KronLinear, repeats: int) -> dict[str, float]:
     """The 784->300 layer's kernels named in the module doc, as its backward calls them (ms)."""
     with torch.no_grad():
@@ -85,10 +75,11 @@ def fixed_kernels(layer: KronLinear, repeats: int) -> dict[str, float]:
     mat1, mat2 = C.reshape(r, m1 * n1).t(), B.reshape(r, bo * bi)  # as _ProductSum.backward has them
     W = torch.empty(m1 * bo, n1 * bi)
     source = torch.randn_like(W)
-    return {"gC GEMM": median_ms(lambda: torch.mm(mat2, gM.t()), repeats),
-            "gB GEMM": median_ms(lambda: torch.mm(mat1.t(), gM), repeats),
-            "one pass over a W-sized tensor (copy)": median_ms(lambda: W.copy_(source), repeats),
-            "build W today": median_ms(lambda: kernels._build_weight(C, B), repeats)}
+    steps = {"gC GEMM": lambda: torch.mm(mat2, gM.t()), "gB GEMM": lambda: torch.mm(mat1.t(), gM),
+             "one pass over a W-sized tensor (copy)": lambda: W.copy_(source),
+             "build W today": lambda: kernels._build_weight(C, B)}
+    times = time_round_robin(steps, repeats, 20, "cpu", time.thread_time)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None) -> None:

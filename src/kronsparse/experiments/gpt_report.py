@@ -343,4 +343,8 @@ def plots(runs: list[dict], out: Path) -> None:
         ax.set(xscale="log", xlabel=xlabel, ylabel="test bits per byte")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor log labels overlapped
         ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], ls="", marker="o", color=c, label=name)
+               for name, c in (("kron", "C3"), ("dense GPTs", "C0"), ("methods training a dense W", "0.5"))]
+    axes[1].legend(handles=handles, fontsize=8, loc="upper right")
+    fig.suptitle("Test bits per byte against training cost, one point per run (seed), one label per setting")
     save(fig, out / "cost.png")

@@ -1,9 +1,16 @@
-"""Full MNIST epochs of the linear model: kron (the method, sparsifying) against dense nn.Linear.
+"""Full MNIST epochs: kron (the method, sparsifying to 60%) against dense, as `kronsparse train` runs them.
 
-Epochs of the two alternate, so that whatever else loads the machine loads both alike; the result is
-the median epoch time of each and their ratio. Usage:
+Epochs of the two alternate, so that whatever else loads the machine loads both alike. Two modes:
+
+- by default, the first `--repeats` epochs of a run planned for 100 (all of them before the ramp): the
+  median epoch time of each and their ratio;
+- with `--epochs E`, `--repeats` whole runs of E epochs (the ramp, the cap and the frozen masks
+  included, in the share of steps a run of E epochs gives them): every epoch's time, and the median
+  over runs of the total and its ratio. Wall time of the training steps (`epoch_seconds`: the
+  evaluation after each epoch is left out).
 
     KRONSPARSE_DATA=../shared/data python benchmarks/epoch_time.py --repeats 5 --block 2x2 --rank 2
+    KRONSPARSE_DATA=../shared/data python benchmarks/epoch_time.py --model mlp --epochs 5 --repeats 3 --threads 1
     KRONSPARSE_DATA=../shared/data python benchmarks/epoch_time.py --device cuda
 
 Prints the JSON; with --out PATH.json also writes it there with a markdown summary beside it (.md).
@@ -29,16 +36,20 @@ from kronsparse.training.metrics import training_costs  # noqa: E402
 from kronsparse.training.train import Run, load_data  # noqa: E402
 
 
-def make_run(method: str, block, rank: int, target: float | None, ds, device: str = "cpu") -> Run:
-    cfg = TrainConfig(method=method, block_shape=block, rank=rank, target_sparsity=target, epochs=100, device=device)
+def make_run(method: str, block, rank: int, target: float | None, ds, device: str = "cpu", model: str = "linear",
+             epochs: int = 100) -> Run:
+    cfg = TrainConfig(method=method, model=model, block_shape=block, rank=rank, target_sparsity=target, epochs=epochs,
+                      device=device)
     return Run(cfg, ds, torch.device(device))
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="linear", help="linear or mlp (the paper's MNIST models)")
     p.add_argument("--block", default="2x2")
     p.add_argument("--rank", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=None, help="time whole runs of this many epochs")
+    p.add_argument("--repeats", type=int, default=5, help="epochs (default mode) or whole runs (--epochs)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here and a .md beside it")
@@ -47,19 +58,36 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     block = parse_block(args.block)
     ds = load_data(TrainConfig(), torch.device(args.device))
-    runs = {"dense": make_run("dense", block, args.rank, None, ds, args.device),
-            "kron": make_run("kron", block, args.rank, 0.6, ds, args.device)}  # 100 planned epochs: all sparsifying
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(args.repeats):
-        for name, run in runs.items():
-            times[name].append(run.train_epoch(progress=False)["epoch_seconds"])
-    med = {k: statistics.median(v) for k, v in times.items()}
-    result = {"block_shape": list(block), "rank": args.rank, "epoch_seconds": times, "median": med,
-              "kron_over_dense": med["kron"] / med["dense"],
-              "kron_train_paths": training_costs(runs["kron"].model, 64)["train_paths"],
+
+    def runs(epochs: int) -> dict[str, Run]:
+        return {"dense": make_run("dense", block, args.rank, None, ds, args.device, args.model, epochs),
+                "kron": make_run("kron", block, args.rank, 0.6, ds, args.device, args.model, epochs)}
+
+    if args.epochs is None:  # 100 planned epochs: all of the timed ones before the ramp
+        these = runs(100)
+        times: dict[str, list] = {k: [] for k in these}
+        for _ in range(args.repeats):
+            for name, run in these.items():
+                times[name].append(run.train_epoch(progress=False)["epoch_seconds"])
+        med = {k: statistics.median(v) for k, v in times.items()}
+    else:
+        times = {"dense": [], "kron": []}  # per whole run, its epochs' times
+        for _ in range(args.repeats):
+            these = runs(args.epochs)
+            for name in these:
+                times[name].append([])
+            for _ in range(args.epochs):
+                for name, run in these.items():
+                    times[name][-1].append(run.train_epoch(progress=False)["epoch_seconds"])
+        med = {k: statistics.median(sum(run) for run in v) for k, v in times.items()}
+    result = {"model": args.model, "block_shape": list(block), "rank": args.rank, "epochs": args.epochs,
+              "epoch_seconds": times, "median": med, "kron_over_dense": med["kron"] / med["dense"],
+              "kron_train_paths": training_costs(these["kron"].model, 64)["train_paths"],
+              "kron_last_epoch": {k: v for k, v in these["kron"].history[-1].items() if k.endswith(("accuracy", "sparsity"))},
               "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor()
               or platform.machine(), "device": args.device, "date": date.today().isoformat(),
-              "device_name": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None}
+              "device_name": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None,
+              "command": " ".join(["benchmarks/epoch_time.py", *(argv if argv is not None else sys.argv[1:])])}
     print(json.dumps(result, indent=2))
     if args.out is None:
         return
@@ -67,9 +95,11 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     out.with_suffix(".md").write_text(
-        f"# Epoch time, {result['device_name'] or result['machine']} ({args.device}), torch {result['torch']}, "
-        f"{result['threads']} threads, {result['date']}\n\n| block | rank | dense s | kron s | kron / dense | kron paths |\n"
-        f"|---|---|---|---|---|---|\n| {args.block} | {args.rank} | {med['dense']:.3f} | {med['kron']:.3f} | "
+        f"# {'Epoch' if args.epochs is None else f'Whole run ({args.epochs} epochs)'} time, "
+        f"{result['device_name'] or result['machine']} ({args.device}), torch {result['torch']}, {result['threads']} "
+        f"threads, {result['date']}\n\nCommand: `{result['command']}`\n\n"
+        f"| model | block | rank | dense s | kron s | kron / dense | kron paths |\n|---|---|---|---|---|---|---|\n"
+        f"| {args.model} | {args.block} | {args.rank} | {med['dense']:.3f} | {med['kron']:.3f} | "
         f"{result['kron_over_dense']:.2f} | {', '.join(result['kron_train_paths'])} |\n")
 
 

@@ -269,3 +269,21 @@ def test_double_backward_through_the_fast_paths(monkeypatch):
     t = torch.randn(24, dtype=torch.float64, requires_grad=True)
     word = kernels._word_dtype(t, 1)
     assert torch.autograd.gradgradcheck(lambda x: kernels._WordReorder.apply(x, (3, 4, 2, 1), True, word), (t,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("filler", [-1.0, 0.0, 2.5])
+def test_where_filled_is_torch_where_to_the_bit(dtype, filler):
+    """The cap's scores without torch.where's branches: the same bits as torch.where on scattered masks,
+    on negative values and -0.0, and (through the fallback) where an inf or a NaN turns the blend to NaN."""
+    g = torch.Generator().manual_seed(5)
+    values = torch.randn(150, 392, generator=g, dtype=torch.float64).to(dtype)
+    values[0, :3] = torch.tensor([-0.0, 0.0, 1e-30])
+    mask = torch.rand(150, 392, generator=g) < 0.53
+    odd = values.clone()
+    odd[5, 5], odd[7, 7] = float("inf"), float("nan")
+    for v in (values, values.abs(), odd):
+        for m in (mask, ~mask, torch.zeros_like(mask), torch.ones_like(mask)):
+            got, expected = steering.where_filled(m, v, filler), torch.where(m, v, filler)
+            bits = torch.int32 if dtype == torch.float32 else torch.int64
+            assert torch.equal(got.view(bits), expected.view(bits))

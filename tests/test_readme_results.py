@@ -352,7 +352,10 @@ def test_the_readme_results_prose_follows_from_the_tables():
             f"{long[8192]['time_ratio']:.2f}x and {long[8192]['memory_ratio']:.2f}x at 8,192") in text
     rows = json.loads((ROOT / "benchmarks/results/model-step-cpu-2026-12-07.json").read_text())["rows"]
     ratios = [r["kron_ms"] / r["dense_ms"] for r in rows]
-    assert f"a whole training step takes {min(ratios):.2f}x to {max(ratios):.2f}x dense's" in text
+    assert f"a whole training step takes {min(ratios):.2f}x to {max(ratios):.2f}x dense's before the ramp" in text
+    run = json.loads((ROOT / "benchmarks/results/run-time-mlp-2x2-cpu-2026-12-07.json").read_text())
+    assert (run["model"], run["block_shape"], run["epochs"]) == ("mlp", [2, 2], 5)
+    assert f"whole 5-epoch run of the MLP at 2x2 takes {run['kron_over_dense']:.2f}x dense's training time" in text
 
 
 def test_the_whole_step_table_and_claims_are_the_benchmark_file():
@@ -656,3 +659,21 @@ def test_the_readme_language_model_quick_table_and_verdict_count_are_their_files
     assert len(failed) == 1 and "fewer training FLOPs" in failed[0]
     seconds = json.loads((ROOT / "results/pycode-gpt-quick-track/timing.json").read_text())["real_seconds"]
     assert f"`--quick --jobs 2`: {round(seconds / 60)} minutes on the 2-core machine" in " ".join(text.split())
+
+
+def test_the_ramp_prose_is_its_files():
+    """The order statistic by sort and the cap's blend: the mid-ramp step ratios and the whole-run times
+    in docs/performance.md are those of the benchmark files it links, before and after."""
+    text = " ".join(section("Training speed (CPU)").split())
+    step = {name: json.loads((ROOT / f"benchmarks/results/model-step-ramp-sort{name}-cpu-2026-12-07.json").read_text())
+            for name in ("-before", "-before2", "", "2")}
+    assert all(r["meta"]["at"] == 0.3 and r["meta"]["clock"] == "thread" for r in step.values())
+    ratio = {k: f"{r['rows'][0]['kron_over_dense']:.2f}" for k, r in step.items()}
+    assert f"from {ratio['-before']}x-{ratio['-before2']}x to {ratio['']}x-{ratio['2']}x dense's step" in text
+    before, after = (json.loads((ROOT / f"benchmarks/results/run-time-mlp-2x2{k}-cpu-2026-12-07.json").read_text())
+                     for k in ("-before", ""))
+    assert (f"went from {before['kron_over_dense']:.2f}x to {after['kron_over_dense']:.2f}x dense's training time "
+            f"({before['median']['kron']:.2f} s and {after['median']['kron']:.2f} s against "
+            f"{before['median']['dense']:.2f} s and {after['median']['dense']:.2f} s;") in text
+    assert all(r["kron_last_epoch"] == {"test_accuracy": 0.9752, "block_sparsity": 0.6} for r in (before, after))
+    assert "97.52% at 60% in both" in text

@@ -161,3 +161,20 @@ def test_a_fresh_run_in_a_used_folder_does_not_mix_in_old_checkpoints(tmp_path):
     shorter = TrainConfig(n_train=500, n_test=100, epochs=1, target_sparsity=0.3)
     train(shorter, out=tmp_path, progress=False, checkpoint_every=3)
     assert load_latest(tmp_path)["config"] == shorter.to_dict()
+
+
+def test_the_same_tensors_give_the_same_safetensors_bytes_in_every_process(tmp_path):
+    """safetensors writes the header's metadata in a per-process hash order; write_safetensors sorts it,
+    so reruns of a run give byte-identical model files (and manifest hashes), and the file still reads
+    back the same tensors and metadata."""
+    code = ("import sys, torch; from kronsparse.atomic import write_safetensors\n"
+            "write_safetensors(sys.argv[1], {'w': torch.arange(6.).view(2, 3), 'b': torch.ones(2)},"
+            " {k: k * 3 for k in ('format', 'model', 'alpha', 'beta', 'gamma')})\n")
+    files = [tmp_path / f"m{i}.safetensors" for i in range(4)]
+    for f in files:
+        subprocess.run([sys.executable, "-c", code, str(f)], check=True)
+    assert len({f.read_bytes() for f in files}) == 1
+    from safetensors import safe_open
+    with safe_open(files[0], "pt") as f:
+        assert f.metadata() == {k: k * 3 for k in ("format", "model", "alpha", "beta", "gamma")}
+        assert torch.equal(f.get_tensor("w"), torch.arange(6.).view(2, 3)) and torch.equal(f.get_tensor("b"), torch.ones(2))

@@ -54,8 +54,25 @@ def write_json(path, obj) -> None:
 
 def write_safetensors(path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """Serialised in memory, then written by write_bytes: same mode as every other file, and a full
-    disk is a plain OSError (ENOSPC), not an error from inside the serialiser."""
-    write_bytes(path, save(tensors, metadata=metadata))
+    disk is a plain OSError (ENOSPC), not an error from inside the serialiser. The same tensors and
+    metadata give the same bytes (`sorted_metadata`), so a rerun's file and its hash in the manifest
+    are the first run's."""
+    write_bytes(path, sorted_metadata(save(tensors, metadata=metadata)))
+
+
+def sorted_metadata(data: bytes) -> bytes:
+    """A safetensors file with the metadata of its header in key order. safetensors 0.8 writes the
+    metadata from a hash map, in an order that changes from one process to the next (the tensors'
+    entries are sorted already). The header is rewritten in place, padded with spaces to its length
+    as the format allows; anything unexpected leaves the bytes as they are."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = header.get("__metadata__")
+    if not meta:
+        return data
+    header["__metadata__"] = dict(sorted(meta.items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return data if len(text) > n else data[:8] + text.ljust(n, b" ") + data[8 + n:]
 
 
 def remove_stale_temporaries(folder) -> list[Path]:

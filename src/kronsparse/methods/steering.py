@@ -87,7 +87,7 @@ def where_filled(mask: Tensor, values: Tensor, filler: float) -> Tensor:
     leaves every value as it is (-0.0 + x and x - 0.0 are x, -0.0 included) where m is 1 (m: the mask in
     values' dtype; torch 2.13, one thread). Exact wherever `values` is finite; an inf or NaN makes
     the sum of the result inf or NaN, and then torch.where answers (as where a finite sum overflows)."""
-    m = mask.to(values.dtype)
+    m = mask.to(values.dtype, copy=True)  # changed in place below
     out = values * m
     if filler < 0:
         out.add_(m.neg_().add_(1).mul_(filler))  # (1 - m) * filler: -0.0 where m is 1

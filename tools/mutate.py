@@ -161,6 +161,13 @@ MUTATIONS = [
              "            if not all(i in seen for i in params):\n",
              "            if True:\n",
              ["tests/test_real_models.py::test_coverage_counts_a_kronecker_layer_once_whatever_its_candidates"]),
+    Mutation("cap-blend-flips-zero-sign", "the cap's scores are torch.where's to the bit", "src/kronsparse/methods/steering.py",
+             "        out.sub_(m.sub_(1).mul_(filler))", "        out.add_(m.neg_().add_(1).mul_(filler))",
+             ["tests/test_overhead.py::test_where_filled_is_torch_where_to_the_bit"]),
+    Mutation("order-statistic-off-by-one", "the steering's k-th value is torch.kthvalue's", "src/kronsparse/methods/steering.py",
+             "    return float(np.sort(values)[at])", "    return float(np.sort(values)[max(at - 1, 0)])",
+             ["tests/test_overhead.py::test_kth_smallest_is_torch_kthvalue",
+              "tests/test_overhead.py::test_select_picks_what_topk_picks"]),
 ]
 
 

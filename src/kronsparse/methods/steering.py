@@ -86,7 +86,10 @@ def where_filled(mask: Tensor, values: Tensor, filler: float) -> Tensor:
     values * m plus or minus a term that is the filler where m is 0 and a zero of the sign that
     leaves every value as it is (-0.0 + x and x - 0.0 are x, -0.0 included) where m is 1 (m: the mask in
     values' dtype; torch 2.13, one thread). Exact wherever `values` is finite; an inf or NaN makes
-    the sum of the result inf or NaN, and then torch.where answers (as where a finite sum overflows)."""
+    the sum of the result inf or NaN, and then torch.where answers (as where a finite sum overflows).
+    On a GPU torch.where is branch-free already, and reading the sum would wait for the device."""
+    if values.device.type != "cpu":
+        return torch.where(mask, values, filler)
     m = mask.to(values.dtype, copy=True)  # changed in place below
     out = values * m
     if filler < 0:

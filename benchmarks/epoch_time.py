@@ -63,22 +63,22 @@ def main(argv=None) -> None:
         return {"dense": make_run("dense", block, args.rank, None, ds, args.device, args.model, epochs),
                 "kron": make_run("kron", block, args.rank, 0.6, ds, args.device, args.model, epochs)}
 
-    if args.epochs is None:  # 100 planned epochs: all of the timed ones before the ramp
-        these = runs(100)
-        times: dict[str, list] = {k: [] for k in these}
-        for _ in range(args.repeats):
+    # default: one run planned for 100 epochs, its first `repeats` timed (all before the ramp);
+    # --epochs E: `repeats` whole runs of E epochs
+    planned, n_runs, timed = (100, 1, args.repeats) if args.epochs is None else (args.epochs, args.repeats, args.epochs)
+    per_run: dict[str, list[list[float]]] = {"dense": [], "kron": []}
+    for _ in range(n_runs):
+        these = runs(planned)
+        for name in these:
+            per_run[name].append([])
+        for _ in range(timed):
             for name, run in these.items():
-                times[name].append(run.train_epoch(progress=False)["epoch_seconds"])
+                per_run[name][-1].append(run.train_epoch(progress=False)["epoch_seconds"])
+    if args.epochs is None:
+        times = {k: v[0] for k, v in per_run.items()}
         med = {k: statistics.median(v) for k, v in times.items()}
     else:
-        times = {"dense": [], "kron": []}  # per whole run, its epochs' times
-        for _ in range(args.repeats):
-            these = runs(args.epochs)
-            for name in these:
-                times[name].append([])
-            for _ in range(args.epochs):
-                for name, run in these.items():
-                    times[name][-1].append(run.train_epoch(progress=False)["epoch_seconds"])
+        times = per_run
         med = {k: statistics.median(sum(run) for run in v) for k, v in times.items()}
     result = {"model": args.model, "block_shape": list(block), "rank": args.rank, "epochs": args.epochs,
               "epoch_seconds": times, "median": med, "kron_over_dense": med["kron"] / med["dense"],
